@@ -1,0 +1,271 @@
+"""GPT-2 in Flax NNX, numerically the same model as transformers' GPT2LMHeadModel.
+
+Parameters are stored in the layout that makes the maths read plainly
+(``x @ kernel``, heads as their own axis) and every parameter carries logical
+axis names (``vocab``, ``embed``, ``heads``, ``head_dim``, ``mlp``) that
+``jaxgpt.sharding`` maps onto a device mesh. The mapping to and from Hugging
+Face tensor names lives in ``jaxgpt.weights``.
+
+Forward inputs beyond ``input_ids``:
+  positions    [B, T] position ids (default 0..T-1; per-segment for packed rows).
+  segment_ids  [B, T] ints; a token attends only to earlier tokens of the same
+               segment. 0 marks padding, which nothing attends to.
+  cache        a KV cache from ``init_cache``; the call writes its keys/values
+               at ``cache["index"]`` and returns ``(logits, new_cache)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """Architecture (HF ``config.json`` names) plus jaxgpt's numeric policy."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # None -> 4 * n_embd, as in HF
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+    # jaxgpt-only knobs (not architecture): never written to config.json.
+    dtype: str = "float32"  # computation dtype; logits and loss stay float32
+    param_dtype: str = "float32"
+    vocab_multiple: int = 1  # pad the embedding to a multiple (128 on TPU/GPU)
+    dropout: float = 0.0
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(
+                f"activation_function={self.activation_function!r} is not supported "
+                f"(choose from {sorted(ACTIVATIONS)})"
+            )
+        for key in ("dtype", "param_dtype"):
+            if getattr(self, key) not in DTYPES:
+                raise ValueError(f"{key}={getattr(self, key)!r}: choose from {sorted(DTYPES)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = max(1, self.vocab_multiple)
+        return -(-self.vocab_size // m) * m
+
+    def replace(self, **kw) -> "GPT2Config":
+        return dataclasses.replace(self, **kw)
+
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+}
+
+
+def _param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
+    # `axes` are logical names, one per dimension; jaxgpt.sharding maps them to the mesh.
+    return nnx.Param(init(rngs.params(), shape, dtype), axes=axes)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, param_dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = _param(rngs, nnx.initializers.ones, (dim,), ("embed",), param_dtype)
+        self.bias = _param(rngs, nnx.initializers.zeros, (dim,), ("embed",), param_dtype)
+
+    def __call__(self, x):
+        # Statistics in float32 whatever the compute dtype.
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Causal self-attention with a fused QKV projection (HF ``c_attn``)."""
+
+    def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
+        e, h, d, pd = cfg.n_embd, cfg.n_head, cfg.head_dim, DTYPES[cfg.param_dtype]
+        normal = nnx.initializers.normal(0.02)
+        # proj std scaled by depth as in GPT-2 (only matters for from-scratch init)
+        proj = nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layer))
+        zeros = nnx.initializers.zeros
+        self.n_head, self.head_dim = h, d
+        self.c_attn_kernel = _param(rngs, normal, (e, 3, h, d), ("embed", None, "heads", "head_dim"), pd)
+        self.c_attn_bias = _param(rngs, zeros, (3, h, d), (None, "heads", "head_dim"), pd)
+        self.c_proj_kernel = _param(rngs, proj, (h, d, e), ("heads", "head_dim", "embed"), pd)
+        self.c_proj_bias = _param(rngs, zeros, (e,), ("embed",), pd)
+        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+
+    def __call__(self, x, mask, layer_cache=None, cache_index=None):
+        dt = x.dtype
+        qkv = jnp.einsum("bte,ekhd->kbthd", x, self.c_attn_kernel[...].astype(dt))
+        qkv = qkv + self.c_attn_bias[...].astype(dt)[:, None, None]
+        q, k, v = qkv[0], qkv[1], qkv[2]  # [B, T, H, D]
+        if layer_cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, axis=1)
+            layer_cache = {"k": k, "v": v}
+            k, v = k.astype(dt), v.astype(dt)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(self.head_dim)
+        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = self.dropout(probs)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dt), v)
+        out = jnp.einsum("bqhd,hde->bqe", out, self.c_proj_kernel[...].astype(dt))
+        out = self.dropout(out + self.c_proj_bias[...].astype(dt))
+        return out, layer_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
+        e, i, pd = cfg.n_embd, cfg.inner_dim, DTYPES[cfg.param_dtype]
+        normal = nnx.initializers.normal(0.02)
+        proj = nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layer))
+        zeros = nnx.initializers.zeros
+        self.act = ACTIVATIONS[cfg.activation_function]
+        self.c_fc_kernel = _param(rngs, normal, (e, i), ("embed", "mlp"), pd)
+        self.c_fc_bias = _param(rngs, zeros, (i,), ("mlp",), pd)
+        self.c_proj_kernel = _param(rngs, proj, (i, e), ("mlp", "embed"), pd)
+        self.c_proj_bias = _param(rngs, zeros, (e,), ("embed",), pd)
+        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+
+    def __call__(self, x):
+        dt = x.dtype
+        h = self.act(x @ self.c_fc_kernel[...].astype(dt) + self.c_fc_bias[...].astype(dt))
+        return self.dropout(h @ self.c_proj_kernel[...].astype(dt) + self.c_proj_bias[...].astype(dt))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
+        pd = DTYPES[cfg.param_dtype]
+        self.ln_1 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, pd, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, pd, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, mask, layer_cache=None, cache_index=None):
+        a, layer_cache = self.attn(self.ln_1(x), mask, layer_cache, cache_index)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, layer_cache
+
+
+class GPT2(nnx.Module):
+    """GPT-2 language model; ``lm_head`` is tied to the token embedding ``wte``."""
+
+    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+        self.config = cfg
+        pd = DTYPES[cfg.param_dtype]
+        normal = nnx.initializers.normal(0.02)
+        self.wte = _param(rngs, normal, (cfg.padded_vocab_size, cfg.n_embd), ("vocab", "embed"), pd)
+        self.wpe = _param(rngs, nnx.initializers.normal(0.01), (cfg.n_positions, cfg.n_embd), (None, "embed"), pd)
+        self.drop = nnx.Dropout(cfg.dropout, rngs=rngs)
+        self.h = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
+        self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, pd, rngs)
+
+    def __call__(self, input_ids, *, positions=None, segment_ids=None, cache=None):
+        cfg = self.config
+        dt = DTYPES[cfg.dtype]
+        b, t = input_ids.shape
+        if positions is None:
+            start = 0 if cache is None else cache["index"]
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+
+        if cache is None:
+            q_seg, k_seg = segment_ids, segment_ids
+            causal = jnp.tril(jnp.ones((t, t), bool))
+            index = None
+        else:
+            index = cache["index"]
+            k_seg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids.astype(jnp.int32), index, axis=1)
+            q_seg = segment_ids
+            slots = jnp.arange(k_seg.shape[1])
+            causal = slots[None, :] <= (index + jnp.arange(t))[:, None]
+        mask = causal[None] & (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
+
+        x = self.wte[...][input_ids].astype(dt) + self.wpe[...][positions].astype(dt)
+        x = self.drop(x)
+
+        new_layers = []
+        for i, block in enumerate(self.h):
+            layer_cache = None if cache is None else cache["layers"][i]
+            if cfg.remat and cache is None:
+                x, _ = nnx.remat(lambda blk, y, m: blk(y, m))(block, x, mask)
+            else:
+                x, layer_cache = block(x, mask, layer_cache, index)
+            new_layers.append(layer_cache)
+
+        x = self.ln_f(x)
+        logits = jnp.einsum("bte,ve->btv", x, self.wte[...].astype(dt), preferred_element_type=jnp.float32)
+        logits = logits[..., : cfg.vocab_size]  # padded rows never get probability
+        if cache is None:
+            return logits
+        new_cache = {"layers": new_layers, "segment_ids": k_seg, "index": index + t}
+        return logits, new_cache
+
+
+def init_cache(cfg: GPT2Config, batch: int, max_len: int, dtype=None) -> dict[str, Any]:
+    """An empty KV cache of ``max_len`` slots (at most ``n_positions``)."""
+    dtype = DTYPES[cfg.dtype] if dtype is None else dtype
+    shape = (batch, max_len, cfg.n_head, cfg.head_dim)
+    layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layer)]
+    return {"layers": layers, "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.array(0, jnp.int32)}
+
+
+def num_params(model: GPT2, *, exclude_embeddings: bool = False) -> int:
+    state = nnx.state(model, nnx.Param)
+    n = sum(x.size for x in jax.tree.leaves(state))
+    if exclude_embeddings:
+        n -= model.wpe.size
+    return n
+
+
+def resize_token_embeddings(model: GPT2, vocab_size: int) -> GPT2:
+    """A copy of ``model`` with ``vocab_size`` real token rows (for added chat tokens).
+
+    New rows start at the mean of the existing real rows, the usual choice for
+    added special tokens (their logits start at the average, not at random).
+    """
+    cfg = model.config
+    if vocab_size < cfg.vocab_size:
+        raise ValueError(f"cannot shrink the vocabulary from {cfg.vocab_size} to {vocab_size}")
+    new_cfg = cfg.replace(vocab_size=vocab_size)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT2(new_cfg, rngs=nnx.Rngs(0))))
+    old = nnx.state(model)
+    wte = old["wte"][...]
+    real = wte[: cfg.vocab_size]
+    mean = real.mean(0, keepdims=True)
+    n_new, n_pad = vocab_size - cfg.vocab_size, new_cfg.padded_vocab_size - vocab_size
+    new_wte = jnp.concatenate([real, jnp.repeat(mean, n_new, 0), jnp.zeros((n_pad, cfg.n_embd), wte.dtype)])
+    if hasattr(wte, "sharding"):
+        new_wte = jax.device_put(new_wte, wte.sharding)
+    old["wte"] = old["wte"].replace(new_wte)
+    return nnx.merge(graphdef, old)

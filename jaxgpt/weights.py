@@ -1,0 +1,355 @@
+"""Hugging Face GPT-2 weights in and out: ``load_pretrained`` / ``save_pretrained``.
+
+HF PyTorch GPT-2 uses ``Conv1D`` layers whose weights are stored ``[in, out]``,
+which is already ``x @ W`` order, so every jaxgpt parameter is a plain reshape
+of its HF tensor (heads get their own axis). HF's old Flax checkpoints
+(``flax_model.msgpack``) store kernels ``[out, in]``: those are transposed.
+``lm_head.weight`` is tied to ``wte`` and never stored separately.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxgpt.model import DTYPES, GPT2, GPT2Config
+
+
+class WeightsError(ValueError):
+    """A checkpoint could not be read or does not fit the model."""
+
+
+# HF name (without the "transformer." prefix) -> jaxgpt parameter path. "{i}" is the layer.
+HF_TO_JAXGPT = {
+    "wte.weight": "wte",
+    "wpe.weight": "wpe",
+    "ln_f.weight": "ln_f.scale",
+    "ln_f.bias": "ln_f.bias",
+}
+HF_LAYER_TO_JAXGPT = {
+    "h.{i}.ln_1.weight": "h.{i}.ln_1.scale",
+    "h.{i}.ln_1.bias": "h.{i}.ln_1.bias",
+    "h.{i}.attn.c_attn.weight": "h.{i}.attn.c_attn_kernel",  # [E, 3E] -> [E, 3, H, D]
+    "h.{i}.attn.c_attn.bias": "h.{i}.attn.c_attn_bias",  # [3E] -> [3, H, D]
+    "h.{i}.attn.c_proj.weight": "h.{i}.attn.c_proj_kernel",  # [E, E] -> [H, D, E]
+    "h.{i}.attn.c_proj.bias": "h.{i}.attn.c_proj_bias",
+    "h.{i}.ln_2.weight": "h.{i}.ln_2.scale",
+    "h.{i}.ln_2.bias": "h.{i}.ln_2.bias",
+    "h.{i}.mlp.c_fc.weight": "h.{i}.mlp.c_fc_kernel",
+    "h.{i}.mlp.c_fc.bias": "h.{i}.mlp.c_fc_bias",
+    "h.{i}.mlp.c_proj.weight": "h.{i}.mlp.c_proj_kernel",
+    "h.{i}.mlp.c_proj.bias": "h.{i}.mlp.c_proj_bias",
+}
+# Present in some HF files but not parameters (causal-mask buffers, the tied head).
+IGNORED_HF_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
+
+# Weight files in order of preference.
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "flax_model.msgpack", "pytorch_model.bin")
+# HF config keys jaxgpt reads; everything else in config.json is ignored.
+ARCH_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
+             "layer_norm_epsilon", "activation_function", "bos_token_id", "eos_token_id")
+
+
+def name_map(cfg: GPT2Config) -> dict[str, str]:
+    """Every HF tensor name of a GPT-2 with this config -> its jaxgpt parameter path."""
+    out = dict(HF_TO_JAXGPT)
+    for i in range(cfg.n_layer):
+        out.update({k.format(i=i): v.format(i=i) for k, v in HF_LAYER_TO_JAXGPT.items()})
+    return out
+
+
+def hf_shapes(cfg: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """The shape transformers' GPT2LMHeadModel gives each tensor of this config."""
+    e, i = cfg.n_embd, cfg.inner_dim
+    shapes = {"wte.weight": (cfg.vocab_size, e), "wpe.weight": (cfg.n_positions, e),
+              "ln_f.weight": (e,), "ln_f.bias": (e,)}
+    per_layer = {"ln_1.weight": (e,), "ln_1.bias": (e,), "attn.c_attn.weight": (e, 3 * e),
+                 "attn.c_attn.bias": (3 * e,), "attn.c_proj.weight": (e, e), "attn.c_proj.bias": (e,),
+                 "ln_2.weight": (e,), "ln_2.bias": (e,), "mlp.c_fc.weight": (e, i), "mlp.c_fc.bias": (i,),
+                 "mlp.c_proj.weight": (i, e), "mlp.c_proj.bias": (e,)}
+    for n in range(cfg.n_layer):
+        shapes.update({f"h.{n}.{k}": v for k, v in per_layer.items()})
+    return shapes
+
+
+# ----------------------------------------------------------------------------- config
+
+def config_from_hf(config_path: str | os.PathLike, **overrides) -> GPT2Config:
+    path = Path(config_path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no config.json") from None
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path}: not valid JSON ({e})") from None
+    model_type = raw.get("model_type")
+    if model_type != "gpt2":
+        raise WeightsError(f"{path}: model_type is {model_type!r}, but jaxgpt only loads GPT-2 (model_type 'gpt2')")
+    for key in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if raw.get(key):
+            raise WeightsError(f"{path}: {key}=true is not supported by jaxgpt")
+    kw = {k: raw[k] for k in ARCH_KEYS if k in raw and raw[k] is not None}
+    if "n_positions" not in kw and "n_ctx" in raw:
+        kw["n_positions"] = raw["n_ctx"]
+    kw.update(overrides)
+    try:
+        return GPT2Config(**kw)
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"{path}: {e}") from None
+
+
+def config_to_hf(cfg: GPT2Config) -> dict:
+    """config.json contents for transformers' GPT2LMHeadModel (dropout off, tied head)."""
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        **{k: getattr(cfg, k) for k in ARCH_KEYS},
+        "n_ctx": cfg.n_positions, "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0,
+        "summary_first_dropout": 0.1, "initializer_range": 0.02, "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True, "use_cache": True, "torch_dtype": "float32",
+    }
+
+
+# ----------------------------------------------------------------------------- reading files
+
+def _strip(name: str) -> str:
+    return name[len("transformer."):] if name.startswith("transformer.") else name
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from None
+
+
+def _read_safetensors_index(path: Path) -> dict[str, np.ndarray]:
+    try:
+        index = json.loads(path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise WeightsError(f"{path}: not a safetensors index (needs a 'weight_map'): {e}") from None
+    tensors: dict[str, np.ndarray] = {}
+    for shard in sorted(set(index.values())):
+        shard_path = path.parent / shard
+        if not shard_path.exists():
+            raise WeightsError(f"{path}: names shard {shard!r}, which is missing from {path.parent}")
+        tensors.update(_read_safetensors(shard_path))
+    return tensors
+
+
+def _read_flax_msgpack(path: Path) -> dict[str, np.ndarray]:
+    from flax import serialization
+
+    try:
+        tree = serialization.msgpack_restore(path.read_bytes())
+    except Exception as e:  # msgpack raises several unrelated types for a bad file
+        raise WeightsError(f"{path}: cannot read Flax msgpack file (truncated or corrupt?): {e}") from None
+    flat = {"/".join(k): np.asarray(v) for k, v in _flatten(tree).items()}
+    out = {}
+    for key, value in flat.items():
+        parts = key.split("/")
+        leaf = parts[-1]
+        if leaf == "kernel":  # Flax Dense: [out, in] as HF's Flax GPT-2 stored it -> Conv1D [in, out]
+            value, leaf = value.T, "weight"
+        elif leaf in ("scale", "embedding"):
+            leaf = "weight"
+        out[".".join(parts[:-1] + [leaf])] = value
+    return out
+
+
+def _flatten(tree, prefix=()):
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, prefix + (k,)))
+        else:
+            flat[prefix + (k,)] = v
+    return flat
+
+
+def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise WeightsError(f"{path}: reading pytorch_model.bin needs torch; convert it to safetensors or install torch") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError for bad files
+        raise WeightsError(f"{path}: cannot read PyTorch file with weights_only=True (truncated, corrupt or not weights-only?): {e}") from None
+    return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()}
+
+
+READERS: dict[str, Callable[[Path], dict[str, np.ndarray]]] = {
+    "model.safetensors.index.json": _read_safetensors_index,
+    "model.safetensors": _read_safetensors,
+    "flax_model.msgpack": _read_flax_msgpack,
+    "pytorch_model.bin": _read_torch_bin,
+}
+
+
+def read_hf_tensors(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], Path]:
+    """All tensors of the preferred weight file in ``folder``, keyed by HF name without prefix."""
+    folder = Path(folder)
+    for fname in WEIGHT_FILES:
+        if (folder / fname).exists():
+            raw = READERS[fname](folder / fname)
+            return {_strip(k): v for k, v in raw.items()}, folder / fname
+    raise WeightsError(f"{folder}: no GPT-2 weights found (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """A local folder, or a hub id downloaded into the HF cache (config, weights, tokenizer)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise WeightsError(f"{path}: expected a folder holding config.json and weights, got a file")
+    name = str(name_or_path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise WeightsError(f"{name}: no such folder")
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    aux = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+           "vocab.json", "merges.txt", "special_tokens_map.json"]
+    try:
+        for fname in WEIGHT_FILES:
+            try:
+                hf_hub_download(name, fname)
+            except EntryNotFoundError:
+                continue
+            patterns = aux + [fname] + (["model-*.safetensors"] if fname.endswith("index.json") else [])
+            return Path(snapshot_download(name, allow_patterns=patterns))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise WeightsError(
+            f"{name}: not a local folder, and the Hugging Face Hub could not provide it "
+            f"(offline or unknown repo?): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
+    raise WeightsError(f"{name}: the hub repo has none of {', '.join(WEIGHT_FILES)}")
+
+
+# ----------------------------------------------------------------------------- load / save
+
+def tensors_to_state(cfg: GPT2Config, tensors: dict[str, np.ndarray], source: str = "checkpoint") -> dict[str, np.ndarray]:
+    """HF-named numpy tensors -> {jaxgpt path: array in jaxgpt's shape}, with full checking."""
+    names, shapes = name_map(cfg), hf_shapes(cfg)
+    unexpected = [k for k in tensors if k not in names and not k.endswith(IGNORED_HF_SUFFIXES)]
+    if unexpected:
+        raise WeightsError(f"{source}: unexpected tensors for a {cfg.n_layer}-layer GPT-2: {', '.join(sorted(unexpected)[:8])}")
+    missing = [k for k in names if k not in tensors]
+    if missing:
+        raise WeightsError(f"{source}: missing tensors: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+    out = {}
+    for hf_name, path in names.items():
+        value = tensors[hf_name]
+        if tuple(value.shape) != shapes[hf_name]:
+            raise WeightsError(
+                f"{source}: tensor {hf_name} has shape {tuple(value.shape)}, but the config expects {shapes[hf_name]}"
+            )
+        out[path] = value
+    return out
+
+
+def _param_paths(model_state) -> dict[str, tuple]:
+    return {".".join(str(p) for p in path): path for path, _ in nnx.to_flat_state(model_state)}
+
+
+def load_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    vocab_multiple: int = 1,
+    place: Callable[[str, np.ndarray], jax.Array] | None = None,
+    **config_overrides,
+) -> tuple[GPT2, GPT2Config]:
+    """Load a GPT-2 from a hub id or a local HF folder.
+
+    ``place(path, array)`` puts each parameter on its devices (default: the
+    default device); ``jaxgpt.sharding`` passes one that writes straight into
+    shards, so no full copy is ever made on one device.
+    """
+    folder = resolve(name_or_path)
+    cfg = config_from_hf(folder / "config.json", dtype=dtype, param_dtype=param_dtype,
+                         vocab_multiple=vocab_multiple, **config_overrides)
+    tensors, source = read_hf_tensors(folder)
+    model = from_hf_tensors(cfg, tensors, source=str(source), place=place)
+    return model, cfg
+
+
+def from_hf_tensors(cfg: GPT2Config, tensors: dict[str, np.ndarray], *, source: str = "checkpoint",
+                    place: Callable[[str, np.ndarray], jax.Array] | None = None) -> GPT2:
+    hf_state = tensors_to_state(cfg, tensors, source)
+    abstract = nnx.eval_shape(lambda: GPT2(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    pdtype = DTYPES[cfg.param_dtype]
+    place = place or (lambda _path, x: jax.device_put(x))
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        key = ".".join(str(p) for p in path)
+        if key not in hf_state:  # dropout RNG state and other non-parameters
+            flat.append((path, var))
+            continue
+        value = np.asarray(hf_state[key])
+        if key == "wte" and value.shape[0] < var.shape[0]:  # padded vocab rows: zeros, masked from logits
+            value = np.concatenate([value, np.zeros((var.shape[0] - value.shape[0], value.shape[1]), value.dtype)])
+        value = value.reshape(var.shape).astype(pdtype)
+        flat.append((path, var.replace(place(key, value))))
+    state = nnx.from_flat_state(flat)
+    model = nnx.merge(graphdef, state)
+    return model
+
+
+def to_hf_tensors(model: GPT2, dtype: str | None = None) -> dict[str, np.ndarray]:
+    """{HF name: numpy array in HF's shape}; padded vocab rows dropped. Gathers shards."""
+    cfg = model.config
+    shapes = hf_shapes(cfg)
+    params = {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    out = {}
+    for hf_name, path in name_map(cfg).items():
+        arr = params[path][...]
+        if not arr.is_fully_addressable:
+            from jax.experimental import multihost_utils
+            arr = multihost_utils.process_allgather(arr, tiled=True)
+        value = np.asarray(jax.device_get(arr))
+        if hf_name == "wte.weight":
+            value = value[: cfg.vocab_size]
+        value = value.reshape(shapes[hf_name])
+        if dtype is not None:
+            value = value.astype(DTYPES[dtype])
+        out["transformer." + hf_name] = np.ascontiguousarray(value)
+    return out
+
+
+def save_pretrained(model: GPT2, out_dir: str | os.PathLike, tokenizer=None, *, dtype: str | None = None,
+                    generation_config: dict | None = None) -> Path:
+    """Write an HF folder that ``GPT2LMHeadModel.from_pretrained(out_dir)`` loads."""
+    from safetensors.numpy import save_file
+
+    out_dir = Path(out_dir)
+    tensors = to_hf_tensors(model, dtype)  # collective on multi-host: every process calls it
+    if jax.process_index() != 0:
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    hf_cfg = config_to_hf(model.config)
+    if dtype is not None:
+        hf_cfg["torch_dtype"] = dtype
+    gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
+    gen.update(generation_config or {})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
+        if tokenizer.pad_token_id is not None:
+            hf_cfg["pad_token_id"] = gen.setdefault("pad_token_id", tokenizer.pad_token_id)
+    (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    return out_dir
