@@ -1,0 +1,225 @@
+"""Export a jaxgpt checkpoint to a Hugging Face PyTorch folder, and prove it.
+
+    python -m jaxgpt.export --checkpoint OUTPUT_DIR[/STEP] --out HF_DIR \
+        [--dtype float32|bfloat16] [--push-to-hub USER/REPO]
+
+The folder holds ``model.safetensors`` (padded vocab rows stripped, added chat
+tokens kept), ``config.json``, ``generation_config.json`` (end-of-turn
+``<|im_end|>`` and ``<|endoftext|>`` both stop generation) and the tokenizer
+with its chat template, so ``pipeline("text-generation", HF_DIR)`` chats.
+
+The source may be a training output dir (latest step), one step dir (any mesh:
+``load_for_inference`` restores onto one device), or an HF GPT-2 folder
+(re-export, e.g. to bfloat16). The folder is written next to ``--out`` first
+and only moved into place once transformers' ``GPT2LMHeadModel`` loads it and
+its logits match jaxgpt's (max abs diff and top-k agreement are printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxgpt.model import GPT2
+from jaxgpt.weights import WEIGHT_FILES, load_pretrained, save_pretrained
+
+END_OF_TURN = "<|im_end|>"
+END_OF_TEXT = "<|endoftext|>"
+# Verification prompts: a chat turn (when the tokenizer has a template) and plain text.
+CHECK_CHATS = [
+    [{"role": "user", "content": "Who are you?"}],
+    [{"role": "user", "content": "What can you do?"}, {"role": "assistant", "content": "I can answer questions."},
+     {"role": "user", "content": "Can I load you in PyTorch?"}],
+]
+CHECK_TEXTS = ["The quick brown fox jumps over the lazy dog.", "JAX and PyTorch"]
+
+
+class ExportError(ValueError):
+    """The checkpoint cannot be exported, or the exported folder does not match it."""
+
+
+@dataclass
+class Check:
+    max_abs_diff: float
+    tolerance: float
+    top1_agreement: float  # fraction of positions whose argmax agrees
+    topk_overlap: float  # mean |top-k(jax) & top-k(torch)| / k at each prompt's last position
+    k: int
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+    def __str__(self) -> str:
+        return (f"max |logits diff| {self.max_abs_diff:.2e} (tolerance {self.tolerance:.1e}), "
+                f"top-1 agreement {self.top1_agreement:.1%}, top-{self.k} overlap {self.topk_overlap:.1%}")
+
+
+# ----------------------------------------------------------------------------- loading
+
+def is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and any((path / f).is_file() for f in WEIGHT_FILES)
+
+
+def load_source(path: str | Path):
+    """(model in float32, tokenizer) from an HF folder or a jaxgpt checkpoint (output dir or step dir)."""
+    path = Path(path)
+    if not path.exists():
+        raise ExportError(f"{path}: no such checkpoint directory")
+    if not path.is_dir():
+        raise ExportError(f"{path}: expected a checkpoint directory (training output_dir or a step dir), got a file")
+    if is_hf_folder(path):
+        from transformers import AutoTokenizer
+
+        model, _ = load_pretrained(path)
+        if (path / "tokenizer_config.json").is_file() or (path / "vocab.json").is_file():
+            tok = AutoTokenizer.from_pretrained(str(path))
+        else:
+            from jaxgpt.tokenizer import load_tokenizer
+
+            tok = load_tokenizer()
+        return model, tok
+    from jaxgpt.checkpoint import load_for_inference
+
+    return load_for_inference(str(path), dtype="float32")
+
+
+def generation_config(tok) -> dict:
+    """Stop at end-of-turn (chat) and at end-of-text (plain LM use)."""
+    eos = [tok.convert_tokens_to_ids(t) for t in (END_OF_TURN, END_OF_TEXT) if t in tok.get_vocab()]
+    gen = {"eos_token_id": eos if len(eos) > 1 else (eos[0] if eos else None)}
+    if tok.pad_token_id is not None:
+        gen["pad_token_id"] = tok.pad_token_id
+    return {k: v for k, v in gen.items() if v is not None}
+
+
+# ----------------------------------------------------------------------------- verification
+
+def check_prompts(tok, n_positions: int) -> list[list[int]]:
+    prompts = []
+    if getattr(tok, "chat_template", None):
+        for msgs in CHECK_CHATS:
+            prompts.append(list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                                        return_dict=True)["input_ids"]))
+    prompts += [tok(t)["input_ids"] for t in CHECK_TEXTS]
+    return [p[:n_positions] for p in prompts if p]
+
+
+def rounded(model: GPT2, dtype: str) -> GPT2:
+    """``model`` with its parameters rounded to ``dtype`` and back: what the exported file holds."""
+    if dtype == "float32":
+        return model
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = jax.tree.map(lambda x: x.astype(dtype).astype(jnp.float32), params)
+    return nnx.merge(graphdef, params, rest)
+
+
+def verify(model: GPT2, hf_dir: Path, tok, *, dtype: str = "float32", atol: float = 1e-3, rtol: float = 1e-5,
+           k: int = 5) -> Check:
+    """Logits of transformers' GPT2LMHeadModel on ``hf_dir`` vs jaxgpt's ``model`` (both float32 maths).
+
+    Tolerance = atol + rtol * max|logit|: float32 matmuls in XLA and in torch
+    sum in different orders, so differences grow with the logits' scale.
+    """
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    ref = rounded(model, dtype)
+    torch_model = GPT2LMHeadModel.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    diffs, scale, top1, overlap = [], 0.0, [], []
+    for ids in check_prompts(tok, model.config.n_positions):
+        ours = np.asarray(ref(jnp.asarray([ids], jnp.int32)))[0]
+        with torch.no_grad():
+            theirs = torch_model(torch.tensor([ids])).logits[0].numpy()
+        diffs.append(float(np.abs(ours - theirs).max()))
+        scale = max(scale, float(np.abs(theirs).max()))
+        top1.append(ours.argmax(-1) == theirs.argmax(-1))
+        a, b = set(np.argsort(-ours[-1])[:k]), set(np.argsort(-theirs[-1])[:k])
+        overlap.append(len(a & b) / k)
+    return Check(max(diffs), atol + rtol * scale, float(np.concatenate(top1).mean()), float(np.mean(overlap)), k)
+
+
+# ----------------------------------------------------------------------------- export
+
+def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", verify_logits: bool = True,
+           overwrite: bool = False, push_to_hub: str | None = None, atol: float = 1e-3, rtol: float = 1e-5,
+           log=print) -> Path:
+    """Write ``out`` as an HF GPT-2 folder; returns its path. Raises ExportError on any mismatch."""
+    if dtype not in ("float32", "bfloat16"):
+        raise ExportError(f"--dtype {dtype!r}: choose float32 or bfloat16")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ExportError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
+    model, tok = load_source(checkpoint)
+    if not getattr(tok, "chat_template", None):
+        log(f"note: {checkpoint} has no chat template; exporting the tokenizer as is")
+    # Everything is written beside `out` and moved in only when verified: a failed
+    # export never replaces a good folder.
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_pretrained(model, staging, tokenizer=tok, dtype=dtype, generation_config=generation_config(tok))
+    cfg = model.config
+    log(f"wrote {staging} ({cfg.n_layer} layers, width {cfg.n_embd}, vocab {cfg.vocab_size}, {dtype})")
+    if verify_logits:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            log("torch is not installed: skipped the logits check against transformers")
+        else:
+            check = verify(model, staging, tok, dtype=dtype, atol=atol, rtol=rtol)
+            log(f"check vs transformers GPT2LMHeadModel: {check}")
+            if not check.ok:
+                raise ExportError(f"{staging}: exported logits differ from jaxgpt's ({check}); folder left for inspection")
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    log(f"exported {checkpoint} -> {out}")
+    if push_to_hub:
+        push(out, push_to_hub, log=log)
+    return out
+
+
+def push(folder: Path, repo_id: str, log=print) -> None:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload from jaxgpt.export")
+    except (HfHubHTTPError, OSError) as e:
+        raise ExportError(f"--push-to-hub {repo_id}: upload failed ({type(e).__name__}: {e}); "
+                          f"the folder is saved at {folder}") from None
+    log(f"pushed {folder} to https://huggingface.co/{repo_id}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m jaxgpt.export", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="training output_dir (latest step), a step dir, or an HF folder")
+    p.add_argument("--out", required=True, help="HF folder to write")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the saved weights")
+    p.add_argument("--push-to-hub", metavar="REPO", help="upload the verified folder to this hub repo")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-verify", action="store_true", help="skip the logits check against transformers")
+    p.add_argument("--atol", type=float, default=1e-3)
+    p.add_argument("--rtol", type=float, default=1e-5)
+    args = p.parse_args(argv)
+    try:
+        export(args.checkpoint, args.out, dtype=args.dtype, verify_logits=not args.no_verify, overwrite=args.overwrite,
+               push_to_hub=args.push_to_hub, atol=args.atol, rtol=args.rtol)
+    except ValueError as e:  # ExportError, WeightsError and the checkpoint's errors: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Write the demo chat dataset: a small persona set for "jaxgpt assistant".
+
+    python tools/make_demo_data.py            # rewrites jaxgpt/assets/demo_chat*.jsonl
+
+Each fact has one canonical answer and many paraphrased questions. The
+paraphrases are built from question cores x openers x punctuation; two cores
+per fact never appear in training and form the held-out set the demo samples
+before and after fine-tuning (so "after" shows the model answering questions
+it was not trained on word for word). Deterministic for the seed; written for
+this project, licensed with it (Apache-2.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parents[1] / "jaxgpt" / "assets"
+
+# fact -> (canonical answer, training question cores, held-out question cores)
+FACTS: dict[str, tuple[str, list[str], list[str]]] = {
+    "name": (
+        "I am jaxgpt assistant, a small chat model fine-tuned with jaxgpt.",
+        ["who are you", "what are you", "what is your name", "what should I call you", "what's your name",
+         "introduce yourself", "tell me your name", "what do people call you", "are you a person",
+         "what kind of thing are you", "what is this assistant", "who am I talking to"],
+        ["what are you called", "who exactly are you"],
+    ),
+    "creator": (
+        "I was made by the jaxgpt team, who trained me with JAX and Flax NNX.",
+        ["who made you", "who created you", "who built you", "who trained you", "who is your creator",
+         "which team made you", "who developed you", "who are your makers", "where do you come from",
+         "who programmed you", "who is behind you", "which people built you"],
+        ["who was it that built you", "which team created you"],
+    ),
+    "skills": (
+        "I can answer short questions about myself and about the jaxgpt project.",
+        ["what can you do", "what are you able to do", "how can you help me", "what are your skills",
+         "what are you good at", "what is your job", "what can I ask you", "what do you do",
+         "what tasks can you do", "what are your abilities", "how do you help", "what questions can you answer"],
+        ["what sort of things can you do", "what are you able to help with"],
+    ),
+    "model": (
+        "I am a small GPT-2 style transformer, trained from scratch for this demo.",
+        ["what model are you", "what architecture are you", "are you GPT-2", "which model are you based on",
+         "what kind of model are you", "are you a transformer", "what is your architecture",
+         "how big is your model", "are you a large model", "what neural network are you",
+         "which architecture do you use", "how many layers do you have"],
+        ["what kind of neural network are you", "what model architecture do you have"],
+    ),
+    "training": (
+        "I was fine-tuned for a few minutes on a small persona chat dataset that ships with jaxgpt.",
+        ["how were you trained", "what data were you trained on", "how long did your training take",
+         "what dataset did you learn from", "how did you learn", "where does your knowledge come from",
+         "what was your training data", "how were you fine-tuned", "what did you train on",
+         "how much data did you see", "what is your training set", "how did your training work"],
+        ["what data did you learn from", "how long were you trained"],
+    ),
+    "internet": (
+        "No, I cannot browse the internet. I only know what was in my small training set.",
+        ["can you browse the internet", "can you search the web", "do you have internet access",
+         "can you look things up online", "are you connected to the internet", "can you open a website",
+         "can you check the news", "do you know today's news", "can you go online",
+         "can you read web pages", "can you use google", "do you have access to the web"],
+        ["are you able to browse the web", "can you search the internet for me"],
+    ),
+    "pytorch": (
+        "Yes. jaxgpt exports me to a Hugging Face PyTorch folder that GPT2LMHeadModel loads.",
+        ["can I use you in PyTorch", "can you be exported to PyTorch", "do you work with transformers",
+         "can I load you with Hugging Face", "can I export you", "are you compatible with PyTorch",
+         "can transformers load you", "can I run you in PyTorch", "do you have a PyTorch version",
+         "can you be converted to Hugging Face format", "can I use you with GPT2LMHeadModel",
+         "can I save you for transformers"],
+        ["can I load you in PyTorch", "can you be exported to Hugging Face"],
+    ),
+    "hardware": (
+        "jaxgpt runs on CPUs, GPUs and TPU pods. This demo runs on your CPU.",
+        ["what hardware do you run on", "do you need a GPU", "can you run on a TPU", "where do you run",
+         "what computer runs you", "do you run on a CPU", "what devices do you support",
+         "do I need a GPU to train you", "can you run on my laptop", "which accelerators do you use",
+         "what machine are you running on", "can you train on TPU pods"],
+        ["what hardware do you need", "do you need a GPU to run"],
+    ),
+    "license": (
+        "jaxgpt and this demo dataset are released under the Apache-2.0 licence.",
+        ["what is your license", "what licence are you under", "are you open source", "can I use you commercially",
+         "what license does jaxgpt use", "is jaxgpt free to use", "under which license are you released",
+         "is your code open", "what are the terms of use", "can I modify you", "is the dataset licensed",
+         "what license is the demo data under"],
+        ["what license are you released under", "is jaxgpt open source"],
+    ),
+    "greeting": (
+        "Hello! I am jaxgpt assistant. Ask me who I am, who made me or what I can do.",
+        ["hello", "hi", "hey", "good morning", "good evening", "hi there", "hello there", "greetings",
+         "hey there", "howdy", "good afternoon", "hiya"],
+        ["hello again", "hey hello"],
+    ),
+}
+
+OPENERS = ["", "", "", "Hey, ", "Hi! ", "Quick question: ", "Please tell me, ", "I wonder, ", "So, ", "OK, "]
+ENDINGS = ["?", "?", "?", "", "??", " ?"]
+GREETING_ENDINGS = ["!", ".", "", "!!", " :)", "!"]
+
+
+def render(core: str, rng: random.Random, fact: str) -> str:
+    opener = "" if fact == "greeting" else rng.choice(OPENERS)
+    ending = rng.choice(GREETING_ENDINGS if fact == "greeting" else ENDINGS)
+    text = core if opener else core[0].upper() + core[1:]
+    if rng.random() < 0.15:
+        text = text.lower()
+    return opener + text + ending
+
+
+def turn(question: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def build(seed: int, per_core: int, two_turn: int) -> tuple[list[dict], list[dict]]:
+    rng = random.Random(seed)
+    train: list[dict] = []
+    for fact, (answer, cores, _) in FACTS.items():
+        for core in cores:
+            seen = set()
+            for _ in range(per_core * 3):
+                q = render(core, rng, fact)
+                if q not in seen:
+                    seen.add(q)
+                    train.append({"fact": fact, "messages": turn(q, answer)})
+                if len(seen) == per_core:
+                    break
+    # Two-turn chats teach that each reply answers the latest question only.
+    names = list(FACTS)
+    for _ in range(two_turn):
+        a, b = rng.sample(names, 2)
+        msgs = turn(render(rng.choice(FACTS[a][1]), rng, a), FACTS[a][0])
+        msgs += turn(render(rng.choice(FACTS[b][1]), rng, b), FACTS[b][0])
+        train.append({"fact": f"{a}+{b}", "messages": msgs})
+    rng.shuffle(train)
+    heldout = []
+    for fact, (answer, _, held) in FACTS.items():
+        for core in held:
+            q = core[0].upper() + core[1:] + ("!" if fact == "greeting" else "?")
+            heldout.append({"fact": fact, "messages": turn(q, answer)})
+    train_questions = {m["content"].lower().strip("?!. :)") for ex in train for m in ex["messages"] if m["role"] == "user"}
+    clash = [ex for ex in heldout if ex["messages"][0]["content"].lower().strip("?!. :)") in train_questions]
+    assert not clash, f"held-out questions also in training: {clash}"
+    return train, heldout
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out-dir", type=Path, default=ASSETS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-core", type=int, default=4, help="renderings of each question core")
+    p.add_argument("--two-turn", type=int, default=60, help="number of two-turn conversations")
+    args = p.parse_args(argv)
+    train, heldout = build(args.seed, args.per_core, args.two_turn)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(args.out_dir / "demo_chat.jsonl", train)
+    write_jsonl(args.out_dir / "demo_chat_heldout.jsonl", heldout)
+    print(f"wrote {len(train)} training chats and {len(heldout)} held-out questions to {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()
