@@ -30,10 +30,9 @@ import numpy as np
 from flax import nnx
 
 from jaxgpt.model import GPT2
+from jaxgpt.tokenizer import end_of_turn_id, load_tokenizer
 from jaxgpt.weights import WEIGHT_FILES, load_pretrained, save_pretrained
 
-END_OF_TURN = "<|im_end|>"
-END_OF_TEXT = "<|endoftext|>"
 # Verification prompts: a chat turn (when the tokenizer has a template) and plain text.
 CHECK_CHATS = [
     [{"role": "user", "content": "Who are you?"}],
@@ -84,8 +83,6 @@ def load_source(path: str | Path):
         if (path / "tokenizer_config.json").is_file() or (path / "vocab.json").is_file():
             tok = AutoTokenizer.from_pretrained(str(path))
         else:
-            from jaxgpt.tokenizer import load_tokenizer
-
             tok = load_tokenizer()
         return model, tok
     from jaxgpt.checkpoint import load_for_inference
@@ -94,8 +91,8 @@ def load_source(path: str | Path):
 
 
 def generation_config(tok) -> dict:
-    """Stop at end-of-turn (chat) and at end-of-text (plain LM use)."""
-    eos = [tok.convert_tokens_to_ids(t) for t in (END_OF_TURN, END_OF_TEXT) if t in tok.get_vocab()]
+    """Stop at end-of-turn (chat; listed first) and at end-of-text (plain LM use)."""
+    eos = list(dict.fromkeys(i for i in (end_of_turn_id(tok), tok.eos_token_id) if i is not None))
     gen = {"eos_token_id": eos if len(eos) > 1 else (eos[0] if eos else None)}
     if tok.pad_token_id is not None:
         gen["pad_token_id"] = tok.pad_token_id
@@ -132,7 +129,9 @@ def verify(model: GPT2, hf_dir: Path, tok, *, dtype: str = "float32", atol: floa
     """
     import torch
     from transformers import GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     ref = rounded(model, dtype)
     torch_model = GPT2LMHeadModel.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     diffs, scale, top1, overlap = [], 0.0, [], []
