@@ -58,7 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgpt.model import GPT2, init_cache
+from jaxgpt.model import DTYPES, GPT2, init_cache
+from jaxgpt.tokenizer import load_tokenizer, stop_token_ids
 
 MAX_STOP_IDS = 8  # stop ids are padded to a fixed count so the set never changes the compiled shape
 MIN_BUCKET = 16
@@ -234,18 +235,6 @@ def generate(model: GPT2, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
-def default_tokenizer():
-    """The vendored GPT-2 tokenizer (offline)."""
-    try:
-        from jaxgpt.tokenizer import load_tokenizer
-    except ImportError:  # shim until jaxgpt.tokenizer lands: the same vendored files
-        from transformers import GPT2Tokenizer
-
-        assets = Path(__file__).parent / "assets" / "gpt2-tokenizer"
-        return GPT2Tokenizer(vocab_file=str(assets / "vocab.json"), merges_file=str(assets / "merges.txt"))
-    return load_tokenizer(None)
-
-
 def load_model(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str = "float32"):
     """(model, tokenizer) from an HF folder / hub id, or from a jaxgpt training checkpoint."""
     path = Path(path_or_hub_id)
@@ -260,19 +249,13 @@ def load_model(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str 
 
     folder = resolve(path_or_hub_id)
     model, _ = load_pretrained(folder, dtype=dtype, param_dtype=param_dtype)
-    if any((folder / f).exists() for f in TOKENIZER_FILES):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    else:
-        tokenizer = default_tokenizer()
+    # The folder's own tokenizer (it may carry a chat template), else the vendored GPT-2 one.
+    tokenizer = load_tokenizer(folder if any((folder / f).exists() for f in TOKENIZER_FILES) else None)
     return model, tokenizer
 
 
 def cast_params(model: GPT2, param_dtype: str) -> GPT2:
     """A copy of ``model`` whose floating parameters are stored in ``param_dtype`` (e.g. bfloat16 for decoding)."""
-    from jaxgpt.model import DTYPES
-
     graphdef, state = nnx.split(model)
     dt = DTYPES[param_dtype]
     state = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
@@ -282,13 +265,8 @@ def cast_params(model: GPT2, param_dtype: str) -> GPT2:
 
 
 def stop_ids_for(tokenizer, model: GPT2) -> list[int]:
-    """End-of-text and end-of-turn ids the tokenizer knows (EOS, ``<|im_end|>``)."""
-    ids = {model.config.eos_token_id}
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if im_end is not None and im_end != tokenizer.unk_token_id:
-        ids.add(im_end)
+    """End-of-text and end-of-turn ids (EOS, ``<|im_end|>`` with ChatML) that the model can produce."""
+    ids = set(stop_token_ids(tokenizer)) | {model.config.eos_token_id}
     return sorted(i for i in ids if i is not None and 0 <= i < model.config.vocab_size)
 
 
