@@ -1,0 +1,387 @@
+"""The run configuration: typed sections, YAML files, ``key=value`` overrides, validation.
+
+One ``Config`` holds every knob of a training run, grouped in sections
+(``model``, ``data``, ``optimizer``, ``schedule``, ``mesh``, ``train``,
+``checkpoint``, ``logging``, ``distributed``). A run is described by a YAML
+file holding only what differs from the defaults, plus dotted overrides::
+
+    python -m jaxgpt.train --config configs/gpt2-chat.yaml optimizer.lr=3e-5 train.steps=200
+
+Everything is checked before JAX compiles anything; each problem is one line
+naming the file and key (``ConfigError``). Data knobs live in
+``jaxgpt.data.DataConfig`` and are composed here as the ``data`` section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+if importlib.util.find_spec("jaxgpt.data") is not None:
+    from jaxgpt.data import DataConfig
+else:
+    # PLACEHOLDER until jaxgpt.data (the data teammate's module) lands: the few
+    # knobs the stand-in loader in jaxgpt.train reads.
+    @dataclass
+    class DataConfig:
+        path: str = "jaxgpt/assets/demo_chat.jsonl"
+        eval_path: str | None = None
+        seq_len: int = 128
+        seed: int = 0
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, as one line naming the file and key."""
+
+
+def _f(default, help: str):
+    """A dataclass field with a help string (shown by ``--help``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = _f(None, "HF folder or hub id to fine-tune; null = train from scratch with the architecture below")
+    tokenizer: str | None = _f(None, "tokenizer folder or hub id; null = the model folder's, else the vendored GPT-2 tokenizer")
+    n_layer: int = _f(2, "from scratch only: transformer blocks")
+    n_head: int = _f(4, "from scratch only: attention heads")
+    n_embd: int = _f(128, "from scratch only: width")
+    n_positions: int = _f(256, "from scratch only: maximum sequence length")
+    vocab_size: int | None = _f(None, "from scratch only: vocabulary rows; null = the tokenizer's size")
+    init_seed: int = _f(0, "from scratch only: parameter init seed")
+    dtype: str = _f("float32", "compute dtype (float32 | bfloat16); master weights stay in param_dtype")
+    param_dtype: str = _f("float32", "parameter / optimizer-state dtype")
+    vocab_multiple: int = _f(1, "pad the embedding rows to a multiple (128 on TPU/GPU, and for tensor parallelism)")
+    remat: bool = _f(False, "recompute each block's activations in the backward pass (saves memory)")
+    dropout: float = _f(0.0, "dropout rate on embeddings, attention and residuals (0 = off)")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = _f(3e-4, "peak learning rate")
+    b1: float = _f(0.9, "AdamW beta1")
+    b2: float = _f(0.999, "AdamW beta2")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    weight_decay: float = _f(0.1, "decoupled weight decay on matrices (never on biases and LayerNorm)")
+    decay_embeddings: bool = _f(False, "also decay the token / position embeddings")
+    grad_clip: float | None = _f(1.0, "clip gradients by global norm; null = no clipping")
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = _f("cosine", "learning-rate schedule: cosine | linear | constant (each after a linear warmup)")
+    warmup_steps: int = _f(0, "steps of linear warmup from 0 to optimizer.lr")
+    decay_steps: int | None = _f(None, "steps until the end of the decay; null = train.steps")
+    min_lr_ratio: float = _f(0.1, "final lr as a fraction of optimizer.lr (cosine, linear)")
+
+
+@dataclass
+class MeshConfig:
+    data: int = _f(1, "data-parallel axis size (-1 = the rest of the devices)")
+    fsdp: int = _f(-1, "FSDP axis size: shards parameters and optimizer state (-1 = the rest)")
+    tensor: int = _f(1, "tensor-parallel axis size: splits heads, MLP and vocab (-1 = the rest)")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(1000, "optimizer steps")
+    batch_size: int = _f(8, "global batch in sequences per optimizer step (all processes together)")
+    grad_accum: int = _f(1, "micro-batches per step; each holds batch_size / grad_accum sequences")
+    seed: int = _f(0, "seed for the data order and dropout")
+    eval_every: int = _f(100, "evaluate on the held-out split every N steps (0 = never)")
+    eval_batches: int = _f(4, "held-out batches per evaluation")
+    max_nonfinite: int = _f(5, "stop after this many non-finite steps in a row")
+    output_dir: str = _f("runs/demo", "checkpoints, metrics.jsonl, TensorBoard events and plots go here")
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = _f(500, "save every N steps (and always at the end)")
+    keep: int = _f(3, "keep the last K checkpoints")
+    async_save: bool = _f(True, "write checkpoints in the background")
+    resume: bool = _f(True, "continue from the latest checkpoint in train.output_dir")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = _f(10, "log line + metrics.jsonl record every N steps")
+    progress_bar: bool = _f(True, "show a tqdm progress bar")
+    tensorboard: bool = _f(True, "write TensorBoard event files to train.output_dir")
+    plot: bool = _f(True, "write loss.png at the end")
+    sample_prompts: list[str] = _f([], "user prompts to generate replies for at each evaluation")
+    sample_max_new_tokens: int = _f(48, "tokens generated per sample")
+    peak_flops_per_device: float | None = _f(None, "peak FLOP/s of one device for MFU; null = known TPUs/GPUs only")
+
+
+@dataclass
+class DistributedConfig:
+    enabled: bool | None = _f(None, "call jax.distributed.initialize(); null = when a coordinator is configured (or JAX_COORDINATOR_ADDRESS is set)")
+    coordinator_address: str | None = _f(None, "host:port of process 0 (env JAX_COORDINATOR_ADDRESS); null on TPU pods = automatic")
+    num_processes: int | None = _f(None, "number of processes (env JAX_NUM_PROCESSES)")
+    process_id: int | None = _f(None, "this process's index (env JAX_PROCESS_ID)")
+    initialization_timeout: int = _f(300, "seconds to wait for all processes")
+    cpu_devices_per_process: int | None = _f(None, "CPU only: simulated devices per process (jax_num_cpu_devices)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+# ----------------------------------------------------------------------------- building from dicts
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, where: str):
+    """``value`` checked against the annotation ``tp`` (ints accepted as floats, '3e-5' as a float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (arg, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value  # other annotations (e.g. in DataConfig) are the owner's to check
+
+
+def _build(cls, raw: dict, where: str):
+    hints = _hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            options = [f"{where}.{k}" if where else k for k in fields]
+            raise ConfigError(f"unknown key {dotted!r}{_suggest(dotted, options)}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:  # a section's own __post_init__ check
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _suggest(key: str, options) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    if not close:  # 'lrr' vs 'optimizer.lr': compare the last part too
+        tail = key.rsplit(".", 1)[-1]
+        by_tail = {o.rsplit(".", 1)[-1]: o for o in options}
+        close = [by_tail[m] for m in difflib.get_close_matches(tail, list(by_tail), n=1, cutoff=0.6)]
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def all_keys() -> list[str]:
+    keys = []
+    for section, cls in _hints(Config).items():
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls) if f.init]
+    return keys
+
+
+def from_dict(raw: dict | None, source: str = "config") -> Config:
+    """A ``Config`` from a nested dict (missing keys keep their defaults)."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        for section, value in raw.items():
+            if section not in SECTIONS:
+                raise ConfigError(f"unknown section {section!r}{_suggest(str(section), list(SECTIONS))}")
+            if not isinstance(value, dict):
+                raise ConfigError(f"{section}: expected a mapping of keys, got {value!r}")
+        return _build(Config, raw, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``optimizer.lr=3e-5`` -> (['optimizer', 'lr'], 3e-5); values are read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"command line: {text!r} is not a key=value override (e.g. optimizer.lr=3e-5)")
+    key, value = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"command line: {key!r} should be section.key (e.g. train.steps)")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return parts, parsed
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- the YAML file (default: configs/demo.yaml) <- ``key=value`` overrides."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{line} invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    from_dict(raw, str(path))  # report the file's own mistakes against the file
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        if section not in SECTIONS:
+            raise ConfigError(f"command line: unknown section {section!r}{_suggest(section, list(SECTIONS))}")
+        raw.setdefault(section, {})
+        if raw[section] is None:
+            raw[section] = {}
+        raw[section][key] = value
+    return from_dict(raw, f"{path} + command line" if overrides else str(path))
+
+
+# ----------------------------------------------------------------------------- checks that need devices
+
+def resolve_mesh(mesh: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) with -1 filled in; ConfigError if it does not cover ``num_devices``."""
+    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+    for name, size in sizes.items():
+        if size == 0 or size < -1:
+            raise ConfigError(f"mesh.{name}={size}: axis sizes are positive, or -1 for the rest of the devices")
+    auto = [n for n, s in sizes.items() if s == -1]
+    if len(auto) > 1:
+        raise ConfigError(f"mesh: only one axis may be -1, got {', '.join('mesh.' + a for a in auto)}")
+    fixed = 1
+    for s in sizes.values():
+        fixed *= s if s != -1 else 1
+    if auto:
+        if num_devices % fixed:
+            raise ConfigError(
+                f"mesh.{auto[0]}=-1: the other axes ({fixed} devices) do not divide the {num_devices} devices")
+        sizes[auto[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ConfigError(
+            f"mesh: data*fsdp*tensor = {sizes['data']}*{sizes['fsdp']}*{sizes['tensor']} = {fixed} "
+            f"does not match the {num_devices} devices")
+    return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> tuple[int, int, int]:
+    """Checks that need the device count; returns the resolved mesh shape."""
+    data, fsdp, tensor = resolve_mesh(cfg.mesh, num_devices)
+    t = cfg.train
+    for key in ("steps", "batch_size", "grad_accum"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}={getattr(t, key)}: must be at least 1")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    micro = t.batch_size // t.grad_accum
+    dp = data * fsdp
+    if micro % dp:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size}: the micro-batch of {micro} sequences (batch_size / grad_accum) "
+            f"is not divisible by the data-parallel size data*fsdp = {data}*{fsdp} = {dp}")
+    if micro % num_processes:
+        raise ConfigError(f"train.batch_size={t.batch_size}: the micro-batch of {micro} is not divisible by "
+                          f"the {num_processes} processes")
+    if cfg.schedule.name not in ("cosine", "linear", "constant"):
+        raise ConfigError(f"schedule.name={cfg.schedule.name!r}: choose from cosine, linear, constant")
+    for key in ("dtype", "param_dtype"):
+        if getattr(cfg.model, key) not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.{key}={getattr(cfg.model, key)!r}: choose from float32, bfloat16, float16")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise ConfigError(f"model.dropout={cfg.model.dropout}: must be in [0, 1)")
+    if cfg.optimizer.lr < 0:
+        raise ConfigError(f"optimizer.lr={cfg.optimizer.lr}: must be >= 0")
+    if cfg.checkpoint.save_every < 1:
+        raise ConfigError(f"checkpoint.save_every={cfg.checkpoint.save_every}: must be at least 1")
+    if cfg.logging.log_every < 1:
+        raise ConfigError(f"logging.log_every={cfg.logging.log_every}: must be at least 1")
+    return data, fsdp, tensor
+
+
+def help_text() -> str:
+    """Every key with its type, default and meaning, for ``--help``."""
+    lines = []
+    defaults = Config()
+    for section, cls in _hints(Config).items():
+        lines.append(f"{section}:")
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
+            default = getattr(getattr(defaults, section), f.name)
+            tip = f.metadata.get("help", "")
+            lines.append(f"  {section}.{f.name}: {_type_name(hints[f.name])} = {default!r}" + (f"  # {tip}" if tip else ""))
+    return "\n".join(lines)

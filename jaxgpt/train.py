@@ -1,0 +1,666 @@
+"""Train GPT-2 (SFT or from scratch): ``python -m jaxgpt.train --config configs/gpt2-chat.yaml key=value ...``.
+
+Reads top to bottom like the run it performs:
+
+  config -> (multi-host init) -> mesh -> tokenizer -> model, created or loaded
+  directly into its shards -> optax AdamW -> data -> resume from the latest
+  checkpoint -> loop { jitted train step, logs, eval, checkpoint } -> plots.
+
+The hot path is one ``jax.jit``-compiled function over plain pytrees
+(``nnx.split`` state, not ``nnx.jit``) with the train state donated. The loss is
+the float32 mean cross-entropy over trained tokens (``loss_mask``); gradient
+accumulation sums token losses over micro-batches and divides once, so it
+equals one large batch exactly. A step whose loss or gradient is not finite is
+not applied; ``train.max_nonfinite`` of them in a row stop the run.
+
+The library entry point is ``train(cfg) -> TrainResult``; ``main(argv)`` is the CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxgpt import sharding
+from jaxgpt.config import Config, ConfigError, help_text, load_config, validate
+from jaxgpt.model import GPT2, GPT2Config, num_params, resize_token_embeddings
+
+log = logging.getLogger("jaxgpt.train")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. too many non-finite steps); the message says why."""
+
+
+# ----------------------------------------------------------------------------- multi-host
+
+def init_distributed(dc) -> None:
+    """``jax.distributed.initialize`` when configured (config, else JAX_* environment)."""
+    address = dc.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    num = dc.num_processes if dc.num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+    pid = dc.process_id if dc.process_id is not None else _env_int("JAX_PROCESS_ID")
+    enabled = dc.enabled if dc.enabled is not None else address is not None
+    if dc.cpu_devices_per_process:
+        jax.config.update("jax_num_cpu_devices", dc.cpu_devices_per_process)
+    if not enabled:
+        return
+    from jax._src import distributed as _dist  # noqa: PLC0415 - only to make a second call a no-op
+
+    if _dist.global_state.client is not None:
+        return
+    # On TPU pods (and SLURM / Open MPI) all three may be None: JAX detects them.
+    jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid,
+                               initialization_timeout=dc.initialization_timeout)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def make_schedule(cfg: Config) -> optax.Schedule:
+    """Linear warmup from 0, then cosine / linear decay to ``min_lr_ratio * lr``, or constant."""
+    s, lr = cfg.schedule, cfg.optimizer.lr
+    total = s.decay_steps or cfg.train.steps
+    warmup = min(s.warmup_steps, total)
+    end = lr * s.min_lr_ratio
+    if s.name == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total, warmup + 1), end_value=end)
+    decay = max(total - warmup, 1)
+    after = (optax.linear_schedule(lr, end, decay) if s.name == "linear" else optax.constant_schedule(lr))
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def _map_with_path(fn, state: nnx.State) -> nnx.State:
+    flat = [(path, var.replace(fn(path, var))) for path, var in nnx.to_flat_state(state)]
+    return nnx.from_flat_state(flat)
+
+
+def make_optimizer(cfg: Config, params: nnx.State) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    o = cfg.optimizer
+    schedule = make_schedule(cfg)
+    parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip else []
+    parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                             mask=_map_with_path(lambda p, v: _decays(p, v, o.decay_embeddings), params)))
+    return optax.chain(*parts), schedule
+
+
+def _decays(path, var, decay_embeddings: bool) -> bool:
+    name = str(path[-1])
+    if name in ("wte", "wpe"):
+        return decay_embeddings
+    return len(var.shape) >= 2 and not name.endswith("bias")
+
+
+def applied_steps(opt_state) -> jax.Array:
+    """The schedule's step counter (optimizer updates actually applied)."""
+    for leaf in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState)):
+        if isinstance(leaf, optax.ScaleByScheduleState):
+            return leaf.count
+    raise ValueError("optimizer state has no schedule counter")
+
+
+# ----------------------------------------------------------------------------- the step
+
+def loss_terms(graphdef, params, rest, batch, *, mesh=None, train: bool = True, rng=None):
+    """(sum of float32 token losses over trained tokens, number of trained tokens)."""
+    model = nnx.merge(graphdef, params, rest)
+    if rng is not None:
+        # One dropout stream per module path, derived from this step's key.
+        nnx.reseed(model, default=rng,
+                   policy=lambda path, key, shape: jax.random.fold_in(key, sharding.path_seed(path)))
+    if not train:
+        model.eval()
+    logits = model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    if mesh is not None:  # the largest activation: keep it split on batch and vocab
+        logits = sharding.constrain(logits, mesh, "batch", "seq", "vocab")
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(ce * mask), jnp.sum(mask)
+
+
+def make_train_step(graphdef, rest, tx, *, mesh=None, dropout: bool = False,
+                    state_shardings=None) -> Callable:
+    """``step(state, batch, rng) -> (state, metrics)``, jitted, ``state`` donated.
+
+    state = {"params", "opt_state"}; batch arrays are [grad_accum, micro_batch, T].
+    """
+
+    def step(state, batch, rng):
+        params, opt_state = state["params"], state["opt_state"]
+        grad_fn = jax.value_and_grad(
+            lambda p, mb, k: loss_terms(graphdef, p, rest, mb, mesh=mesh, rng=k), has_aux=True)
+
+        def micro(carry, xs):
+            g_sum, l_sum, n_sum = carry
+            mb, i = xs
+            k = jax.random.fold_in(rng, i) if dropout else None
+            (l, n), g = grad_fn(params, mb, k)
+            return (jax.tree.map(jnp.add, g_sum, g), l_sum + l, n_sum + n), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        n_micro = batch["input_ids"].shape[0]
+        (g_sum, l_sum, n_sum), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)),
+                                                (batch, jnp.arange(n_micro)))
+        denom = jnp.maximum(n_sum, 1.0)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, params)
+        loss = l_sum / denom
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        lr_step = applied_steps(opt_state)
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # A non-finite step changes nothing (not even the optimizer's counters).
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        new_state = {"params": keep(new_params, params), "opt_state": keep(new_opt, opt_state)}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "ok": ok, "trained_tokens": n_sum, "lr_step": lr_step}
+        return new_state, metrics
+
+    out_shardings = None if state_shardings is None else (state_shardings, None)
+    return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
+
+
+def make_eval_step(graphdef, rest, *, mesh=None) -> Callable:
+    """``eval_step(params, batch) -> (sum loss, tokens)`` for one [B, T] batch, dropout off."""
+
+    def eval_step(params, batch):
+        return loss_terms(graphdef, params, rest, batch, mesh=mesh, train=False)
+
+    return jax.jit(eval_step)
+
+
+# ----------------------------------------------------------------------------- model + tokenizer
+
+def load_tokenizer_for(cfg: Config):
+    """The tokenizer named by the config, with the data's chat template applied."""
+    from jaxgpt.tokenizer import add_chat_template, load_tokenizer
+
+    name = cfg.model.tokenizer
+    if name is None and cfg.model.name_or_path:
+        folder = Path(cfg.model.name_or_path)
+        if folder.is_dir() and any((folder / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+            name = str(folder)
+        elif not folder.exists():
+            name = cfg.model.name_or_path  # hub id
+    tok = load_tokenizer(name)
+    template = getattr(cfg.data, "chat_template", "chatml")
+    if template and template != "none":
+        add_chat_template(tok, template)
+    return tok
+
+
+def build_model(cfg: Config, vocab_size: int, mesh) -> tuple[Any, nnx.State, nnx.State, GPT2Config]:
+    """(graphdef, params, rest, model config) with every parameter already in its shards.
+
+    The embedding grows to ``vocab_size`` (the tokenizer, incl. added chat tokens).
+    """
+    m = cfg.model
+    numerics = dict(dtype=m.dtype, param_dtype=m.param_dtype, vocab_multiple=m.vocab_multiple,
+                    dropout=m.dropout, remat=m.remat)
+    if m.name_or_path is None:
+        gcfg = GPT2Config(vocab_size=m.vocab_size or vocab_size, n_positions=m.n_positions, n_embd=m.n_embd,
+                          n_layer=m.n_layer, n_head=m.n_head, **numerics)
+        graphdef, params, rest = sharding.init_sharded(lambda: GPT2(gcfg, rngs=nnx.Rngs(m.init_seed)), mesh)
+    else:
+        from jaxgpt import weights
+
+        folder = weights.resolve(m.name_or_path)
+        gcfg = weights.config_from_hf(folder / "config.json", **numerics)
+        abstract = nnx.eval_shape(lambda: GPT2(gcfg, rngs=nnx.Rngs(0)))
+        _, abs_params, _ = nnx.split(abstract, nnx.Param, ...)
+        model, gcfg = weights.load_pretrained(folder, place=sharding.make_place(abs_params, mesh), **numerics)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if vocab_size > gcfg.vocab_size:
+        model = resize_token_embeddings(nnx.merge(graphdef, params, rest), vocab_size)
+        gcfg = model.config
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    shardings = sharding.param_shardings(jax.tree.map(lambda x: x, params), mesh)
+    params = jax.device_put(params, shardings)
+    rest = jax.device_put(rest, sharding.replicated(mesh))
+    return graphdef, params, rest, gcfg
+
+
+# ----------------------------------------------------------------------------- data
+
+def make_data(cfg: Config, tokenizer, mesh, split: str):
+    """An iterator of process-local batches [micro_batch / processes, T] for ``split``."""
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    start, stop = sharding.process_batch_rows(mesh, micro)
+    if importlib.util.find_spec("jaxgpt.data") is not None:
+        from jaxgpt import data
+
+        if hasattr(data, "make_iterator"):
+            return data.make_iterator(cfg.data, tokenizer, batch_size=micro, split=split,
+                                      rows=(start, stop), seed=cfg.train.seed)
+    return _StandInData(cfg, tokenizer, micro, (start, stop), split)
+
+
+class _StandInData:
+    """PLACEHOLDER until jaxgpt.data lands: one conversation per row, no packing.
+
+    Reads a .json/.jsonl of ``messages`` or ShareGPT ``conversations``, renders
+    it with the tokenizer's chat template, trains on assistant tokens.
+    """
+
+    def __init__(self, cfg: Config, tok, micro: int, rows: tuple[int, int], split: str):
+        d = cfg.data
+        path = Path(d.path if split == "train" or not d.eval_path else d.eval_path)
+        text = path.read_text()
+        records = json.loads(text) if path.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
+        roles = {"human": "user", "gpt": "assistant", "system": "system"}
+        seqs = []
+        for r in records:
+            msgs = r.get("messages") or [{"role": roles[c["from"]], "content": c["value"]} for c in r["conversations"]]
+            enc = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+            ids, mask = enc["input_ids"][: d.seq_len + 1], enc["assistant_masks"][: d.seq_len + 1]
+            seqs.append((np.array(ids, np.int32), np.array(mask, np.int32)))
+        if split == "eval" and not d.eval_path:
+            seqs = seqs[-max(1, len(seqs) // 20):]
+        elif not d.eval_path:
+            seqs = seqs[: len(seqs) - max(1, len(seqs) // 20)]
+        self.seqs, self.micro, self.rows, self.seq_len = seqs, micro, rows, d.seq_len
+        self.seed, self.pad = cfg.train.seed, tok.pad_token_id or 0
+        self.epoch, self.index = 0, 0
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        out = {k: np.zeros((self.micro, self.seq_len), np.int32)
+               for k in ("input_ids", "targets", "loss_mask", "segment_ids", "positions")}
+        for row in range(self.micro):
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.seqs))
+            ids, mask = self.seqs[order[self.index]]
+            self.index += 1
+            if self.index == len(self.seqs):
+                self.epoch, self.index = self.epoch + 1, 0
+            n = len(ids) - 1
+            out["input_ids"][row], out["targets"][row] = self.pad, self.pad
+            out["input_ids"][row, :n], out["targets"][row, :n] = ids[:-1], ids[1:]
+            out["loss_mask"][row, :n] = mask[1:]
+            out["segment_ids"][row, :n] = 1
+            out["positions"][row, :n] = np.arange(n)
+        return {k: v[self.rows[0]: self.rows[1]] for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- metrics
+
+PEAK_BF16_FLOPS = {  # per chip, dense bf16
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12, "NVIDIA L4": 121e12,
+}
+
+
+def peak_flops(cfg: Config) -> float | None:
+    if cfg.logging.peak_flops_per_device:
+        return cfg.logging.peak_flops_per_device
+    kind = jax.devices()[0].device_kind
+    for name, flops in PEAK_BF16_FLOPS.items():
+        if kind.startswith(name):
+            return flops
+    return None  # CPUs: no meaningful peak
+
+
+def flops_per_token(gcfg: GPT2Config, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus attention (PaLM appendix B)."""
+    n = n_params - gcfg.n_positions * gcfg.n_embd  # position embeddings do no matmuls
+    return 6 * n + 12 * gcfg.n_layer * gcfg.n_embd * seq_len
+
+
+class MetricsLog:
+    """metrics.jsonl + TensorBoard + the progress bar, on process 0 only."""
+
+    def __init__(self, cfg: Config, out: Path, start_step: int):
+        self.cfg, self.out = cfg, out
+        self.main = jax.process_index() == 0
+        self.file = self.tb = self.bar = None
+        if not self.main:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        self.file = open(out / "metrics.jsonl", "a")
+        if cfg.logging.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        if cfg.logging.progress_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=cfg.train.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def write(self, record: dict, line: str | None = None):
+        if not self.main:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and v is not None:
+                    self.tb.add_scalar(k, v, record["step"])
+        if line:
+            self.print(line)
+
+    def print(self, text: str):
+        if not self.main:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def progress(self, n: int, **postfix):
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.file is not None:
+            self.file.close()
+
+
+def plot_losses(out: Path, losses: dict[int, float], evals: dict[int, float]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(list(losses), list(losses.values()), label="train", lw=1)
+    if evals:
+        ax.plot(list(evals), list(evals.values()), "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out / "loss.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- the run
+
+@dataclass
+class TrainResult:
+    graphdef: Any
+    params: nnx.State
+    rest: nnx.State
+    model_config: GPT2Config
+    tokenizer: Any
+    step: int  # optimizer steps done (incl. skipped non-finite ones)
+    losses: dict[int, float] = field(default_factory=dict)  # step -> train loss (this process's run)
+    evals: dict[int, dict] = field(default_factory=dict)  # step -> {"eval_loss", "eval_ppl"}
+    skipped: list[int] = field(default_factory=list)  # steps whose update was not applied
+    preempted: bool = False
+    output_dir: Path | None = None
+
+    @property
+    def model(self) -> GPT2:
+        return nnx.merge(self.graphdef, self.params, self.rest)
+
+
+def run_config(cfg: Config, gcfg: GPT2Config) -> dict:
+    """The saved config: the run's sections plus the final GPT2Config (after any vocab resize)."""
+    return {**cfg.to_dict(), "model_config": dataclasses.asdict(gcfg)}
+
+
+def train(cfg: Config) -> TrainResult:
+    """Run (or resume) the training described by ``cfg``; see the module docstring."""
+    init_distributed(cfg.distributed)
+    mesh_shape = validate(cfg, jax.device_count(), jax.process_count())
+    mesh = sharding.make_mesh(mesh_shape)
+    out = Path(cfg.train.output_dir)
+    t = cfg.train
+    micro = t.batch_size // t.grad_accum
+
+    tokenizer = load_tokenizer_for(cfg)
+    graphdef, params, rest, gcfg = build_model(cfg, len(tokenizer), mesh)
+    if getattr(cfg.data, "seq_len", 0) > gcfg.n_positions:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's n_positions={gcfg.n_positions}")
+    tx, schedule = make_optimizer(cfg, params)
+    p_shard = jax.tree.map(lambda x: x.sharding, params)
+    abs_opt = jax.eval_shape(tx.init, params)
+    o_shard = sharding.opt_state_shardings(tx, abs_opt, p_shard, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
+    state = {"params": params, "opt_state": opt_state}
+    state_shardings = {"params": p_shard, "opt_state": o_shard}
+
+    train_data = make_data(cfg, tokenizer, mesh, "train")
+    eval_data = make_data(cfg, tokenizer, mesh, "eval") if t.eval_every else None
+    eval_start = eval_data.state() if eval_data is not None else None
+    rng = jax.random.key_data(jax.random.key(t.seed))
+
+    ckpt, start = _checkpointer(cfg, out), 0
+    if ckpt is not None and cfg.checkpoint.resume and ckpt.latest_step() is not None:
+        abstract = lambda tree: jax.tree.map(  # noqa: E731
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+        restored = ckpt.restore(abstract_params=abstract(params), abstract_opt_state=abstract(opt_state))
+        state = {"params": restored["params"], "opt_state": restored["opt_state"]}
+        start = int(restored["step"])
+        train_data.restore(restored["data_state"])
+        rng = np.asarray(restored["rng"], np.uint32)
+
+    step_fn = make_train_step(graphdef, rest, tx, mesh=mesh, dropout=gcfg.dropout > 0,
+                              state_shardings=state_shardings)
+    eval_fn = make_eval_step(graphdef, rest, mesh=mesh) if eval_data is not None else None
+    n_params = num_params(nnx.merge(graphdef, state["params"], rest))
+    tokens_per_step = t.batch_size * cfg.data.seq_len
+    fpt = flops_per_token(gcfg, n_params, cfg.data.seq_len)
+    peak = peak_flops(cfg)
+    logger = MetricsLog(cfg, out, start)
+    logger.print(f"jaxgpt: {n_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}, {jax.process_count()} process(es), "
+                 f"global batch {t.batch_size} x {cfg.data.seq_len} tokens ({t.grad_accum} micro-batches), "
+                 f"steps {start}->{t.steps}, output {out}")
+    if jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(run_config(cfg, gcfg), indent=2) + "\n")
+
+    result = TrainResult(graphdef, state["params"], rest, gcfg, tokenizer, start, output_dir=out)
+    key = jax.random.wrap_key_data(jnp.asarray(rng))
+    guard = _preemption_guard()
+    bad_in_a_row, pending = 0, None
+    window_t0, window_tokens = time.perf_counter(), 0
+
+    def finish(step, m) -> None:
+        """Read one step's metrics back (one step behind dispatch, so the host never idles the device)."""
+        nonlocal bad_in_a_row, window_t0, window_tokens
+        m = jax.device_get(m)
+        loss, ok = float(m["loss"]), bool(m["ok"])
+        result.losses[step] = loss
+        if not ok:
+            bad_in_a_row += 1
+            result.skipped.append(step)
+            logger.print(f"step {step}: non-finite loss/gradient (loss={loss}, grad_norm={float(m['grad_norm'])}); "
+                         f"update skipped ({bad_in_a_row} in a row)")
+            if bad_in_a_row >= t.max_nonfinite:
+                last = ckpt.latest_step() if ckpt is not None else None
+                raise TrainingError(
+                    f"stopping at step {step}: {bad_in_a_row} non-finite steps in a row (train.max_nonfinite="
+                    f"{t.max_nonfinite}); parameters are those of the last finite step; last checkpoint: "
+                    f"{'step ' + str(last) if last is not None else 'none'} in {out} (intact). "
+                    f"Lower optimizer.lr or check the data.")
+        else:
+            bad_in_a_row = 0
+        logger.progress(1)
+        if step % cfg.logging.log_every == 0 or step == t.steps:
+            dt = time.perf_counter() - window_t0
+            tps = window_tokens / dt if dt > 0 else 0.0
+            mfu = (tps * fpt / (peak * jax.device_count())) if peak else None
+            record = {"step": step, "loss": loss, "lr": float(schedule(int(m["lr_step"]))),
+                      "grad_norm": float(m["grad_norm"]), "tokens_per_sec": tps, "mfu": mfu,
+                      "trained_tokens": float(m["trained_tokens"])}
+            logger.write(record, f"step {step:>6} | loss {loss:.4f} | lr {record['lr']:.2e} | "
+                                 f"grad_norm {record['grad_norm']:.3f} | {tps:,.0f} tok/s"
+                         + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""))
+            if logger.bar is not None:
+                logger.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+            window_t0, window_tokens = time.perf_counter(), 0
+
+    try:
+        with guard:
+            for step in range(start + 1, t.steps + 1):
+                local = [next(train_data) for _ in range(t.grad_accum)]
+                batch = _global_batch(local, mesh, micro)
+                step_key = jax.random.key_data(jax.random.fold_in(key, step))
+                state, metrics = step_fn(state, batch, step_key)
+                window_tokens += tokens_per_step
+                if pending is not None:
+                    finish(*pending)
+                pending = (step, metrics)
+                result.step = step
+                evaluate = eval_fn is not None and (step % t.eval_every == 0 or step == t.steps)
+                stop = guard.should_stop(step) if guard is not None else False
+                if evaluate or stop or step == t.steps or (ckpt is not None and ckpt.should_save(step)):
+                    finish(*pending)  # never checkpoint or evaluate past an unchecked step
+                    pending = None
+                if evaluate:
+                    result.evals[step] = _evaluate(cfg, eval_fn, eval_data, eval_start, state["params"], mesh, micro)
+                    e = result.evals[step]
+                    logger.write({"step": step, **e}, f"step {step:>6} | eval_loss {e['eval_loss']:.4f} | "
+                                                      f"eval_ppl {e['eval_ppl']:.2f}")
+                    _samples(cfg, logger, graphdef, state["params"], rest, tokenizer, step)
+                if ckpt is not None:
+                    ckpt.save(step, params=state["params"], opt_state=state["opt_state"],
+                              data_state=train_data.state(), rng=rng, config=run_config(cfg, gcfg),
+                              tokenizer=tokenizer, force=stop or step == t.steps)
+                if stop:
+                    result.preempted = True
+                    logger.print(f"preempted: saved step {step}, exiting")
+                    break
+            if pending is not None:
+                finish(*pending)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+        logger.close()
+    result.params = state["params"]
+    if jax.process_index() == 0 and cfg.logging.plot and result.losses:
+        plot_losses(out, result.losses, {s: e["eval_loss"] for s, e in result.evals.items()})
+    return result
+
+
+def _global_batch(local: list[dict], mesh, micro: int) -> dict[str, jax.Array]:
+    """grad_accum process-local micro-batches -> global [grad_accum, micro, T] arrays on (data, fsdp)."""
+    stacked = {k: np.stack([b[k] for b in local]).astype(np.int32) for k in local[0]}
+    spec = jax.sharding.PartitionSpec(None, sharding.RULES["batch"], None)
+    s = jax.sharding.NamedSharding(mesh, spec)
+    return {k: jax.make_array_from_process_local_data(s, v, (v.shape[0], micro) + v.shape[2:])
+            for k, v in stacked.items()}
+
+
+def _evaluate(cfg: Config, eval_fn, data, start_state, params, mesh, micro: int) -> dict:
+    data.restore(start_state)  # the same held-out batches every time
+    total, count = 0.0, 0.0
+    for _ in range(cfg.train.eval_batches):
+        batch = {k: v[0] for k, v in _global_batch([next(data)], mesh, micro).items()}
+        l, n = jax.device_get(eval_fn(params, batch))
+        total, count = total + float(l), count + float(n)
+    loss = total / max(count, 1.0)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
+def _samples(cfg: Config, logger: MetricsLog, graphdef, params, rest, tokenizer, step: int) -> None:
+    prompts = cfg.logging.sample_prompts
+    if not prompts or importlib.util.find_spec("jaxgpt.sample") is None:
+        return
+    from jaxgpt.sample import generate
+    from jaxgpt.tokenizer import stop_token_ids
+
+    model = nnx.merge(graphdef, params, rest)
+    ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+           for p in prompts]
+    ids = [x["input_ids"] if isinstance(x, dict) or hasattr(x, "keys") else x for x in ids]
+    outs = generate(model, ids, max_new_tokens=cfg.logging.sample_max_new_tokens, stop_ids=stop_token_ids(tokenizer))
+    for p, o in zip(prompts, outs):
+        logger.print(f"step {step} sample | {p!r} -> {tokenizer.decode(o, skip_special_tokens=True)!r}")
+
+
+def _checkpointer(cfg: Config, out: Path):
+    if importlib.util.find_spec("jaxgpt.checkpoint") is None:
+        log.warning("jaxgpt.checkpoint is not available: training without checkpoints")
+        return None
+    from jaxgpt.checkpoint import Checkpointer, checkpoint_dir
+
+    c = cfg.checkpoint
+    return Checkpointer(checkpoint_dir(out), save_every=c.save_every, keep=c.keep, async_save=c.async_save)
+
+
+def _preemption_guard():
+    if importlib.util.find_spec("jaxgpt.checkpoint") is None:
+        return None
+    from jaxgpt.checkpoint import PreemptionGuard
+
+    return PreemptionGuard()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+USAGE = """usage: python -m jaxgpt.train [--config FILE.yaml] [section.key=value ...]
+
+Train GPT-2 with JAX. Without --config, runs configs/demo.yaml. Overrides are
+read as YAML values, e.g.: optimizer.lr=3e-5 train.steps=200 mesh.fsdp=-1
+
+keys (type = default):
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(USAGE + help_text())
+        return 0
+    path = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            print("error: --config needs a file", file=sys.stderr)
+            return 2
+        path = argv[i + 1]
+        del argv[i: i + 2]
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # orbax/absl: warnings only
+    logging.getLogger("jaxgpt").setLevel(logging.INFO)
+    try:
+        cfg = load_config(path, argv)
+        result = train(cfg)
+    except (ValueError, TrainingError) as e:  # ConfigError, WeightsError, CheckpointError, data errors
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if result.preempted:
+        print(f"preempted at step {result.step}; rerun the same command to resume", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
