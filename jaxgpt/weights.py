@@ -184,7 +184,7 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError for bad files
-        raise WeightsError(f"{path}: cannot read PyTorch file with weights_only=True (truncated, corrupt or not weights-only?): {e}") from None
+        raise WeightsError(f"{path}: cannot read PyTorch file (truncated or corrupt, or not loadable with weights_only=True?): {e}") from None
     return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()}
 
 
@@ -217,7 +217,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise WeightsError(f"{name}: no such folder")
     from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RemoteEntryNotFoundError
 
     aux = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
            "vocab.json", "merges.txt", "special_tokens_map.json"]
@@ -225,7 +225,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         for fname in WEIGHT_FILES:
             try:
                 hf_hub_download(name, fname)
-            except EntryNotFoundError:
+            except RemoteEntryNotFoundError:  # the repo exists but lacks this file
                 continue
             patterns = aux + [fname] + (["model-*.safetensors"] if fname.endswith("index.json") else [])
             return Path(snapshot_download(name, allow_patterns=patterns))
