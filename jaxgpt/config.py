@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
 import os
 import types
 import typing
@@ -26,17 +25,7 @@ from typing import Any
 
 import yaml
 
-if importlib.util.find_spec("jaxgpt.data") is not None:
-    from jaxgpt.data import DataConfig
-else:
-    # PLACEHOLDER until jaxgpt.data (the data teammate's module) lands: the few
-    # knobs the stand-in loader in jaxgpt.train reads.
-    @dataclass
-    class DataConfig:
-        path: str = "jaxgpt/assets/demo_chat.jsonl"
-        eval_path: str | None = None
-        seq_len: int = 128
-        seed: int = 0
+from jaxgpt.data import DataConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"
@@ -101,15 +90,16 @@ class TrainConfig:
     steps: int = _f(1000, "optimizer steps")
     batch_size: int = _f(8, "global batch in sequences per optimizer step (all processes together)")
     grad_accum: int = _f(1, "micro-batches per step; each holds batch_size / grad_accum sequences")
-    seed: int = _f(0, "seed for the data order and dropout")
+    seed: int = _f(0, "seed for dropout (the data order has data.seed)")
     eval_every: int = _f(100, "evaluate on the held-out split every N steps (0 = never)")
-    eval_batches: int = _f(4, "held-out batches per evaluation")
+    eval_batches: int | None = _f(8, "held-out batches per evaluation (null = the whole held-out set)")
     max_nonfinite: int = _f(5, "stop after this many non-finite steps in a row")
     output_dir: str = _f("runs/demo", "checkpoints, metrics.jsonl, TensorBoard events and plots go here")
 
 
 @dataclass
 class CheckpointConfig:
+    enabled: bool = _f(True, "write checkpoints to train.output_dir/checkpoints")
     save_every: int = _f(500, "save every N steps (and always at the end)")
     keep: int = _f(3, "keep the last K checkpoints")
     async_save: bool = _f(True, "write checkpoints in the background")
@@ -188,6 +178,8 @@ def _coerce(value, tp, where: str):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (arg, *_) = typing.get_args(tp) or (Any,)
+        if dataclasses.is_dataclass(arg):  # e.g. data.sources: strings or mappings, checked by their owner
+            return list(value)
         return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):

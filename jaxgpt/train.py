@@ -191,8 +191,8 @@ def make_eval_step(graphdef, rest, *, mesh=None) -> Callable:
 # ----------------------------------------------------------------------------- model + tokenizer
 
 def load_tokenizer_for(cfg: Config):
-    """The tokenizer named by the config, with the data's chat template applied."""
-    from jaxgpt.tokenizer import add_chat_template, load_tokenizer
+    """The tokenizer named by the config (the data adds its chat template later)."""
+    from jaxgpt.tokenizer import load_tokenizer
 
     name = cfg.model.tokenizer
     if name is None and cfg.model.name_or_path:
@@ -201,11 +201,7 @@ def load_tokenizer_for(cfg: Config):
             name = str(folder)
         elif not folder.exists():
             name = cfg.model.name_or_path  # hub id
-    tok = load_tokenizer(name)
-    template = getattr(cfg.data, "chat_template", "chatml")
-    if template and template != "none":
-        add_chat_template(tok, template)
-    return tok
+    return load_tokenizer(name)
 
 
 def build_model(cfg: Config, vocab_size: int, mesh) -> tuple[Any, nnx.State, nnx.State, GPT2Config]:
@@ -241,71 +237,21 @@ def build_model(cfg: Config, vocab_size: int, mesh) -> tuple[Any, nnx.State, nnx
 
 # ----------------------------------------------------------------------------- data
 
-def make_data(cfg: Config, tokenizer, mesh, split: str):
-    """An iterator of process-local batches [micro_batch / processes, T] for ``split``."""
+def make_data(cfg: Config, tokenizer, mesh):
+    """(train iterator, held-out dataset or None); gives ``tokenizer`` the data's chat template."""
+    from jaxgpt.data import DataIterator, build_datasets
+
+    train_set, eval_set = build_datasets(cfg.data, tokenizer)
     micro = cfg.train.batch_size // cfg.train.grad_accum
-    start, stop = sharding.process_batch_rows(mesh, micro)
-    if importlib.util.find_spec("jaxgpt.data") is not None:
-        from jaxgpt import data
-
-        if hasattr(data, "make_iterator"):
-            return data.make_iterator(cfg.data, tokenizer, batch_size=micro, split=split,
-                                      rows=(start, stop), seed=cfg.train.seed)
-    return _StandInData(cfg, tokenizer, micro, (start, stop), split)
-
-
-class _StandInData:
-    """PLACEHOLDER until jaxgpt.data lands: one conversation per row, no packing.
-
-    Reads a .json/.jsonl of ``messages`` or ShareGPT ``conversations``, renders
-    it with the tokenizer's chat template, trains on assistant tokens.
-    """
-
-    def __init__(self, cfg: Config, tok, micro: int, rows: tuple[int, int], split: str):
-        d = cfg.data
-        path = Path(d.path if split == "train" or not d.eval_path else d.eval_path)
-        text = path.read_text()
-        records = json.loads(text) if path.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
-        roles = {"human": "user", "gpt": "assistant", "system": "system"}
-        seqs = []
-        for r in records:
-            msgs = r.get("messages") or [{"role": roles[c["from"]], "content": c["value"]} for c in r["conversations"]]
-            enc = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-            ids, mask = enc["input_ids"][: d.seq_len + 1], enc["assistant_masks"][: d.seq_len + 1]
-            seqs.append((np.array(ids, np.int32), np.array(mask, np.int32)))
-        if split == "eval" and not d.eval_path:
-            seqs = seqs[-max(1, len(seqs) // 20):]
-        elif not d.eval_path:
-            seqs = seqs[: len(seqs) - max(1, len(seqs) // 20)]
-        self.seqs, self.micro, self.rows, self.seq_len = seqs, micro, rows, d.seq_len
-        self.seed, self.pad = cfg.train.seed, tok.pad_token_id or 0
-        self.epoch, self.index = 0, 0
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def restore(self, state: dict) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        out = {k: np.zeros((self.micro, self.seq_len), np.int32)
-               for k in ("input_ids", "targets", "loss_mask", "segment_ids", "positions")}
-        for row in range(self.micro):
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.seqs))
-            ids, mask = self.seqs[order[self.index]]
-            self.index += 1
-            if self.index == len(self.seqs):
-                self.epoch, self.index = self.epoch + 1, 0
-            n = len(ids) - 1
-            out["input_ids"][row], out["targets"][row] = self.pad, self.pad
-            out["input_ids"][row, :n], out["targets"][row, :n] = ids[:-1], ids[1:]
-            out["loss_mask"][row, :n] = mask[1:]
-            out["segment_ids"][row, :n] = 1
-            out["positions"][row, :n] = np.arange(n)
-        return {k: v[self.rows[0]: self.rows[1]] for k, v in out.items()}
+    pi, pc = jax.process_index(), jax.process_count()
+    # The iterator gives process p the p-th contiguous block of rows: the mesh must agree.
+    rows = sharding.process_batch_rows(mesh, micro)
+    if rows != (pi * micro // pc, (pi + 1) * micro // pc):
+        raise ConfigError(f"mesh {dict(mesh.shape)}: process {pi} holds batch rows {rows}, not its contiguous "
+                          f"share; put 'tensor' within a host")
+    it = DataIterator(train_set, micro, process_index=pi, process_count=pc, seed=cfg.data.seed,
+                      shuffle=cfg.data.shuffle)
+    return it, eval_set
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -446,8 +392,9 @@ def train(cfg: Config) -> TrainResult:
     micro = t.batch_size // t.grad_accum
 
     tokenizer = load_tokenizer_for(cfg)
+    train_data, eval_set = make_data(cfg, tokenizer, mesh)  # adds chat tokens to the tokenizer
     graphdef, params, rest, gcfg = build_model(cfg, len(tokenizer), mesh)
-    if getattr(cfg.data, "seq_len", 0) > gcfg.n_positions:
+    if cfg.data.seq_len > gcfg.n_positions:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's n_positions={gcfg.n_positions}")
     tx, schedule = make_optimizer(cfg, params)
     p_shard = jax.tree.map(lambda x: x.sharding, params)
@@ -457,9 +404,6 @@ def train(cfg: Config) -> TrainResult:
     state = {"params": params, "opt_state": opt_state}
     state_shardings = {"params": p_shard, "opt_state": o_shard}
 
-    train_data = make_data(cfg, tokenizer, mesh, "train")
-    eval_data = make_data(cfg, tokenizer, mesh, "eval") if t.eval_every else None
-    eval_start = eval_data.state() if eval_data is not None else None
     rng = jax.random.key_data(jax.random.key(t.seed))
 
     ckpt, start = _checkpointer(cfg, out), 0
@@ -474,7 +418,7 @@ def train(cfg: Config) -> TrainResult:
 
     step_fn = make_train_step(graphdef, rest, tx, mesh=mesh, dropout=gcfg.dropout > 0,
                               state_shardings=state_shardings)
-    eval_fn = make_eval_step(graphdef, rest, mesh=mesh) if eval_data is not None else None
+    eval_fn = make_eval_step(graphdef, rest, mesh=mesh) if (eval_set is not None and t.eval_every) else None
     n_params = num_params(nnx.merge(graphdef, state["params"], rest))
     tokens_per_step = t.batch_size * cfg.data.seq_len
     fpt = flops_per_token(gcfg, n_params, cfg.data.seq_len)
@@ -546,7 +490,7 @@ def train(cfg: Config) -> TrainResult:
                     finish(*pending)  # never checkpoint or evaluate past an unchecked step
                     pending = None
                 if evaluate:
-                    result.evals[step] = _evaluate(cfg, eval_fn, eval_data, eval_start, state["params"], mesh, micro)
+                    result.evals[step] = _evaluate(cfg, eval_fn, eval_set, state["params"], mesh, micro)
                     e = result.evals[step]
                     logger.write({"step": step, **e}, f"step {step:>6} | eval_loss {e['eval_loss']:.4f} | "
                                                       f"eval_ppl {e['eval_ppl']:.2f}")
@@ -580,11 +524,16 @@ def _global_batch(local: list[dict], mesh, micro: int) -> dict[str, jax.Array]:
             for k, v in stacked.items()}
 
 
-def _evaluate(cfg: Config, eval_fn, data, start_state, params, mesh, micro: int) -> dict:
-    data.restore(start_state)  # the same held-out batches every time
+def _evaluate(cfg: Config, eval_fn, eval_set, params, mesh, micro: int) -> dict:
+    """Token-weighted loss over the first ``train.eval_batches`` held-out batches (the same each time)."""
+    from jaxgpt.data import eval_batches
+
     total, count = 0.0, 0.0
-    for _ in range(cfg.train.eval_batches):
-        batch = {k: v[0] for k, v in _global_batch([next(data)], mesh, micro).items()}
+    batches = eval_batches(eval_set, micro, process_index=jax.process_index(), process_count=jax.process_count())
+    for i, local in enumerate(batches):
+        if cfg.train.eval_batches is not None and i >= cfg.train.eval_batches:
+            break
+        batch = {k: v[0] for k, v in _global_batch([local], mesh, micro).items()}
         l, n = jax.device_get(eval_fn(params, batch))
         total, count = total + float(l), count + float(n)
     loss = total / max(count, 1.0)
@@ -608,8 +557,7 @@ def _samples(cfg: Config, logger: MetricsLog, graphdef, params, rest, tokenizer,
 
 
 def _checkpointer(cfg: Config, out: Path):
-    if importlib.util.find_spec("jaxgpt.checkpoint") is None:
-        log.warning("jaxgpt.checkpoint is not available: training without checkpoints")
+    if not cfg.checkpoint.enabled:
         return None
     from jaxgpt.checkpoint import Checkpointer, checkpoint_dir
 
@@ -618,8 +566,6 @@ def _checkpointer(cfg: Config, out: Path):
 
 
 def _preemption_guard():
-    if importlib.util.find_spec("jaxgpt.checkpoint") is None:
-        return None
     from jaxgpt.checkpoint import PreemptionGuard
 
     return PreemptionGuard()
