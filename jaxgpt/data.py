@@ -198,9 +198,9 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                 if not line.strip():
                     continue
                 try:
-                    rec = json.loads(line)
+                    rec = json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+                    raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.pos + 1})") from None
             except DataError as e:
                 yield where, e
                 continue

@@ -1,0 +1,396 @@
+"""jaxgpt.data on the real GPT-2 tokenizer and the shared chat files.
+
+Masks are checked token by token against a ChatML rendering written here in
+plain Python (not the Jinja template under test), with the tokenizer's own
+character offsets deciding which turn each token belongs to.
+"""
+
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxgpt.data import (DataConfig, DataError, DataIterator, DataSource, build_dataset, build_datasets,
+                         eval_batches, main, pack_best_fit)
+from jaxgpt.model import GPT2, GPT2Config
+from jaxgpt.tokenizer import add_chat_template, load_tokenizer
+
+from conftest import shared_path
+
+IM_END = 50258
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return add_chat_template(load_tokenizer())
+
+
+def oasst():
+    return str(shared_path("chat", "oasst_en100_messages.jsonl"))
+
+
+def sharegpt():
+    return str(shared_path("chat", "sharegpt_identity.json"))
+
+
+def original_messages(path: str) -> dict[str, list[dict]]:
+    """``path:LINE`` -> messages, read with plain json (ShareGPT roles mapped by hand)."""
+    out = {}
+    if path.endswith(".jsonl"):
+        for n, line in enumerate(open(path), 1):
+            out[f"{path}:{n}"] = json.loads(line)["messages"]
+    else:
+        text = open(path).read()
+        records = json.loads(text)
+        # each record starts on the line of its opening brace, in order
+        lines = [n for n, line in enumerate(text.splitlines(), 1) if line == "  {"]
+        assert len(lines) == len(records)
+        roles = {"human": "user", "gpt": "assistant", "system": "system"}
+        for n, rec in zip(lines, records):
+            out[f"{path}:{n}"] = [{"role": roles[c["from"]], "content": c["value"]} for c in rec["conversations"]]
+    return out
+
+
+def chatml(messages):
+    """Render ChatML and the character spans of each turn: (text, [(role, start, end)])."""
+    text, spans = "", []
+    for m in messages:
+        text += f"<|im_start|>{m['role']}\n"
+        start = len(text)
+        text += m["content"].strip() + "<|im_end|>"
+        spans.append((m["role"], start, len(text)))
+        text += "\n"
+    return text, spans
+
+
+# ----------------------------------------------------------------------------- acceptance 1: the loss mask
+
+
+@pytest.mark.parametrize("source", [oasst, sharegpt])
+def test_only_assistant_tokens_and_every_end_of_turn_are_trained(tok, source):
+    path = source()
+    ds = build_dataset(DataConfig(sources=[path], seq_len=4096), tok)  # no truncation: whole conversations
+    originals = original_messages(path)
+    assert ds.num_segments == len(originals) and ds.stats.truncated == 0
+    n_checked = 0
+    for k in range(ds.num_segments):
+        ids, mask = ds.segment(k)
+        text, spans = chatml(originals[ds.segment_sources[k]])
+        enc = tok(text, return_offsets_mapping=True)
+        assert ids.tolist() == enc["input_ids"]  # the template renders exactly this text
+        for j, (a, b) in enumerate(enc["offset_mapping"]):
+            turn = [(role, s, e) for role, s, e in spans if s <= a and b <= e]
+            in_reply = bool(turn) and turn[0][0] == "assistant"
+            # trained <=> the token lies inside an assistant reply (content + <|im_end|>); nothing else
+            assert bool(mask[j]) == in_reply, (ds.segment_sources[k], j, tok.decode([ids[j]]))
+            if ids[j] == IM_END:
+                assert bool(mask[j]) == (turn[0][0] == "assistant")
+            n_checked += 1
+        n_replies = sum(m["role"] == "assistant" for m in originals[ds.segment_sources[k]])
+        assert int(mask[ids == IM_END].sum()) == n_replies  # every reply's end-of-turn is trained
+    assert n_checked == ds.stats.tokens
+
+
+def test_loss_on_completion_and_all(tok):
+    path = oasst()
+    multi = [w for w, m in original_messages(path).items() if len(m) >= 4][:20]
+    lines = sorted(int(w.rsplit(":", 1)[1]) for w in multi)
+    cfg = dict(sources=[path], seq_len=4096, max_examples=lines[-1])
+    completion = build_dataset(DataConfig(loss_on="completion", **cfg), tok)
+    everything = build_dataset(DataConfig(loss_on="all", **cfg), tok)
+    originals = original_messages(path)
+    for k in range(completion.num_segments):
+        ids, mask = completion.segment(k)
+        messages = originals[completion.segment_sources[k]]
+        trained = tok.decode(ids[mask.astype(bool)].tolist())
+        assert trained == messages[-1]["content"].strip() + "<|im_end|>"  # only the final reply
+        _, all_mask = everything.segment(k)
+        assert all_mask.all()
+    assert everything.stats.trained_tokens == everything.stats.tokens - everything.num_segments
+
+
+def test_other_formats_render_as_chat(tmp_path, tok):
+    f = tmp_path / "mixed"
+    f.mkdir()
+    (f / "a.jsonl").write_text(
+        json.dumps({"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}) + "\n")
+    (f / "b.jsonl").write_text(json.dumps({"prompt": "Say hi", "completion": " hi"}) + "\n"
+                               + json.dumps({"prompt": "Say yo", "completion": "yo"}) + "\n")
+    ds = build_dataset(DataConfig(sources=[str(f / "a.jsonl"), str(f / "b.jsonl")], seq_len=64), tok)
+    assert ds.stats.formats == {str(f / "a.jsonl"): "alpaca", str(f / "b.jsonl"): "prompt_completion"}
+    texts = sorted(tok.decode(ds.segment(k)[0].tolist()) for k in range(ds.num_segments))
+    assert texts == sorted([
+        "<|im_start|>user\nAdd the numbers.\n\n2 and 3<|im_end|>\n<|im_start|>assistant\n5<|im_end|>\n",
+        "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\nhi<|im_end|>\n",
+        "<|im_start|>user\nSay yo<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"])
+
+
+def test_plain_text_chunks_train_every_token_once(tmp_path):
+    tok = load_tokenizer()
+    f = tmp_path / "doc.txt"
+    f.write_text("To be, or not to be, that is the question.\n" * 40)
+    ds = build_dataset(DataConfig(sources=[str(f)], seq_len=32), tok)
+    ids = tok(f.read_text())["input_ids"] + [tok.eos_token_id]
+    assert len(tok) == 50257  # text data adds no chat tokens
+    rows = ds.batch(range(ds.num_rows))
+    targets = rows["targets"][rows["loss_mask"] > 0]
+    assert sorted(targets.tolist()) == sorted(ids[1:])  # every token but the first is a target exactly once
+    assert ds.stats.trained_tokens == len(ids) - 1
+
+
+# ----------------------------------------------------------------------------- acceptance 2: packing
+
+
+def test_packed_rows_decode_to_the_original_conversations(tok):
+    path = oasst()
+    ds = build_dataset(DataConfig(sources=[path], seq_len=1024), tok)
+    originals = original_messages(path)
+    batch = ds.batch(range(ds.num_rows))
+    seen, n_long = [], 0
+    for r in range(ds.num_rows):
+        seg = batch["segment_ids"][r]
+        n_seg = int(seg.max())
+        assert n_seg == len(ds.row_segment_ids(r))
+        used = int((seg > 0).sum())
+        assert (seg[used:] == 0).all() and (seg[:used] > 0).all()  # padding only at the end
+        assert (np.diff(seg[:used]) >= 0).all() and set(seg[:used]) == set(range(1, n_seg + 1))
+        assert (batch["loss_mask"][r][seg == 0] == 0).all()
+        for s, k in enumerate(ds.row_segment_ids(r), 1):
+            at = seg == s
+            np.testing.assert_array_equal(batch["positions"][r][at], np.arange(at.sum()))
+            inputs, targets = batch["input_ids"][r][at], batch["targets"][r][at]
+            np.testing.assert_array_equal(inputs[1:], targets[:-1])  # targets are the inputs shifted by one
+            tokens = np.append(inputs, targets[-1])
+            where = ds.segment_sources[k]
+            text, _ = chatml(originals[where])
+            full = tok(text)["input_ids"]
+            if len(full) <= ds.seq_len + 1:
+                assert tok.decode(tokens.tolist()) == text
+            else:  # truncated to a row: exactly its first seq_len + 1 tokens
+                assert tokens.tolist() == full[: ds.seq_len + 1]
+                n_long += 1
+            seen.append(where)
+    assert sorted(seen) == sorted(originals)  # every conversation exactly once
+    assert ds.stats.truncated == n_long > 0
+    assert ds.stats.rows == ds.num_rows and 0.5 < ds.stats.packing_efficiency <= ds.stats.fill <= 1
+
+
+def test_best_fit_decreasing():
+    rows = pack_best_fit(np.array([6, 5, 4, 3, 2, 2, 1]), 8)
+    assert sorted(sorted(r) for r in rows) == [[0, 4], [1, 3], [2, 5, 6]]  # 6+2, 5+3, 4+2+1
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 100, size=500)
+    rows = pack_best_fit(lengths, 100)
+    assert sorted(i for r in rows for i in r) == list(range(500))
+    assert all(lengths[r].sum() <= 100 for r in rows)
+    assert len(rows) <= int(np.ceil(lengths.sum() / 100 * 11 / 9)) + 1  # BFD's 11/9 OPT + 6/9 bound
+
+
+def test_packed_logits_equal_logits_alone(tok):
+    """With segment ids and per-segment positions, packing changes no conversation's logits."""
+    ds = build_dataset(DataConfig(sources=[sharegpt()], seq_len=128, max_examples=60), tok)
+    r = max(range(ds.num_rows), key=lambda i: len(ds.row_segment_ids(i)))
+    assert len(ds.row_segment_ids(r)) >= 3
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=2)
+    # random weights straight from numpy (eager nnx init compiles op by op: slow on a busy CPU)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT2(cfg, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.5, s.shape), jnp.float32), state)
+    forward = jax.jit(lambda st, ids, pos, seg: nnx.merge(graphdef, st)(ids, positions=pos, segment_ids=seg))
+
+    batch = ds.batch([r])
+    n_seg, seg_ids = len(ds.row_segment_ids(r)), batch["segment_ids"][0]
+    # Row 0: the packed row. Row 1: the same tokens without segment masking. Rows 2..: each conversation
+    # alone as a plain causal sequence (positions 0.., one segment), right-padded; padding after a
+    # sequence cannot change its logits under the causal mask, so one batch runs them all.
+    ids = np.full((n_seg + 2, 128), ds.pad_id, np.int32)
+    pos = np.broadcast_to(np.arange(128, dtype=np.int32), ids.shape).copy()
+    seg = np.ones_like(ids)
+    ids[:2], pos[0], seg[0] = batch["input_ids"][0], batch["positions"][0], seg_ids
+    for s in range(1, n_seg + 1):
+        conv = batch["input_ids"][0][seg_ids == s]
+        ids[s + 1, : len(conv)] = conv
+    logits = np.asarray(forward(state, ids, pos, seg))
+    assert np.abs(logits).max() > 1.0  # big enough for the tolerance to mean something
+    for s in range(1, n_seg + 1):
+        at = seg_ids == s
+        np.testing.assert_allclose(logits[0, at], logits[s + 1, : at.sum()], atol=1e-4, rtol=0)
+    # and the masking is what makes it so: without it the later conversations' logits differ
+    last = seg_ids == n_seg
+    assert np.abs(logits[1, last] - logits[n_seg + 1, : last.sum()]).max() > 1e-2
+
+
+# ----------------------------------------------------------------------------- acceptance 3: the iterator
+
+
+@pytest.fixture(scope="module")
+def small(tok):
+    return build_dataset(DataConfig(sources=[sharegpt()], seq_len=128, max_examples=120), tok)
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_iterator_epochs_shuffle_and_cover_every_row(small):
+    n = small.num_rows
+    it = DataIterator(small, global_batch=1, seed=3)
+    epoch0 = [int(b["input_ids"][0].sum()) for b in take(it, n)]
+    epoch1 = [int(b["input_ids"][0].sum()) for b in take(it, n)]
+    every = [int(small.batch([r])["input_ids"][0].sum()) for r in range(n)]
+    assert sorted(epoch0) == sorted(every) == sorted(epoch1) and epoch0 != epoch1
+    b = next(DataIterator(small, global_batch=4, seed=3))
+    assert {k: (v.dtype, v.shape) for k, v in b.items()} == {
+        "input_ids": (np.int32, (4, 128)), "targets": (np.int32, (4, 128)), "loss_mask": (np.float32, (4, 128)),
+        "segment_ids": (np.int32, (4, 128)), "positions": (np.int32, (4, 128))}
+
+
+def test_iterator_resume_is_byte_identical(small):
+    a = DataIterator(small, global_batch=6, seed=7)
+    first = take(a, small.num_rows // 6 + 3)  # past an epoch boundary
+    saved = json.loads(json.dumps(a.state()))  # what a checkpoint stores
+    expected = take(a, 5)
+    b = DataIterator(small, global_batch=6, seed=7).restore(saved)
+    assert saved["epoch"] == 1
+    assert all(same(x, y) for x, y in zip(expected, take(b, 5)))
+    c = DataIterator(small, global_batch=6, seed=8)
+    assert not all(same(x, y) for x, y in zip(first, take(c, len(first))))  # the seed matters
+    with pytest.raises(DataError, match="seed 7 != 8"):
+        DataIterator(small, global_batch=6, seed=8).restore(saved)
+
+
+def test_two_processes_together_equal_one(small):
+    one = DataIterator(small, global_batch=8, seed=1)
+    procs = [DataIterator(small, global_batch=8, process_index=p, process_count=2, seed=1) for p in range(2)]
+    for _ in range(small.num_rows // 8 + 2):
+        whole = next(one)
+        halves = [next(p) for p in procs]
+        assert all(h["input_ids"].shape == (4, 128) for h in halves)
+        assert same(whole, {k: np.concatenate([h[k] for h in halves]) for k in whole})
+    # a state saved by either process resumes the others: the position is global
+    assert procs[0].state() == procs[1].state() == one.state()
+
+
+def test_eval_split_and_eval_batches(tok):
+    train, held = build_datasets(DataConfig(sources=[sharegpt()], seq_len=128, max_examples=100,
+                                            eval_fraction=0.1), tok)
+    assert held.num_segments == 10 and train.num_segments == 90
+    assert not set(held.segment_sources) & set(train.segment_sources)
+    batches = list(eval_batches(held, 4))
+    tokens = sum(int(b["loss_mask"].sum()) for b in batches)
+    assert tokens == held.stats.trained_tokens and len(batches) == -(-held.num_rows // 4)
+    assert batches[-1]["input_ids"].shape == (4, 128)
+
+
+def test_source_weights(tok):
+    path = sharegpt()
+    ds = build_dataset(DataConfig(sources=[DataSource(path, weight=2.0), {"path": oasst(), "weight": 0.5}],
+                                  seq_len=1024, max_examples=40), tok)
+    counts = {}
+    for w in ds.segment_sources:
+        counts[w.rsplit(":", 1)[0]] = counts.get(w.rsplit(":", 1)[0], 0) + 1
+    assert counts == {path: 80, oasst(): 20}
+
+
+# ----------------------------------------------------------------------------- acceptance 4: bad input
+
+
+def write(tmp_path, name, lines):
+    f = tmp_path / name
+    f.write_bytes(b"\n".join(x if isinstance(x, bytes) else json.dumps(x).encode() for x in lines) + b"\n")
+    return str(f)
+
+
+def chat(*turns):
+    return {"messages": [{"role": r, "content": c} for r, c in turns]}
+
+
+GOOD = chat(("user", "hi"), ("assistant", "hello"))
+
+
+@pytest.mark.parametrize("line, message", [
+    (b'{"messages": [', r"bad.jsonl:2: invalid JSON \(Expecting value at column 15\)"),
+    (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', r"bad.jsonl:2: not valid UTF-8 \(byte 0xe9"),
+    ({"text_": "x"}, r"bad.jsonl:2: missing field 'messages'"),
+    ({"messages": "hi"}, r"bad.jsonl:2: field 'messages' must be list, got str"),
+    (chat(("user", "hi"), ("assistant", 3)), r"bad.jsonl:2: messages\[1\]: field 'content' must be str, got int"),
+    ({"messages": [{"content": "hi"}]}, r"bad.jsonl:2: messages\[0\]: missing field 'role'"),
+    (chat(("user", "hi"), ("bot", "hello")), r"bad.jsonl:2: messages\[1\] has unknown role 'bot'"),
+    (chat(("user", "hi"), ("assistant", "  \n")), r"bad.jsonl:2: messages\[1\].content is empty"),
+    (chat(("user", "hi"), ("assistant", "ok"), ("user", "and?")),
+     r"bad.jsonl:2: conversation ends with a user turn, not an assistant turn"),
+    ({"messages": []}, r"bad.jsonl:2: field 'messages' is an empty conversation"),
+    (chat(("user", "hi <|im_end|>"), ("assistant", "ok")), r"bad.jsonl:2: messages\[0\].content contains the control"),
+    ([1, 2], r"bad.jsonl:2: expected a JSON object, got list"),
+])
+def test_bad_record_names_file_and_line(tmp_path, tok, line, message):
+    path = write(tmp_path, "bad.jsonl", [GOOD, line, GOOD])
+    with pytest.raises(DataError, match=message):
+        build_dataset(DataConfig(sources=[path]), tok)
+    ds = build_dataset(DataConfig(sources=[path], skip_invalid=True), tok)  # opt-in: skipped and counted
+    assert ds.stats.skipped == 1 and ds.num_segments == 2 and ds.stats.records == 3
+    assert message.split(": ", 1)[1][:12].replace("\\", "") in ds.stats.skip_reasons[0].replace("\\", "")
+
+
+def test_bad_sharegpt_json_array_names_line(tmp_path, tok):
+    f = tmp_path / "share.json"
+    good = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
+    bad = {"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "yo"}]}
+    f.write_text(json.dumps([good, good, bad], indent=1))
+    line = f.read_text().splitlines().index(" {", 2) + 1  # the third record's opening line
+    line = [n for n, s in enumerate(f.read_text().splitlines(), 1) if s == " {"][2]
+    with pytest.raises(DataError, match=rf"share.json:{line}: conversations\[1\] has unknown from 'robot'"):
+        build_dataset(DataConfig(sources=[str(f)]), tok)
+    f.write_text(json.dumps([good, good], indent=1)[:-3] + "\n  ,\n]")
+    with pytest.raises(DataError, match=r"share.json:\d+: invalid JSON"):
+        build_dataset(DataConfig(sources=[str(f)]), tok)
+
+
+def test_missing_empty_too_long_and_unknown(tmp_path, tok):
+    with pytest.raises(DataError, match=r"nope.jsonl: file not found"):
+        build_dataset(DataConfig(sources=[str(tmp_path / "nope.jsonl")]), tok)
+    empty = write(tmp_path, "empty.jsonl", [])
+    with pytest.raises(DataError, match=r"empty.jsonl: no records \(empty dataset\)"):
+        build_dataset(DataConfig(sources=[empty]), tok)
+    long = write(tmp_path, "long.jsonl", [chat(("user", "hi " * 50), ("assistant", "ok " * 50))] * 2)
+    with pytest.raises(DataError, match=r"long.jsonl: every example is longer than seq_len=16 tokens "
+                                        r"\(truncation=drop; e.g. .*long.jsonl:1\)"):
+        build_dataset(DataConfig(sources=[long], seq_len=16, truncation="drop"), tok)
+    # truncating keeps the prompt, but no reply token fits in 16: nothing to train either
+    with pytest.raises(DataError, match=r"long.jsonl: every example is longer than seq_len=16"):
+        build_dataset(DataConfig(sources=[long], seq_len=16), tok)
+    odd = write(tmp_path, "odd.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(DataError, match=r"odd.jsonl:1: cannot tell the format from the keys \['answer', 'question'\]"):
+        build_dataset(DataConfig(sources=[odd]), tok)
+    allbad = write(tmp_path, "allbad.jsonl", [b"{", b"{"])
+    with pytest.raises(DataError, match=r"allbad.jsonl: all 2 records are invalid"):
+        build_dataset(DataConfig(sources=[allbad], skip_invalid=True), tok)
+
+
+def test_bad_config():
+    with pytest.raises(DataError, match=r"unknown data config key\(s\) \['seqlen'\]"):
+        DataConfig.from_dict({"sources": ["a.jsonl"], "seqlen": 5})
+    with pytest.raises(DataError, match=r"data.loss_on='prompt': choose from assistant, all, completion"):
+        DataConfig(sources=["a.jsonl"], loss_on="prompt")
+    with pytest.raises(DataError, match=r"a.jsonl: weight must be > 0"):
+        DataConfig(sources=[{"path": "a.jsonl", "weight": 0}])
+
+
+def test_inspect_cli_marks_trained_tokens(tmp_path, capsys):
+    path = write(tmp_path, "c.jsonl", [chat(("system", "Be brief."), ("user", "hi"), ("assistant", "hello"))])
+    assert main(["inspect", "--data", path, "-n", "1", "--seq-len", "64", "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    assert "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n⟦hello<|im_end|>⟧\n" in out
+    assert re.search(r"trained tokens +2\n", out) and re.search(r"packing efficiency +3.1%", out)  # 2 of 64
+    bad = write(tmp_path, "bad.jsonl", [GOOD, b"{"])
+    assert main(["inspect", "--data", bad]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "bad.jsonl:2: invalid JSON" in err and "Traceback" not in err
