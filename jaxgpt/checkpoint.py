@@ -1,0 +1,597 @@
+"""Training checkpoints on orbax: save, resume exactly, restore on any mesh, load for inference.
+
+One ``orbax.checkpoint.CheckpointManager`` does the work: asynchronous saves
+every ``save_every`` steps (and whenever the loop forces one), the last ``keep``
+kept, and an atomic commit (a step is written under a temporary name and
+renamed when complete, or marked with ``commit_success.txt`` on GCS), so an
+interrupted save never replaces the previous checkpoint and older steps are
+only deleted after a newer one is committed.
+
+Layout of ``<directory>/<step>/`` (one orbax item per sub-folder)::
+
+    params/      StandardSave: the model parameters as a pure dict of arrays
+                 ({"h": {0: {"attn": {"c_attn_kernel": ...}}}, "wte": ...}),
+                 i.e. ``nnx.to_pure_dict`` of the nnx.Param state
+    opt_state/   StandardSave: the optax state pytree, as the loop holds it
+    state/       JSON: {"step", "data_state", "rng": {"data", "shape", "impl"}}
+    config/      JSON: the full run config (incl. the GPT2Config fields)
+    tokenizer/   JSON: {"files": {name: text}} from ``tokenizer.save_pretrained``
+    _CHECKPOINT_METADATA, commit_success.txt   (orbax's own)
+
+Arrays are restored onto the shardings of the abstract targets the caller
+passes (``jax.ShapeDtypeStruct(shape, dtype, sharding=...)`` leaves), so a
+checkpoint written on one mesh restores onto any other.
+
+A step that is incomplete or corrupt (missing items, unreadable files) is
+reported with a warning naming its folder, moved aside to ``<step>.corrupt-<time>``
+(never deleted) and the previous step is used.
+
+Preemption: ``PreemptionGuard`` turns SIGTERM into a flag the loop checks once
+per step; on several processes it uses JAX's preemption sync point instead, so
+every host stops at the same step. See docs/checkpoints.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import os
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from jaxgpt.model import GPT2, GPT2Config
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SUBDIR = "checkpoints"  # checkpoints live in <train.output_dir>/checkpoints
+ITEMS = ("params", "opt_state", "state", "config", "tokenizer")
+REQUIRED_ITEMS = ("params", "opt_state", "state", "config")
+STEP_METADATA_FILE = "_CHECKPOINT_METADATA"  # orbax writes it last inside the step folder
+
+
+def _registry():
+    """Which orbax handler reads/writes each item (also lets metadata be read without restoring)."""
+    reg = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for name in ITEMS:
+        pair = (ocp.args.StandardSave, ocp.args.StandardRestore) if name in ("params", "opt_state") \
+            else (ocp.args.JsonSave, ocp.args.JsonRestore)
+        for args in pair:
+            reg.add(name, args)
+    return reg
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written or read; the message names the folder."""
+
+
+def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
+    """Where a training run keeps its checkpoints."""
+    return Path(output_dir) / CHECKPOINT_SUBDIR
+
+
+# ----------------------------------------------------------------------------- pytree helpers
+
+def _is_nnx_state(tree) -> bool:
+    return isinstance(tree, nnx.State)
+
+
+def _to_pure(params):
+    """nnx.State of Params -> plain nested dict of arrays (what goes on disk)."""
+    return nnx.to_pure_dict(params) if _is_nnx_state(params) else params
+
+
+def abstract_like(tree):
+    """ShapeDtypeStruct leaves (with their shardings) for a tree of arrays or ShapeDtypeStructs."""
+    def one(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+    return jax.tree.map(one, tree)
+
+
+def _rng_to_json(rng) -> dict:
+    impl = None
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        impl = str(jax.random.key_impl(rng))
+        rng = jax.random.key_data(rng)
+    if isinstance(rng, jax.Array) and not rng.is_fully_addressable:
+        rng = rng.addressable_data(0)  # the RNG is replicated: every process holds all of it
+    data = np.asarray(jax.device_get(rng))
+    if data.dtype != np.uint32:
+        raise CheckpointError(f"rng must be a jax key or its uint32 key data, got dtype {data.dtype}")
+    return {"data": data.reshape(-1).tolist(), "shape": list(data.shape), "impl": impl}
+
+
+def _rng_from_json(d: dict) -> np.ndarray:
+    return np.asarray(d["data"], dtype=np.uint32).reshape(d["shape"])
+
+
+def _tokenizer_files(tokenizer) -> dict:
+    """The files of ``tokenizer.save_pretrained`` as JSON: text as is, anything else base64."""
+    files = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        for p in sorted(Path(tmp).rglob("*")):
+            if p.is_file():
+                raw = p.read_bytes()
+                name = str(p.relative_to(tmp))
+                try:
+                    files[name] = {"text": raw.decode("utf-8")}
+                except UnicodeDecodeError:
+                    files[name] = {"base64": base64.b64encode(raw).decode("ascii")}
+    return {"files": files}
+
+
+def _tokenizer_from_files(item: dict, source: str):
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, content in item["files"].items():
+            path = Path(tmp) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if "text" in content:
+                path.write_text(content["text"], encoding="utf-8")
+            else:
+                path.write_bytes(base64.b64decode(content["base64"]))
+        tok = AutoTokenizer.from_pretrained(tmp)  # reads everything now; tmp may go
+    tok.name_or_path = source
+    return tok
+
+
+def _json_roundtrip(value, what: str):
+    # A private copy (the loop may mutate its dict while the async save runs),
+    # and an early, clear error for anything JSON cannot hold.
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{what} must be JSON-serialisable: {e}") from None
+
+
+# ----------------------------------------------------------------------------- preemption
+
+class PreemptionGuard:
+    """Records SIGTERM so the loop can finish its step, save and exit 0.
+
+    Usage::
+
+        with PreemptionGuard() as guard:
+            for step in ...:
+                ...train step...
+                stop = guard.should_stop(step)
+                ckpt.save(step, ..., force=stop or step == last)
+                if stop:
+                    break
+        ckpt.close()   # waits for the async save to commit
+
+    With several processes (``jax.process_count() > 1``) SIGTERM usually reaches
+    hosts at different steps; JAX's preemption service (started by
+    ``jax.distributed.initialize``, which installs its own SIGTERM notifier) picks
+    one step for all of them, read with
+    ``jax.experimental.multihost_utils.reached_preemption_sync_point(step)``.
+    The guard then leaves SIGTERM to JAX and asks that sync point; it must be
+    called at every step on every process.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self.signals = tuple(signals)
+        self.received: int | None = None
+        self._previous = {}
+        self._multihost = False
+        self._last: tuple[int, bool] | None = None
+
+    def _handler(self, signum, frame):
+        # Only set a flag: the step in flight (and any async save) finishes normally.
+        self.received = signum
+        log.warning("received %s: will save a checkpoint after the current step and exit",
+                    signal.Signals(signum).name)
+
+    def __enter__(self):
+        self._multihost = jax.process_count() > 1
+        if not self._multihost and threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                self._previous[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+        return False
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def should_stop(self, step: int) -> bool:
+        """True when the loop should save now and exit (same answer on every process)."""
+        if self._last is not None and self._last[0] == step:
+            return self._last[1]  # the sync point must be asked once per step
+        if self._multihost:
+            from jax.experimental import multihost_utils
+            try:
+                stop = bool(multihost_utils.reached_preemption_sync_point(step))
+            except RuntimeError:  # preemption service disabled (jax_enable_preemption_service=False)
+                stop = False
+        else:
+            stop = self.requested
+        self._last = (step, stop)
+        return stop
+
+
+# ----------------------------------------------------------------------------- Checkpointer
+
+class Checkpointer:
+    """Save / restore the full train state with orbax's CheckpointManager.
+
+    ``save`` is called every step by the loop; it writes only every
+    ``save_every`` steps (or when ``force``), asynchronously when ``async_save``:
+    the arrays are copied to host memory before ``save`` returns, so the next
+    (donating) train step may proceed, and the files are written and committed
+    in the background. Errors of a background save surface at the next
+    ``save`` / ``wait`` / ``close`` as a ``CheckpointError``.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int = 3, async_save: bool = True,
+                 read_only: bool = False):
+        if save_every < 1:
+            raise CheckpointError(f"checkpoint.save_every must be >= 1, got {save_every}")
+        if keep < 1:
+            raise CheckpointError(f"checkpoint.keep must be >= 1, got {keep}")
+        self.directory = Path(directory).absolute()
+        self.save_every, self.keep, self.read_only = save_every, keep, read_only
+        self._pending_step: int | None = None
+        self._tok_cache: tuple[int, dict] | None = None
+        if not read_only:
+            self._check_writable()
+        elif not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory}: no such checkpoint directory")
+        policies = ocp.checkpoint_managers
+        options = ocp.CheckpointManagerOptions(
+            # Save every N steps, plus at JAX's multi-host preemption sync point;
+            # orbax's default would also save the very first step.
+            save_decision_policy=policies.AnySavePolicy(
+                [policies.FixedIntervalPolicy(save_every), policies.PreemptionCheckpointingPolicy()]),
+            # Old steps are deleted by orbax only after the new one has committed.
+            preservation_policy=policies.LatestN(n=keep),
+            enable_async_checkpointing=async_save,
+            create=not read_only,
+            read_only=read_only,
+            cleanup_tmp_directories=not read_only,  # leftovers of killed saves
+        )
+        try:
+            self._mngr = ocp.CheckpointManager(self.directory, options=options, handler_registry=_registry())
+        except OSError as e:
+            raise CheckpointError(f"{self.directory}: cannot open checkpoint directory: {e}") from None
+
+    def _check_writable(self):
+        # Fail before training starts rather than at the first save, minutes later.
+        if jax.process_index() != 0:
+            return
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe = self.directory / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            raise CheckpointError(
+                f"{self.directory}: checkpoint directory is not writable ({e.strerror or e})") from None
+
+    # -- queries
+    def all_steps(self) -> list[int]:
+        return list(self._mngr.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def should_save(self, step: int) -> bool:
+        return self._mngr.should_save(step)
+
+    # -- save
+    def save(self, step: int, *, params, opt_state, data_state: dict, rng, config: dict, tokenizer=None,
+             force: bool = False) -> bool:
+        """Save the train state after ``step`` optimizer updates; True if a save started.
+
+        ``data_state`` must be the iterator state *after* the batches of
+        ``step`` were drawn and ``rng`` the key the next step will use, so that
+        resuming from ``step`` continues exactly where this run would have.
+        """
+        if self.read_only:
+            raise CheckpointError(f"{self.directory}: opened read-only, cannot save")
+        self._raise_background_error()
+        if not force and not self._mngr.should_save(step):
+            return False
+        if step in self._mngr.all_steps():
+            return False  # already saved (e.g. the final step was also a save_every step)
+        if tokenizer is None:
+            log.warning("checkpoint step %d is saved without a tokenizer", step)
+        state = {"step": int(step), "data_state": _json_roundtrip(data_state, "data_state"), "rng": _rng_to_json(rng)}
+        items = dict(
+            params=ocp.args.StandardSave(_to_pure(params)),
+            opt_state=ocp.args.StandardSave(opt_state),
+            state=ocp.args.JsonSave(state),
+            config=ocp.args.JsonSave(_json_roundtrip(config, "config")),
+        )
+        if tokenizer is not None:
+            items["tokenizer"] = ocp.args.JsonSave(self._tokenizer_item(tokenizer))
+        try:
+            saved = self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as e:  # orbax/tensorstore raise OSError, ValueError, RuntimeError...
+            raise self._save_error(step, e) from e
+        if saved:
+            self._pending_step = step
+        return saved
+
+    def _tokenizer_item(self, tokenizer) -> dict:
+        if self._tok_cache is None or self._tok_cache[0] != id(tokenizer):
+            self._tok_cache = (id(tokenizer), _tokenizer_files(tokenizer))
+        return self._tok_cache[1]
+
+    def _save_error(self, step, e) -> CheckpointError:
+        kept = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit()) if self.directory.is_dir() else []
+        return CheckpointError(
+            f"{self.step_dir(step)}: saving checkpoint failed ({_short(e)}); "
+            f"earlier checkpoints are kept: {kept or 'none'}")
+
+    def _raise_background_error(self):
+        try:
+            self._mngr.check_for_errors()
+            if not self._mngr.is_saving_in_progress():
+                self._mngr.wait_until_finished()  # re-raises a failed finalize
+        except Exception as e:
+            step, self._pending_step = self._pending_step, None
+            raise self._save_error(step, e) from e
+
+    def wait(self):
+        """Block until the last save has committed (or raise its error)."""
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:
+            step, self._pending_step = self._pending_step, None
+            raise self._save_error(step, e) from e
+        self._pending_step = None
+
+    def close(self):
+        try:
+            self.wait()
+        finally:
+            self._mngr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    # -- restore
+    def restore(self, *, abstract_params, abstract_opt_state, step: int | None = None) -> dict:
+        """The train state of ``step`` (default: the latest complete checkpoint).
+
+        ``abstract_params`` / ``abstract_opt_state``: trees of
+        ``jax.ShapeDtypeStruct`` (or arrays) whose shardings say where each
+        restored array goes. ``params`` come back in the same form as
+        ``abstract_params`` (nnx.State or pure dict). ``abstract_opt_state=None``
+        skips the optimizer state. Returns dict(step, params, opt_state,
+        data_state, rng, config); ``rng`` is uint32 key data (numpy).
+        """
+        if step is not None:
+            try:
+                return self._restore_step(step, abstract_params, abstract_opt_state)
+            except _Corrupt as e:
+                raise CheckpointError(f"{self.step_dir(step)}: checkpoint is incomplete or corrupt: {e}") from None
+        self._mngr.reload()  # the folder may have changed since this manager listed it
+        steps = sorted(self._mngr.all_steps(), reverse=True)
+        if not steps:
+            raise CheckpointError(f"{self.directory}: no checkpoint to restore")
+        for s in steps:
+            problem = self._incomplete(s)
+            if problem is None:
+                try:
+                    return self._restore_step(s, abstract_params, abstract_opt_state)
+                except _Corrupt as e:
+                    problem = str(e)
+            log.warning("checkpoint %s is incomplete or corrupt (%s); using the previous one", self.step_dir(s), problem)
+            self._set_aside(s)
+        raise CheckpointError(f"{self.directory}: every checkpoint is incomplete or corrupt (steps {steps})")
+
+    def _incomplete(self, step: int) -> str | None:
+        d = self.step_dir(step)
+        missing = [name for name in (STEP_METADATA_FILE, *REQUIRED_ITEMS) if not (d / name).exists()]
+        return f"missing {', '.join(missing)}" if missing else None
+
+    def _set_aside(self, step: int):
+        # Out of orbax's listing (so later saves at these step numbers work and
+        # keep-K does not count it), but never deleted: it may be inspected.
+        if self.read_only:
+            return
+        if jax.process_index() == 0:
+            src = self.step_dir(step)
+            dst = src.with_name(f"{src.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+            src.rename(dst)
+            log.warning("moved %s to %s", src, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"jaxgpt_checkpoint_set_aside_{step}")
+        self._mngr.reload()
+
+    def _restore_step(self, step, abstract_params, abstract_opt_state) -> dict:
+        d = self.step_dir(step)
+        if not d.is_dir():
+            raise CheckpointError(f"{d}: no such checkpoint step (have {self._mngr.all_steps()})")
+        abs_pure = abstract_like(_to_pure(abstract_params))
+        # A target that does not fit the saved tree is the caller's mistake (a
+        # changed model config), not a corrupt checkpoint: say so, fall back never.
+        try:
+            meta = self._mngr.item_metadata(step)
+        except Exception as e:
+            raise _Corrupt(f"cannot read metadata: {_short(e)}") from e
+        _check_fits(d / "params", abs_pure, meta["params"])
+        if abstract_opt_state is not None:
+            _check_fits(d / "opt_state", abstract_like(abstract_opt_state), meta["opt_state"])
+        items = dict(params=ocp.args.StandardRestore(abs_pure), state=ocp.args.JsonRestore(),
+                     config=ocp.args.JsonRestore())
+        if abstract_opt_state is not None:
+            items["opt_state"] = ocp.args.StandardRestore(abstract_like(abstract_opt_state))
+        try:
+            out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:
+            raise _Corrupt(_short(e)) from e
+        state = out["state"]
+        if state is None or out["config"] is None or state.get("step") != step:
+            raise _Corrupt("the state/config items are missing or name another step")
+        params = out["params"]
+        if _is_nnx_state(abstract_params):
+            target = jax.tree.map(lambda x: x, abstract_params)  # a copy; the caller's stays abstract
+            nnx.replace_by_pure_dict(target, params)
+            params = target
+        return dict(step=step, params=params, opt_state=out["opt_state"] if abstract_opt_state is not None else None,
+                    data_state=state["data_state"], rng=_rng_from_json(state["rng"]), config=out["config"])
+
+    def restore_tokenizer(self, step: int):
+        """The tokenizer saved with ``step`` (None if it was saved without one)."""
+        return _read_tokenizer(self.step_dir(step))
+
+
+class _Corrupt(Exception):
+    """Reading a checkpoint step failed: treated as incomplete/corrupt."""
+
+
+def _short(e: BaseException) -> str:
+    """``Type: message`` without tensorstore's multi-kilobyte spec dump."""
+    msg = str(e).split(" [tensorstore_spec=")[0].strip()
+    return f"{type(e).__name__}: {msg[:500]}"
+
+
+def _flat_names(tree) -> dict[str, Any]:
+    """{"0.mu.h.0.attn.c_attn_kernel.value": leaf}: orbax's own naming of tree paths."""
+    def name(entry):
+        for attr in ("key", "idx", "name"):
+            if hasattr(entry, attr):
+                return str(getattr(entry, attr))
+        return str(entry)
+    return {".".join(name(e) for e in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_fits(item_dir: Path, abstract, metadata):
+    saved, want = _flat_names(metadata), _flat_names(abstract)
+    missing = sorted(set(want) - set(saved))
+    extra = sorted(set(saved) - set(want))
+    if missing or extra:
+        raise CheckpointError(
+            f"{item_dir}: saved tree does not match the model/optimizer being restored "
+            f"(not in checkpoint: {missing[:4]}, only in checkpoint: {extra[:4]}); did the config change?")
+    for k, a in want.items():
+        shape = tuple(getattr(saved[k], "shape", ()) or ())
+        if shape != tuple(a.shape):
+            raise CheckpointError(f"{item_dir}: {k} has shape {shape} in the checkpoint but {tuple(a.shape)} "
+                                  f"in the model being restored; did the config change?")
+
+
+# ----------------------------------------------------------------------------- inference
+
+def _resolve(path: Path) -> tuple[Path, int]:
+    """(checkpoint root, step) for an output_dir, a checkpoint root or a step dir."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: expected a checkpoint directory (training output_dir or a step dir), got a file")
+    if (path / "params").is_dir() or (path / STEP_METADATA_FILE).exists():
+        if not path.name.isdigit():
+            raise CheckpointError(f"{path}: a checkpoint step folder must be named by its step number")
+        return path.parent, int(path.name)
+    root = path / CHECKPOINT_SUBDIR if (path / CHECKPOINT_SUBDIR).is_dir() else path
+    steps = sorted((int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
+    for step in steps:
+        missing = [n for n in (STEP_METADATA_FILE, "params", "config") if not (root / str(step) / n).exists()]
+        if not missing:
+            return root, step
+        log.warning("checkpoint %s is incomplete (missing %s); using the previous one", root / str(step), ", ".join(missing))
+    raise CheckpointError(f"{path}: no complete jaxgpt checkpoint found (looked in {root})")
+
+
+def model_config_from(config: dict, source: str) -> GPT2Config:
+    """The GPT2Config saved in a run config: ``config["model_config"]`` or the first dict holding its fields."""
+    fields = {f.name for f in dataclasses.fields(GPT2Config)}
+    need = {"vocab_size", "n_embd", "n_layer", "n_head"}
+
+    def find(d):
+        if isinstance(d, dict):
+            if need <= d.keys():
+                return d
+            for v in d.values():
+                found = find(v)
+                if found is not None:
+                    return found
+        return None
+
+    raw = config.get("model_config") if isinstance(config.get("model_config"), dict) else find(config)
+    if raw is None:
+        raise CheckpointError(f"{source}: the saved config holds no GPT-2 model config (a dict with {sorted(need)})")
+    try:
+        return GPT2Config(**{k: v for k, v in raw.items() if k in fields})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: bad model config: {e}") from None
+
+
+def _read_tokenizer(step_dir: Path):
+    tok_dir = step_dir / "tokenizer"
+    if not tok_dir.is_dir():
+        return None
+    item = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(tok_dir, args=ocp.args.JsonRestore())
+    return _tokenizer_from_files(item, str(step_dir))
+
+
+def load_for_inference(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None):
+    """(GPT2, tokenizer) from a training output_dir (latest complete step) or a step dir.
+
+    Restores the parameters only (no optimizer state) onto one device, cast to
+    ``param_dtype`` (default: ``dtype``); dropout off, no remat.
+    """
+    root, step = _resolve(Path(path))
+    step_dir = root / str(step)
+    ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=_registry()))
+    try:
+        config = ckptr.restore(step_dir, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    except Exception as e:
+        raise CheckpointError(f"{step_dir}: cannot read the saved config: {_short(e)}") from None
+    cfg = model_config_from(config, str(step_dir / "config"))
+    cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype or dtype, dropout=0.0, remat=False)
+    abstract = nnx.eval_shape(lambda: GPT2(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abs_pure = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            nnx.to_pure_dict(abs_params))
+    try:
+        meta = ckptr.metadata(step_dir).item_metadata["params"]
+    except Exception as e:
+        raise CheckpointError(f"{step_dir}: cannot read parameter metadata: {_short(e)}") from None
+    _check_fits(step_dir / "params", abs_pure, meta)
+    try:
+        pure = ckptr.restore(step_dir, args=ocp.args.Composite(params=ocp.args.StandardRestore(abs_pure)))["params"]
+    except Exception as e:
+        raise CheckpointError(f"{step_dir}: cannot read parameters (corrupt?): {_short(e)}") from None
+    nnx.replace_by_pure_dict(abs_params, pure)
+    # Non-parameter state (dropout RNG streams) as a fresh init makes it; under
+    # jit the unused parameter initialisers are dead code, so this is cheap.
+    fresh_rest = jax.jit(lambda: nnx.split(GPT2(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)[2])()
+    model = nnx.merge(graphdef, abs_params, fresh_rest)
+    tokenizer = _read_tokenizer(step_dir)
+    if tokenizer is None:
+        from jaxgpt.tokenizer import load_tokenizer
+        log.warning("%s has no tokenizer; using the vendored GPT-2 tokenizer", step_dir)
+        tokenizer = load_tokenizer()
+    return model, tokenizer
