@@ -1,0 +1,85 @@
+"""jaxgpt.chat: the CLI driven through stdin, history trimming, the no-template fallback."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import ROOT
+from jaxgpt.chat import ChatSession
+from jaxgpt.model import GPT2, GPT2Config
+from jaxgpt.sample import SampleError, generate, load_model
+from jaxgpt.tokenizer import add_chat_template, load_tokenizer, stop_token_ids
+from jaxgpt.weights import save_pretrained
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def chat_folder(tmp_path_factory):
+    """A tiny random GPT-2 with the ChatML tokenizer (50259 tokens), saved as an HF folder."""
+    tok = add_chat_template(load_tokenizer())
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=2)
+    model = GPT2(cfg, rngs=nnx.Rngs(0))
+    return save_pretrained(model, tmp_path_factory.mktemp("chat"), tok)
+
+
+def _reference_reply(model, tok, messages):
+    """Greedy reply from first principles: the template text, generate, strip the stop token, decode."""
+    ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                     add_special_tokens=False)
+    (new,) = generate(model, [ids], max_new_tokens=MAX_NEW, stop_ids=stop_token_ids(tok))
+    if new and new[-1] in stop_token_ids(tok):
+        new = new[:-1]
+    return tok.decode(new, skip_special_tokens=True)
+
+
+def test_chat_cli_through_stdin(chat_folder):
+    stdin = "hello there\nhow are you?\n/reset\nhello there\n/exit\nnever read\n"
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxgpt.chat", "--model", str(chat_folder), "--temperature", "0",
+         "--max-new-tokens", str(MAX_NEW), "--chunk", "4"],
+        input=stdin, capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    model, tok = load_model(str(chat_folder))
+    first = _reference_reply(model, tok, [{"role": "user", "content": "hello there"}])
+    second = _reference_reply(model, tok, [{"role": "user", "content": "hello there"},
+                                           {"role": "assistant", "content": first},
+                                           {"role": "user", "content": "how are you?"}])
+    assert first and second and first != second
+    assert out.count(f"bot> {first}\n") == 2  # turn 1, and turn 3 after /reset (history forgotten)
+    assert f"bot> {second}\n" in out  # turn 2 saw turn 1
+    assert "(conversation cleared)" in out
+    assert "never read" not in out  # /exit stopped reading
+    assert "note:" not in out  # the folder's ChatML template was used
+
+
+def test_history_is_trimmed_to_the_context(chat_folder):
+    model, tok = load_model(str(chat_folder))
+    session = ChatSession(model, tok, max_new_tokens=MAX_NEW, temperature=0.0, system="Be brief.")
+    budget = model.config.n_positions - MAX_NEW
+    long = "one two three four five six seven eight nine ten eleven twelve " * 2  # ~25 tokens
+    for i in range(6):
+        session.reply(f"{i} {long}")
+        ids = session._encode(session.messages[:-1])  # the prompt that produced the last reply
+        assert len(ids) <= budget
+    assert session.messages[0] == {"role": "system", "content": "Be brief."}  # never dropped
+    assert session.messages[-2]["content"].startswith("5 ")  # the newest turn is kept ...
+    assert all(not m["content"].startswith("0 ") for m in session.messages)  # ... the oldest went
+    with pytest.raises(SampleError, match="too long"):
+        session.reply(long * 8)
+
+
+def test_plain_fallback_without_chat_template(shared_data):
+    model, tok = load_model(str(shared_data / "models" / "tiny-random-gpt2-flax"))  # no tokenizer files
+    assert not tok.chat_template
+    session = ChatSession(model, tok, max_new_tokens=4, temperature=0.0)
+    assert "plain" in session.template_note
+    session.reply("hi")
+    prompt = tok.decode(session._encode(session.messages[:1]))
+    assert prompt == "User:\nhi\n\nAssistant:\n"
+    assert len(session.messages) == 2 and session.messages[1]["role"] == "assistant"
