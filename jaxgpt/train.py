@@ -164,7 +164,7 @@ def make_train_step(graphdef, rest, tx, *, mesh=None, dropout: bool = False,
         denom = jnp.maximum(n_sum, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, params)
         loss = l_sum / denom
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         lr_step = applied_steps(opt_state)
         updates, new_opt = tx.update(grads, opt_state, params)
@@ -224,7 +224,10 @@ def build_model(cfg: Config, vocab_size: int, mesh) -> tuple[Any, nnx.State, nnx
         abstract = nnx.eval_shape(lambda: GPT2(gcfg, rngs=nnx.Rngs(0)))
         _, abs_params, _ = nnx.split(abstract, nnx.Param, ...)
         model, gcfg = weights.load_pretrained(folder, place=sharding.make_place(abs_params, mesh), **numerics)
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        graphdef, params, _ = nnx.split(model, nnx.Param, ...)
+        # load_pretrained leaves the non-parameter state (dropout RNG streams) abstract:
+        # make it concretely; jit drops the unused parameter init.
+        rest = jax.jit(lambda: nnx.split(GPT2(gcfg, rngs=nnx.Rngs(m.init_seed)), nnx.Param, ...)[2])()
     if vocab_size > gcfg.vocab_size:
         model = resize_token_embeddings(nnx.merge(graphdef, params, rest), vocab_size)
         gcfg = model.config
