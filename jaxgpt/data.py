@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 import sys
 from collections import Counter
@@ -113,6 +114,8 @@ class DataConfig:
     eval_fraction: float = 0.0  # hold out this share of each source's examples for eval
     eval_sources: list[DataSource] = field(default_factory=list)
     max_examples: int | None = None  # read at most this many records per source (smoke runs)
+    streaming: bool = False  # read lazily and pack `stream_window` examples at a time (data > memory)
+    stream_window: int = 4096  # examples per packing window when streaming
 
     def __post_init__(self):
         self.sources = [_as_source(s, "sources") for s in _as_list(self.sources)]
@@ -127,6 +130,10 @@ class DataConfig:
             raise DataError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
         if self.max_examples is not None and self.max_examples < 1:
             raise DataError(f"data.max_examples must be >= 1, got {self.max_examples!r}")
+        if self.stream_window < 1:
+            raise DataError(f"data.stream_window must be >= 1, got {self.stream_window!r}")
+        if self.streaming and self.eval_fraction:
+            raise DataError("data.eval_fraction needs the whole dataset; with streaming give data.eval_sources")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DataConfig":
@@ -188,10 +195,17 @@ def _utf8(raw: bytes, where: str) -> str:
         raise DataError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    """(``path:LINE``, record) per non-blank line; a bad line yields a DataError in place of its record."""
+def _read_jsonl(path: Path, skip: int = 0) -> Iterator[tuple[str, Any]]:
+    """(``path:LINE``, record) per non-blank line; a bad line yields a DataError in place of its record.
+
+    Lazy, so it streams files larger than memory; ``skip`` passes over records without parsing them.
+    """
+    skipped = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
+            if skipped < skip and raw.strip():
+                skipped += 1
+                continue
             where = f"{path}:{lineno}"
             try:
                 line = _utf8(raw, where)
@@ -205,6 +219,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                 yield where, e
                 continue
             yield where, rec
+    return skipped
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
@@ -260,7 +275,7 @@ def _read_txt(path: Path) -> Iterator[tuple[str, Any]]:
     yield f"{path}:1", {"text": "".join(lines)}
 
 
-def _read_with_datasets(src: DataSource, files: list[Path] | None) -> Iterator[tuple[str, Any]]:
+def _read_with_datasets(src: DataSource, files: list[Path] | None, streaming: bool = False) -> Iterator[tuple[str, Any]]:
     import datasets
 
     if files is not None:
@@ -270,31 +285,49 @@ def _read_with_datasets(src: DataSource, files: list[Path] | None) -> Iterator[t
     else:
         name, kwargs, where, split = src.path, {"name": src.name}, src.path, src.split
     try:
-        ds = datasets.load_dataset(name, split=split, **kwargs)
+        ds = datasets.load_dataset(name, split=split, streaming=streaming, **kwargs)
     except Exception as e:  # datasets raises many types (connection, not found, arrow); name the source
         raise DataError(f"{where}: cannot load dataset (split={split!r}): {type(e).__name__}: {e}") from None
     for i, rec in enumerate(ds):
         yield f"{where} row {i}", rec
 
 
-def read_records(src: DataSource) -> Iterator[tuple[str, Any]]:
-    """(where, record) pairs of one source; ``where`` names the file and line or row."""
+def _skipping(records: Iterator, skip: int):
+    """``records`` after the first ``skip``; returns how many it skipped."""
+    skipped = 0
+    for item in records:
+        if skipped < skip:
+            skipped += 1
+            continue
+        yield item
+    return skipped
+
+
+def read_records(src: DataSource, *, streaming: bool = False, skip: int = 0) -> Iterator[tuple[str, Any]]:
+    """(where, record) pairs of one source after its first ``skip``; ``where`` names the file and line or row.
+
+    ``streaming`` reads hub / parquet / csv data with ``datasets``' streaming mode
+    (JSONL is always read lazily; a .json array or .txt file is read whole).
+    """
     if not _is_local(src.path):
-        yield from _read_with_datasets(src, None)
+        yield from _skipping(_read_with_datasets(src, None, streaming), skip)
         return
     files = _local_files(src)
-    by_datasets = [f for f in files if f.suffix.lower() in (".parquet", ".csv", ".arrow")]
+    tabular = [f for f in files if f.suffix.lower() in (".parquet", ".csv", ".arrow")]
+    readers = []
     for f in files:
         suffix = f.suffix.lower()
         if suffix == ".jsonl":
-            yield from _read_jsonl(f)
+            readers.append(lambda skip, f=f: _read_jsonl(f, skip))
         elif suffix == ".json":
-            yield from _read_json(f)
+            readers.append(lambda skip, f=f: _skipping(_read_json(f), skip))
         elif suffix == ".txt":
-            yield from _read_txt(f)
-    if by_datasets:
-        for suffix in sorted({f.suffix.lower() for f in by_datasets}):
-            yield from _read_with_datasets(src, [f for f in by_datasets if f.suffix.lower() == suffix])
+            readers.append(lambda skip, f=f: _skipping(_read_txt(f), skip))
+    for suffix in sorted({f.suffix.lower() for f in tabular}):
+        group = [f for f in tabular if f.suffix.lower() == suffix]
+        readers.append(lambda skip, group=group: _skipping(_read_with_datasets(src, group, streaming), skip))
+    for read in readers:
+        skip -= yield from read(skip)
 
 
 # ----------------------------------------------------------------------------- formats
@@ -579,24 +612,28 @@ class PackedDataset:
 
     def batch(self, rows) -> dict[str, np.ndarray]:
         """Model inputs for the given row indices (a row index < 0 gives an all-padding row)."""
-        b, t = len(rows), self.seq_len
-        out = {"input_ids": np.full((b, t), self.pad_id, np.int32), "targets": np.full((b, t), self.pad_id, np.int32),
-               "loss_mask": np.zeros((b, t), np.float32), "segment_ids": np.zeros((b, t), np.int32),
-               "positions": np.zeros((b, t), np.int32)}
-        for i, r in enumerate(rows):
-            if r < 0:
-                continue
-            at = 0
-            for s, k in enumerate(self.row_segment_ids(int(r)), 1):
-                x, m = self.segment(int(k))
-                n = len(x) - 1
-                out["input_ids"][i, at: at + n] = x[:-1]
-                out["targets"][i, at: at + n] = x[1:]
-                out["loss_mask"][i, at: at + n] = m[1:]
-                out["segment_ids"][i, at: at + n] = s
-                out["positions"][i, at: at + n] = np.arange(n)
-                at += n
-        return out
+        return _batch([(self, int(r)) for r in rows], self.seq_len, self.pad_id)
+
+
+def _batch(rows: list[tuple[PackedDataset, int]], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    b, t = len(rows), seq_len
+    out = {"input_ids": np.full((b, t), pad_id, np.int32), "targets": np.full((b, t), pad_id, np.int32),
+           "loss_mask": np.zeros((b, t), np.float32), "segment_ids": np.zeros((b, t), np.int32),
+           "positions": np.zeros((b, t), np.int32)}
+    for i, (ds, r) in enumerate(rows):
+        if r < 0:
+            continue
+        at = 0
+        for s, k in enumerate(ds.row_segment_ids(r), 1):
+            x, m = ds.segment(int(k))
+            n = len(x) - 1
+            out["input_ids"][i, at: at + n] = x[:-1]
+            out["targets"][i, at: at + n] = x[1:]
+            out["loss_mask"][i, at: at + n] = m[1:]
+            out["segment_ids"][i, at: at + n] = s
+            out["positions"][i, at: at + n] = np.arange(n)
+            at += n
+    return out
 
 
 # ----------------------------------------------------------------------------- building
@@ -617,17 +654,18 @@ def _prepare_tokenizer(cfg: DataConfig, tok, chat: bool):
     return tok
 
 
-def _load_examples(src: DataSource, cfg: DataConfig, stats: DataStats) -> list[Example]:
-    fmt = src.format or cfg.format
-    examples: list[Example] = []
-    n = 0
-    for where, rec in read_records(src):
-        if cfg.max_examples is not None and n >= cfg.max_examples:
-            break
-        n += 1
-        stats.records += 1
+class _Validator:
+    """Records of one source -> Examples; detects the format on the first record; skips and counts if asked."""
+
+    def __init__(self, src: DataSource, cfg: DataConfig, stats: DataStats):
+        self.src, self.fmt, self.skip_invalid, self.stats = src, src.format or cfg.format, cfg.skip_invalid, stats
+        self.records = self.kept = 0
+
+    def __call__(self, where: str, rec: Any) -> Example | None:
+        self.records += 1
+        self.stats.records += 1
         try:
-            if fmt == "auto":
+            if self.fmt == "auto":
                 if isinstance(rec, DataError):
                     raise rec
                 found = detect_format(rec) if isinstance(rec, dict) else None
@@ -636,23 +674,38 @@ def _load_examples(src: DataSource, cfg: DataConfig, stats: DataStats) -> list[E
                     raise DataError(f"{where}: cannot tell the format from the keys {keys}; expected messages, "
                                     "conversations, prompt+completion, instruction+output or text "
                                     "(or set data.format)")
-                fmt = found
-            examples.append(to_example(rec, fmt, where))
+                self.fmt = self.stats.formats[self.src.path] = found
+            ex = to_example(rec, self.fmt, where)
+            self.kept += 1
+            return ex
         except DataError as e:
-            if not cfg.skip_invalid:
+            if not self.skip_invalid:
                 raise
-            stats.skipped += 1
-            if len(stats.skip_reasons) < 5:
-                stats.skip_reasons.append(str(e))
-    if n == 0:
-        raise DataError(f"{src.path}: no records (empty dataset)")
-    stats.formats[src.path] = fmt
-    if not examples:
-        raise DataError(f"{src.path}: all {n} records are invalid (skip_invalid); first: {stats.skip_reasons[0]}")
+            self.stats.skipped += 1
+            if len(self.stats.skip_reasons) < 5:
+                self.stats.skip_reasons.append(str(e))
+            return None
+
+    def check(self):
+        """After the last record: an empty or all-invalid source is an error."""
+        if self.records == 0:
+            raise DataError(f"{self.src.path}: no records (empty dataset)")
+        if self.kept == 0:
+            raise DataError(f"{self.src.path}: all {self.records} records are invalid (skip_invalid); "
+                            f"first: {self.stats.skip_reasons[0]}")
+        self.stats.formats[self.src.path] = self.fmt
+
+
+def _load_examples(src: DataSource, cfg: DataConfig, stats: DataStats) -> list[Example]:
+    validate = _Validator(src, cfg, stats)
+    records = itertools.islice(read_records(src), cfg.max_examples)
+    examples = [ex for ex in itertools.starmap(validate, records) if ex is not None]
+    validate.check()
     return examples
 
 
-def _tokenize_source(examples: list[Example], cfg: DataConfig, tok, stats: DataStats, src_path: str):
+def _tokenize_source(examples: list[Example], cfg: DataConfig, tok, stats: DataStats, src_path: str,
+                     strict: bool = True):
     """Tokenize, then truncate or drop what does not fit a row. Returns (segments, wheres)."""
     texts = [e for e in examples if e.text is not None]
     chats = [e for e in examples if e.messages is not None]
@@ -674,7 +727,7 @@ def _tokenize_source(examples: list[Example], cfg: DataConfig, tok, stats: DataS
         pieces = tokenize_texts([e], tok, cfg.seq_len)
         segs += pieces
         wheres += [e.where] * len(pieces)
-    if not segs:
+    if not segs and strict:
         longest = max(examples, key=lambda e: len(e.text or "") + sum(len(m["content"]) for m in e.messages or []))
         raise DataError(f"{src_path}: every example is longer than seq_len={cfg.seq_len} tokens "
                         f"(truncation={cfg.truncation}; e.g. {longest.where}); raise seq_len"
@@ -691,6 +744,7 @@ def _weighted(n: int, weight: float, rng: np.random.Generator) -> np.ndarray:
 
 
 def _pack(segs, wheres, cfg: DataConfig, tok, stats: DataStats, rng) -> PackedDataset:
+    """Pack segments into rows; fills the row and token counts of ``stats``."""
     lengths = np.array([len(t) - 1 for t, _ in segs], np.int64)
     if cfg.pack:
         rows = pack_best_fit(lengths, cfg.seq_len, order=rng.permutation(len(segs)))
@@ -704,10 +758,20 @@ def _pack(segs, wheres, cfg: DataConfig, tok, stats: DataStats, rng) -> PackedDa
     return PackedDataset(segs, rows, cfg.seq_len, tok.pad_token_id, len(tok), stats, wheres)
 
 
-def build_datasets(cfg: DataConfig, tok) -> tuple[PackedDataset, PackedDataset | None]:
-    """(train, eval or None). Gives ``tok`` the chat template in place when the data is chat."""
+def build_datasets(cfg: DataConfig, tok) -> tuple[PackedDataset | StreamingDataset, PackedDataset | None]:
+    """(train, eval or None). Gives ``tok`` the chat template in place when the data is chat.
+
+    With ``cfg.streaming`` the training set is a ``StreamingDataset`` (same iterator API).
+    """
     if not cfg.sources:
         raise DataError("data.sources is empty: give at least one file or dataset")
+    if cfg.streaming:
+        train = StreamingDataset(cfg, tok)
+        evalset = None
+        if cfg.eval_sources:
+            evalset = build_datasets(dataclasses.replace(cfg, sources=cfg.eval_sources, eval_sources=[],
+                                                         streaming=False), tok)[0]
+        return train, evalset
     rng = np.random.default_rng(cfg.seed)
     train_stats, eval_stats = DataStats(), DataStats()
     train_segs, train_wheres, eval_segs, eval_wheres = [], [], [], []
@@ -743,6 +807,111 @@ def build_dataset(cfg: DataConfig, tok) -> PackedDataset:
     return build_datasets(cfg, tok)[0]
 
 
+class StreamingDataset:
+    """Rows packed on the fly, ``stream_window`` examples at a time, for data larger than memory.
+
+    A streaming epoch is one pass over every source. Sources are interleaved at
+    random in proportion to their weights (a draw seeded by ``(seed, epoch,
+    window)``) until each runs out; each window's examples are packed best-fit and
+    its rows shuffled. The iterator's state names the window by how many records of
+    each source came before it, so a resume re-reads (without tokenizing) up to there.
+    ``stats`` count what has been read so far.
+    """
+
+    def __init__(self, cfg: DataConfig, tok):
+        self.cfg, self.tok = cfg, tok
+        self.seq_len, self.stats = cfg.seq_len, DataStats(seq_len=cfg.seq_len)
+        self.weights = np.array([s.weight for s in cfg.sources], np.float64)
+        chat = False
+        for src in cfg.sources:  # the first valid record of each source says chat or text, and checks the source
+            validate = _Validator(src, dataclasses.replace(cfg, skip_invalid=True), DataStats())
+            first = next((ex for ex in itertools.starmap(validate, read_records(src, streaming=True))
+                          if ex is not None), None)
+            if first is None:
+                validate.check()
+            chat = chat or first.messages is not None
+        _prepare_tokenizer(cfg, tok, chat)
+        self.pad_id, self.vocab_size = tok.pad_token_id, len(tok)
+        ident = json.dumps([cfg.to_dict(), len(tok), tok.chat_template], sort_keys=True, default=str)
+        self.fingerprint = hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+    def open(self, consumed: list[int]):
+        """Readers and validators positioned after ``consumed[i]`` records of source ``i``."""
+        readers, validators = [], []
+        for src, skip in zip(self.cfg.sources, consumed):
+            limit = None if self.cfg.max_examples is None else max(0, self.cfg.max_examples - skip)
+            readers.append(itertools.islice(read_records(src, streaming=True, skip=skip), limit))
+            validators.append(_Validator(src, self.cfg, self.stats))
+        return readers, validators
+
+    def window(self, readers, validators, epoch: int, window: int, consumed: list[int]):
+        """(packed window or None at the end of the epoch, records consumed after it)."""
+        rng = np.random.default_rng([self.cfg.seed, epoch, window])
+        counts, active, examples = list(consumed), list(range(len(readers))), []
+        while len(examples) < self.cfg.stream_window and active:
+            p = self.weights[active] / self.weights[active].sum()
+            i = active[int(rng.choice(len(active), p=p))]
+            item = next(readers[i], None)
+            if item is None:
+                active.remove(i)
+                continue
+            counts[i] += 1
+            ex = validators[i](*item)
+            if ex is not None:
+                examples.append(ex)
+        if not examples:
+            return None, counts
+        stats = DataStats()
+        segs, wheres = _tokenize_source(examples, self.cfg, self.tok, stats, "", strict=False)
+        packed = _pack(segs, wheres, self.cfg, self.tok, stats, rng)
+        for key in ("examples", "truncated", "dropped", "tokens", "trained_tokens", "rows", "non_pad_tokens"):
+            setattr(self.stats, key, getattr(self.stats, key) + getattr(stats, key))
+        return packed, counts
+
+
+class _StreamCursor:
+    """The position in a StreamingDataset's endless row stream: (epoch, window, records before it, row)."""
+
+    def __init__(self, ds: StreamingDataset, seed: int, shuffle: bool):
+        self.ds, self.seed, self.shuffle = ds, seed, shuffle
+        self.set(epoch=0, window=0, consumed=[0] * len(ds.cfg.sources), row=0)
+
+    def set(self, *, epoch: int, window: int, consumed: list[int], row: int):
+        self.epoch, self.window, self.consumed, self.row = epoch, window, list(consumed), row
+        self.rows_in_epoch, self.whole_epoch = 0, window == 0 and row == 0  # to tell an epoch with no rows
+        self._win = None  # made (again) on the next row
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "window": self.window, "consumed": list(self.consumed), "row": self.row}
+
+    def _make(self):
+        self._win, self._next = self.ds.window(self.readers, self.validators, self.epoch, self.window, self.consumed)
+        if self._win is not None:
+            n = self._win.num_rows
+            rng = np.random.default_rng([self.seed, self.epoch, self.window, 1])
+            self._order = rng.permutation(n) if self.shuffle else np.arange(n)
+
+    def next_row(self) -> tuple[PackedDataset, int]:
+        if self._win is None:
+            self.readers, self.validators = self.ds.open(self.consumed)
+            self._make()
+        while self._win is None or self.row >= self._win.num_rows:
+            if self._win is None:  # the sources ran out: next epoch
+                if self.rows_in_epoch == 0 and self.whole_epoch:
+                    raise DataError(f"{', '.join(s.path for s in self.ds.cfg.sources)}: no example fits "
+                                    f"seq_len={self.ds.seq_len} (truncation={self.ds.cfg.truncation})")
+                self.set(epoch=self.epoch + 1, window=0, consumed=[0] * len(self.consumed), row=0)
+                self.readers, self.validators = self.ds.open(self.consumed)
+                self._make()
+                continue
+            self.consumed, self.window, self.row = self._next, self.window + 1, 0
+            self._make()
+        r = int(self._order[self.row])
+        self.row += 1
+        self.rows_in_epoch += 1
+        return self._win, r
+
+
 # ----------------------------------------------------------------------------- iterating
 
 
@@ -753,26 +922,30 @@ class DataIterator:
     seeded by ``(seed, epoch)``); global batch ``k`` is rows ``k*B .. k*B+B-1`` of
     that stream and process ``p`` of ``P`` takes the ``p``-th contiguous ``B/P``
     of them. A batch may straddle an epoch boundary: no row is ever dropped.
+    The state is a global row position, so a run may resume with another batch
+    size or process count. A ``StreamingDataset`` works the same way, its stream
+    being windows of rows (every process reads the whole stream).
     """
 
-    def __init__(self, dataset: PackedDataset, global_batch: int, *, process_index: int = 0,
+    def __init__(self, dataset: PackedDataset | StreamingDataset, global_batch: int, *, process_index: int = 0,
                  process_count: int = 1, seed: int = 0, shuffle: bool = True):
         if global_batch < 1 or global_batch % process_count:
             raise DataError(f"global batch {global_batch} must be a positive multiple of process_count={process_count}")
         if not 0 <= process_index < process_count:
             raise DataError(f"process_index={process_index} not in [0, {process_count})")
-        if dataset.num_rows == 0:
-            raise DataError("dataset has no rows")
         self.dataset, self.global_batch = dataset, global_batch
         self.process_index, self.process_count = process_index, process_count
         self.local_batch = global_batch // process_count
         self.seed, self.shuffle = seed, shuffle
         self.position = 0  # index of the next global row in the endless stream
         self._order_cache: tuple[int, np.ndarray] | None = None
+        self._stream = _StreamCursor(dataset, seed, shuffle) if isinstance(dataset, StreamingDataset) else None
+        if self._stream is None and dataset.num_rows == 0:
+            raise DataError("dataset has no rows")
 
     @property
     def epoch(self) -> int:
-        return self.position // self.dataset.num_rows
+        return self._stream.epoch if self._stream else self.position // self.dataset.num_rows
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._order_cache is None or self._order_cache[0] != epoch:
@@ -789,21 +962,31 @@ class DataIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        start = self.position + self.process_index * self.local_batch
-        rows = [self._row(start + j) for j in range(self.local_batch)]
+        first = self.process_index * self.local_batch
+        if self._stream is not None:
+            rows = [self._stream.next_row() for _ in range(self.global_batch)][first: first + self.local_batch]
+        else:
+            rows = [(self.dataset, self._row(self.position + first + j)) for j in range(self.local_batch)]
         self.position += self.global_batch
-        return self.dataset.batch(rows)
+        return _batch(rows, self.dataset.seq_len, self.dataset.pad_id)
 
     def state(self) -> dict[str, Any]:
+        """A small JSON-able dict; ``restore`` continues exactly after it."""
+        common = {"seed": self.seed, "shuffle": self.shuffle, "fingerprint": self.dataset.fingerprint}
+        if self._stream is not None:
+            return {**self._stream.state(), "streaming": True, **common}
         n = self.dataset.num_rows
-        return {"epoch": self.position // n, "position": self.position % n, "rows_per_epoch": n,
-                "seed": self.seed, "shuffle": self.shuffle, "fingerprint": self.dataset.fingerprint}
+        return {"epoch": self.position // n, "position": self.position % n, "rows_per_epoch": n, **common}
 
     def restore(self, state: dict[str, Any], *, strict: bool = True) -> "DataIterator":
         """Continue from ``state()``. ``strict``: refuse a state saved on different data or seed."""
-        for key in ("epoch", "position"):
+        keys = ("epoch", "window", "row") if self._stream is not None else ("epoch", "position")
+        for key in keys:
             if not isinstance(state.get(key), int):
                 raise DataError(f"data state: missing or non-integer {key!r} in {state!r}")
+        if bool(state.get("streaming")) != (self._stream is not None):
+            raise DataError("data state: saved with streaming=%s, now streaming=%s"
+                            % (bool(state.get("streaming")), self._stream is not None))
         if strict:
             mine = self.state()
             for key in ("fingerprint", "rows_per_epoch", "seed", "shuffle"):
@@ -811,7 +994,13 @@ class DataIterator:
                     raise DataError(f"data state: {key} {state[key]!r} != {mine[key]!r} of this dataset; the data, "
                                     "seq_len, tokenizer or seed changed since it was saved (restore(strict=False) "
                                     "to continue anyway)")
-        self.position = state["epoch"] * self.dataset.num_rows + state["position"]
+        if self._stream is not None:
+            consumed = state.get("consumed")
+            if not isinstance(consumed, list) or len(consumed) != len(self.dataset.cfg.sources):
+                raise DataError(f"data state: 'consumed' must list one count per source, got {consumed!r}")
+            self._stream.set(epoch=state["epoch"], window=state["window"], consumed=consumed, row=state["row"])
+        else:
+            self.position = state["epoch"] * self.dataset.num_rows + state["position"]
         return self
 
 

@@ -279,6 +279,27 @@ def test_two_processes_together_equal_one(small):
     assert procs[0].state() == procs[1].state() == one.state()
 
 
+def test_streaming_resume_and_processes(tok):
+    """Streaming packs windows on the fly: resume and the process split hold as in memory."""
+    cfg = DataConfig(sources=[oasst(), DataSource(sharegpt(), weight=0.5)], seq_len=256, streaming=True,
+                     stream_window=48, max_examples=60)
+    ds, _ = build_datasets(cfg, tok)
+    a = DataIterator(ds, global_batch=4, seed=2)
+    take(a, 9)
+    saved = json.loads(json.dumps(a.state()))
+    assert saved["row"] > 0 and saved["window"] > 0  # mid-window
+    expected = take(a, 40)  # past the end of epoch 0 (120 examples)
+    assert a.state()["epoch"] >= 1
+    b = DataIterator(ds, global_batch=4, seed=2).restore(saved)
+    assert all(same(x, y) for x, y in zip(expected, take(b, 40)))
+    procs = [DataIterator(ds, global_batch=4, process_index=p, process_count=2, seed=2).restore(saved)
+             for p in range(2)]
+    for whole in expected[:6]:
+        halves = [next(p) for p in procs]
+        assert same(whole, {k: np.concatenate([h[k] for h in halves]) for k in whole})
+    assert ds.stats.formats == {oasst(): "messages", sharegpt(): "sharegpt"}
+
+
 def test_eval_split_and_eval_batches(tok):
     train, held = build_datasets(DataConfig(sources=[sharegpt()], seq_len=128, max_examples=100,
                                             eval_fraction=0.1), tok)
