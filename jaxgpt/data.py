@@ -1065,6 +1065,10 @@ def inspect_main(argv: list[str] | None = None) -> int:
             raise DataError("give --data PATH or --config FILE")
         tok = load_tokenizer(args.tokenizer)
         train, evalset = build_datasets(cfg, tok)
+        stats = train.stats
+        if isinstance(train, StreamingDataset):  # show the first packing window
+            cursor = _StreamCursor(train, cfg.seed, cfg.shuffle)
+            train = cursor.next_row()[0]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -1082,10 +1086,10 @@ def inspect_main(argv: list[str] | None = None) -> int:
         seen.add(where)
         ids, mask = train.segment(k)
         print(f"── {where}  ({len(ids)} tokens, {int(mask[1:].sum())} trained)")
-        print(render_marked(tok, ids, mask, color))
+        print(render_marked(tok, ids, mask, color).rstrip("\n"))
         print()
-    print("train:")
-    print(train.stats.summary())
+    print("train (first streaming window):" if cfg.streaming else "train:")
+    print(stats.summary())
     if evalset is not None:
         print("\neval:")
         print(evalset.stats.summary())
