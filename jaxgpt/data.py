@@ -10,7 +10,10 @@ Public API (what ``jaxgpt.train`` and ``jaxgpt.config`` use)::
                       process_count=jax.process_count(), seed=cfg.seed, shuffle=cfg.shuffle)
     batch = next(it)            # this process's rows of the global batch, numpy [global_batch // process_count, seq_len]
     saved = it.state()          # small JSON dict; DataIterator(...).restore(saved) continues with identical batches
-    for batch in eval_batches(evalset, global_batch, process_index, process_count): ...
+    for batch in eval_batches(evalset, global_batch, process_index=pi, process_count=pc): ...
+
+With ``DataConfig(streaming=True)`` the training set is a ``StreamingDataset``
+(read lazily, packed a window at a time) behind the same ``DataIterator`` API.
 
 Batches are dicts of numpy arrays ``[B, seq_len]``: ``input_ids``, ``targets``,
 ``segment_ids``, ``positions`` (int32) and ``loss_mask`` (float32). A packed
@@ -519,8 +522,16 @@ def tokenize_chats(examples: list[Example], tok, loss_on: str, batch_size: int =
     out = []
     for b in range(0, len(examples), batch_size):
         chunk = examples[b: b + batch_size]
-        enc = tok.apply_chat_template([e.messages for e in chunk], return_dict=True,
-                                      return_assistant_tokens_mask=True)
+        try:
+            enc = tok.apply_chat_template([e.messages for e in chunk], return_dict=True,
+                                          return_assistant_tokens_mask=True)
+        except Exception:  # a template's raise_exception() or a Jinja error: find the record that caused it
+            for e in chunk:
+                try:
+                    tok.apply_chat_template(e.messages, tokenize=False)
+                except Exception as err:
+                    raise DataError(f"{e.where}: the chat template fails on this conversation: {err}") from None
+            raise
         for ex, ids, mask in zip(chunk, enc["input_ids"], enc["assistant_masks"]):
             mask = np.asarray(mask, np.uint8)
             if loss_on != "all" and not mask.any():
@@ -755,7 +766,11 @@ def _pack(segs, wheres, cfg: DataConfig, tok, stats: DataStats, rng) -> PackedDa
     stats.trained_tokens = int(sum(int(m[1:].sum()) for _, m in segs))
     stats.non_pad_tokens = int(lengths.sum())
     stats.rows, stats.seq_len = len(rows), cfg.seq_len
-    return PackedDataset(segs, rows, cfg.seq_len, tok.pad_token_id, len(tok), stats, wheres)
+    return PackedDataset(segs, rows, cfg.seq_len, _pad_id(tok), len(tok), stats, wheres)
+
+
+def _pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
 def build_datasets(cfg: DataConfig, tok) -> tuple[PackedDataset | StreamingDataset, PackedDataset | None]:
@@ -831,7 +846,7 @@ class StreamingDataset:
                 validate.check()
             chat = chat or first.messages is not None
         _prepare_tokenizer(cfg, tok, chat)
-        self.pad_id, self.vocab_size = tok.pad_token_id, len(tok)
+        self.pad_id, self.vocab_size = _pad_id(tok), len(tok)
         ident = json.dumps([cfg.to_dict(), len(tok), tok.chat_template], sort_keys=True, default=str)
         self.fingerprint = hashlib.sha256(ident.encode()).hexdigest()[:16]
 

@@ -375,6 +375,27 @@ def test_bad_sharegpt_json_array_names_line(tmp_path, tok):
         build_dataset(DataConfig(sources=[str(f)]), tok)
 
 
+def test_parquet_through_datasets_names_the_row(tmp_path, tok):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    rows = [GOOD, GOOD, chat(("user", "hi"), ("assistant", "ok"), ("user", "and?"))]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet")
+    with pytest.raises(DataError, match=r"c.parquet row 2: conversation ends with a user turn"):
+        build_dataset(DataConfig(sources=[str(tmp_path / "c.parquet")]), tok)
+    ds = build_dataset(DataConfig(sources=[str(tmp_path / "c.parquet")], skip_invalid=True), tok)
+    assert ds.num_segments == 2 and tok.decode(ds.segment(0)[0].tolist()).startswith("<|im_start|>user\nhi")
+
+
+def test_template_errors_name_the_record(tmp_path):
+    tok = add_chat_template(load_tokenizer())
+    tok.chat_template = tok.chat_template.replace(
+        "{%- for message in messages -%}",
+        "{%- for message in messages -%}{%- if message['role'] == 'system' -%}"
+        "{{- raise_exception('no system turns') -}}{%- endif -%}", 1)
+    path = write(tmp_path, "c.jsonl", [GOOD, chat(("system", "s"), ("user", "hi"), ("assistant", "ok"))])
+    with pytest.raises(DataError, match=r"c.jsonl:2: the chat template fails on this conversation: no system turns"):
+        build_dataset(DataConfig(sources=[path], template="tokenizer"), tok)
+
+
 def test_missing_empty_too_long_and_unknown(tmp_path, tok):
     with pytest.raises(DataError, match=r"nope.jsonl: file not found"):
         build_dataset(DataConfig(sources=[str(tmp_path / "nope.jsonl")]), tok)
@@ -388,6 +409,9 @@ def test_missing_empty_too_long_and_unknown(tmp_path, tok):
     # truncating keeps the prompt, but no reply token fits in 16: nothing to train either
     with pytest.raises(DataError, match=r"long.jsonl: every example is longer than seq_len=16"):
         build_dataset(DataConfig(sources=[long], seq_len=16), tok)
+    stream, _ = build_datasets(DataConfig(sources=[long], seq_len=16, streaming=True), tok)
+    with pytest.raises(DataError, match=r"long.jsonl: no example fits seq_len=16"):
+        next(DataIterator(stream, 1))
     odd = write(tmp_path, "odd.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(DataError, match=r"odd.jsonl:1: cannot tell the format from the keys \['answer', 'question'\]"):
         build_dataset(DataConfig(sources=[odd]), tok)
