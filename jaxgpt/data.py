@@ -50,20 +50,18 @@ import hashlib
 import itertools
 import json
 import sys
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from jaxgpt.tokenizer import ENDOFTEXT, IM_END, IM_START, add_chat_template, load_tokenizer, template_name
+from jaxgpt.tokenizer import ENDOFTEXT, IM_END, IM_START, ROLES, add_chat_template, load_tokenizer, template_name
 
 FORMATS = ("auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text")
 TEMPLATES = ("chatml", "plain", "tokenizer")
 LOSS_ON = ("assistant", "all", "completion")
 TRUNCATION = ("truncate", "drop")
-ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "system": "system"}
 LOCAL_SUFFIXES = (".json", ".jsonl", ".txt", ".parquet", ".csv", ".arrow")

@@ -366,8 +366,7 @@ def test_bad_sharegpt_json_array_names_line(tmp_path, tok):
     good = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
     bad = {"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "yo"}]}
     f.write_text(json.dumps([good, good, bad], indent=1))
-    line = f.read_text().splitlines().index(" {", 2) + 1  # the third record's opening line
-    line = [n for n, s in enumerate(f.read_text().splitlines(), 1) if s == " {"][2]
+    line = [n for n, s in enumerate(f.read_text().splitlines(), 1) if s == " {"][2]  # the third record's first line
     with pytest.raises(DataError, match=rf"share.json:{line}: conversations\[1\] has unknown from 'robot'"):
         build_dataset(DataConfig(sources=[str(f)]), tok)
     f.write_text(json.dumps([good, good], indent=1)[:-3] + "\n  ,\n]")
