@@ -241,10 +241,7 @@ def load_model(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str 
     if path.is_dir() and not (path / "config.json").exists():
         from jaxgpt.checkpoint import load_for_inference  # only needed for training checkpoints
 
-        model, tokenizer = load_for_inference(str(path), dtype=dtype)
-        if param_dtype != model.config.param_dtype:
-            model = cast_params(model, param_dtype)
-        return model, tokenizer
+        return load_for_inference(str(path), dtype=dtype, param_dtype=param_dtype)
     from jaxgpt.weights import load_pretrained, resolve
 
     folder = resolve(path_or_hub_id)

@@ -1,13 +1,11 @@
 """jaxgpt.chat: the CLI driven through stdin, history trimming, the no-template fallback."""
 
-import subprocess
+import io
 import sys
 
-import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import ROOT
 from jaxgpt.chat import ChatSession
 from jaxgpt.model import GPT2, GPT2Config
 from jaxgpt.sample import SampleError, generate, load_model
@@ -21,7 +19,7 @@ MAX_NEW = 12
 def chat_folder(tmp_path_factory):
     """A tiny random GPT-2 with the ChatML tokenizer (50259 tokens), saved as an HF folder."""
     tok = add_chat_template(load_tokenizer())
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=2)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2)
     model = GPT2(cfg, rngs=nnx.Rngs(0))
     return save_pretrained(model, tmp_path_factory.mktemp("chat"), tok)
 
@@ -36,15 +34,14 @@ def _reference_reply(model, tok, messages):
     return tok.decode(new, skip_special_tokens=True)
 
 
-def test_chat_cli_through_stdin(chat_folder):
-    stdin = "hello there\nhow are you?\n/reset\nhello there\n/exit\nnever read\n"
-    proc = subprocess.run(
-        [sys.executable, "-m", "jaxgpt.chat", "--model", str(chat_folder), "--temperature", "0",
-         "--max-new-tokens", str(MAX_NEW), "--chunk", "4"],
-        input=stdin, capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+def test_chat_cli_through_stdin(chat_folder, monkeypatch, capsys):
+    """``main`` reads a piped stdin (not a tty): two turns, /reset, a turn, /exit."""
+    from jaxgpt.chat import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello there\nhow are you?\n/reset\nhello there\n/exit\nnever read\n"))
+    code = main(["--model", str(chat_folder), "--temperature", "0", "--max-new-tokens", str(MAX_NEW), "--chunk", "4"])
+    out = capsys.readouterr().out
+    assert code == 0
     model, tok = load_model(str(chat_folder))
     first = _reference_reply(model, tok, [{"role": "user", "content": "hello there"}])
     second = _reference_reply(model, tok, [{"role": "user", "content": "hello there"},
@@ -62,16 +59,16 @@ def test_history_is_trimmed_to_the_context(chat_folder):
     model, tok = load_model(str(chat_folder))
     session = ChatSession(model, tok, max_new_tokens=MAX_NEW, temperature=0.0, system="Be brief.")
     budget = model.config.n_positions - MAX_NEW
-    long = "one two three four five six seven eight nine ten eleven twelve " * 2  # ~25 tokens
-    for i in range(6):
+    long = "one two three four five six seven eight nine ten"  # 10 tokens
+    for i in range(5):
         session.reply(f"{i} {long}")
         ids = session._encode(session.messages[:-1])  # the prompt that produced the last reply
         assert len(ids) <= budget
     assert session.messages[0] == {"role": "system", "content": "Be brief."}  # never dropped
-    assert session.messages[-2]["content"].startswith("5 ")  # the newest turn is kept ...
+    assert session.messages[-2]["content"].startswith("4 ")  # the newest turn is kept ...
     assert all(not m["content"].startswith("0 ") for m in session.messages)  # ... the oldest went
     with pytest.raises(SampleError, match="too long"):
-        session.reply(long * 8)
+        session.reply(long * 6)
 
 
 def test_plain_fallback_without_chat_template(shared_data):

@@ -14,8 +14,9 @@ from jaxgpt.sample import (SampleError, bucket, decode, generate, load_model, pr
                            split_for_inference, stream)
 from jaxgpt.weights import save_pretrained
 
-CFG = GPT2Config(vocab_size=320, n_positions=96, n_embd=64, n_layer=2, n_head=4, eos_token_id=319,
-                 bos_token_id=319)
+# vocab 300 padded to 384 rows: every test also checks that padded rows change nothing
+CFG = GPT2Config(vocab_size=300, n_positions=96, n_embd=64, n_layer=2, n_head=4, eos_token_id=299,
+                 bos_token_id=299, vocab_multiple=128)
 PROMPTS = [[5, 17, 42], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24], [100], [3, 1, 4, 1, 5]]
 
 
@@ -164,12 +165,11 @@ def test_same_seed_same_sample_and_stream_equals_generate(model):
         generate(model, PROMPTS, max_new_tokens=20)
 
 
-def test_padded_vocab_rows_never_sampled():
-    cfg = CFG.replace(vocab_size=300, vocab_multiple=128)  # 84 padded rows
-    model = random_model(cfg, seed=2)
-    out = generate(model, [[1, 2, 3]] * 16, max_new_tokens=32, temperature=50.0, seed=1)
+def test_padded_vocab_rows_never_sampled(model):
+    assert CFG.padded_vocab_size > CFG.vocab_size
+    out = generate(model, PROMPTS, max_new_tokens=32, temperature=50.0, seed=1)  # near-uniform draws
     tokens = np.array(out)
-    assert tokens.max() < cfg.vocab_size and tokens.max() > 250  # near-uniform draws reach the top of the vocab
+    assert tokens.max() < CFG.vocab_size and tokens.max() > 250
 
 
 # ----------------------------------------------------------------------------- 5. per-row stop
@@ -190,10 +190,10 @@ def test_rows_stop_independently(model):
 # ----------------------------------------------------------------------------- shapes, dtypes, errors
 
 def test_bucketed_shapes_do_not_recompile(model):
-    generate(model, [[1, 2, 3]], max_new_tokens=5)
+    generate(model, PROMPTS, max_new_tokens=24)
     before = (prefill._cache_size(), decode._cache_size())
-    for n in range(4, 14):  # prompt lengths and budgets inside the same buckets
-        generate(model, [list(range(1, n))], max_new_tokens=n)
+    for n in range(17, 33, 3):  # prompt lengths and budgets inside the same buckets (32, 32)
+        generate(model, [list(range(1, n))] + PROMPTS[1:], max_new_tokens=n)
     assert (prefill._cache_size(), decode._cache_size()) == before
 
 
@@ -222,3 +222,44 @@ def test_bad_arguments(model, kw, match):
         generate(model, PROMPTS, **kw)
     with pytest.raises(SampleError, match="outside the vocabulary"):
         generate(model, [[CFG.vocab_size]], max_new_tokens=2)
+
+
+# ----------------------------------------------------------------------------- sharded parameters
+
+SHARDED_SCRIPT = r"""
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax
+from flax import nnx
+from jaxgpt.model import GPT2
+from jaxgpt.sample import generate
+from jaxgpt.sharding import make_mesh, make_place
+from jaxgpt.weights import config_from_hf, load_pretrained
+
+folder, prompts, kw, expected = sys.argv[1], *map(json.loads, sys.argv[2:])
+cfg = config_from_hf(folder + "/config.json")
+mesh = make_mesh((1, 2, 4))  # fsdp 2 x tensor 4
+abstract = nnx.state(nnx.eval_shape(lambda: GPT2(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+sharded, _ = load_pretrained(folder, place=make_place(abstract, mesh))
+assert len(sharded.wte[...].sharding.device_set) == 8
+assert sharded.h[0].attn.c_attn_kernel[...].sharding.spec != jax.sharding.PartitionSpec()
+got = generate(sharded, prompts, **kw)
+assert got == expected, (got, expected)
+print("SHARDED_OK")
+"""
+
+
+def test_sharded_params_generate_the_same(model, tmp_path):
+    """Parameters sharded over an 8-device CPU mesh (fsdp x tensor) give the unsharded tokens,
+    sampling with top-k and top-p (a sort over vocab-sharded logits)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    kw = dict(max_new_tokens=20, temperature=1.2, top_k=40, top_p=0.95, seed=7)
+    expected = generate(model, PROMPTS, **kw)
+    folder = save_pretrained(model, tmp_path / "hf")  # vocab padding is a load-time choice: 384 -> 300 rows
+    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(folder), *map(json.dumps, (PROMPTS, kw, expected))],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0 and "SHARDED_OK" in proc.stdout, proc.stderr[-3000:]
