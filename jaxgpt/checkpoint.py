@@ -313,9 +313,16 @@ class Checkpointer:
             raise CheckpointError(f"{self.directory}: opened read-only, cannot save")
         self._raise_background_error()
         if not force and not self._mngr.should_save(step):
+            latest = self._mngr.latest_step()
+            if latest is not None and step <= latest and step % self.save_every == 0:
+                self._warn_stale(step, latest)
             return False
         if step in self._mngr.all_steps():
             return False  # already saved (e.g. the final step was also a save_every step)
+        latest = self._mngr.latest_step()
+        if latest is not None and step < latest:
+            self._warn_stale(step, latest)
+            return False
         if tokenizer is None:
             log.warning("checkpoint step %d is saved without a tokenizer", step)
         state = {"step": int(step), "data_state": _json_roundtrip(data_state, "data_state"), "rng": _rng_to_json(rng)}
@@ -334,6 +341,11 @@ class Checkpointer:
         if saved:
             self._pending_step = step
         return saved
+
+    def _warn_stale(self, step: int, latest: int):
+        # orbax only saves steps after its latest one: say so instead of silently skipping.
+        log.warning("checkpoint step %d not saved: %s already holds step %d (a new run in a used "
+                    "output_dir without resuming?)", step, self.directory, latest)
 
     def _tokenizer_item(self, tokenizer) -> dict:
         if self._tok_cache is None or self._tok_cache[0] != id(tokenizer):
