@@ -396,3 +396,89 @@ def test_restore_on_another_mesh(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     for line in ("MESH 2x4 OK", "ONE DEVICE OK", "INFERENCE OK"):
         assert line in r.stdout
+
+
+TWO_PROCESSES = textwrap.dedent("""
+    import sys
+    import jax
+    pid = int(sys.argv[1])
+    jax.config.update("jax_num_cpu_devices", 4)
+    jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2, process_id=pid,
+                               initialization_timeout=120)
+    sys.path.insert(0, {tests!r})
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from test_checkpoint import make_state, save, assert_bit_equal, host
+    from jaxgpt.checkpoint import Checkpointer, abstract_like
+
+    assert jax.device_count() == 8 and jax.local_device_count() == 4
+    graphdef, rest, params, opt_state = make_state()   # same values on both processes (numpy init, seed 0)
+    want_p = host(params)
+
+    def spec(x):
+        dims = [d for d in np.argsort(x.shape)[::-1] if x.shape[d] % 8 == 0]
+        return P(*[("fsdp" if d == dims[0] else None) for d in range(x.ndim)]) if dims else P()
+
+    def put(tree, mesh):
+        # each process supplies only its own shards, as in a real multi-host run
+        def one(x):
+            s = NamedSharding(mesh, spec(x))
+            host_x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, s, lambda idx: host_x[idx])
+        return jax.tree.map(one, tree)
+
+    mesh = Mesh(np.array(jax.devices()).reshape(8), ("fsdp",))
+    sharded = (graphdef, rest, put(params, mesh), put(opt_state, mesh))
+    assert not sharded[2]["wte"][...].is_fully_addressable
+    ckpt = Checkpointer({dir!r}, save_every=1)
+    save(ckpt, 1, sharded, data_state={{"index": 4}})
+    ckpt.close()
+
+    mesh2 = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"))
+    abs_p = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh2, spec(x))), want_p)
+    out = Checkpointer({dir!r}, save_every=1).restore(abstract_params=abs_p, abstract_opt_state=None)
+    assert out["data_state"] == {{"index": 4}} and out["step"] == 1
+    from jax.experimental import multihost_utils
+    gathered = jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), out["params"])
+    assert_bit_equal(host(gathered), want_p)
+    print("PROCESS", pid, "OK")
+
+    # Preemption: SIGTERM reaches only process 1; JAX's preemption service makes
+    # both processes stop at the same step (and the guard leaves SIGTERM to JAX).
+    import os, signal, time
+    from jaxgpt.checkpoint import PreemptionGuard
+    before = signal.getsignal(signal.SIGTERM)
+    with PreemptionGuard() as guard:
+        assert signal.getsignal(signal.SIGTERM) is before
+        for step in range(1, 400):
+            multihost_utils.sync_global_devices(f"step{{step}}")  # stands in for the train step
+            if pid == 1 and step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            if guard.should_stop(step):
+                print("PROCESS", pid, "STOPPED AT", step)
+                break
+            time.sleep(0.02)
+""")
+
+
+def test_two_processes_save_restore_and_preempt_together(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = TWO_PROCESSES.format(port=port, tests=str(ROOT / "tests"), dir=str(tmp_path / "ckpt"))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen(["timeout", "240", sys.executable, "-c", code, str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for i, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
+        assert f"PROCESS {i} OK" in out
+    stops = [[line for line in out.splitlines() if "STOPPED AT" in line] for out in outs]
+    assert len(stops[0]) == len(stops[1]) == 1, outs
+    assert stops[0][0].split()[-1] == stops[1][0].split()[-1]  # the same step on both
+    assert int(stops[0][0].split()[-1]) >= 3
+    # both processes wrote their own array shards into one checkpoint
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "1" / "params").glob("ocdbt.process_*")) == \
+        ["ocdbt.process_0", "ocdbt.process_1"]
