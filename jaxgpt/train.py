@@ -204,26 +204,42 @@ def load_tokenizer_for(cfg: Config):
     return load_tokenizer(name)
 
 
-def build_model(cfg: Config, vocab_size: int, mesh) -> tuple[Any, nnx.State, nnx.State, GPT2Config]:
-    """(graphdef, params, rest, model config) with every parameter already in its shards.
-
-    The embedding grows to ``vocab_size`` (the tokenizer, incl. added chat tokens).
-    """
+def model_config(cfg: Config, vocab_size: int) -> GPT2Config:
+    """The architecture to train (from the HF config.json, or the from-scratch keys), before any weights."""
     m = cfg.model
     numerics = dict(dtype=m.dtype, param_dtype=m.param_dtype, vocab_multiple=m.vocab_multiple,
                     dropout=m.dropout, remat=m.remat)
     if m.name_or_path is None:
-        gcfg = GPT2Config(vocab_size=m.vocab_size or vocab_size, n_positions=m.n_positions, n_embd=m.n_embd,
-                          n_layer=m.n_layer, n_head=m.n_head, **numerics)
+        try:
+            return GPT2Config(vocab_size=m.vocab_size or vocab_size, n_positions=m.n_positions, n_embd=m.n_embd,
+                              n_layer=m.n_layer, n_head=m.n_head, **numerics)
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+    from jaxgpt import weights
+
+    return weights.config_from_hf(weights.resolve(m.name_or_path) / "config.json", **numerics)
+
+
+def build_model(cfg: Config, gcfg: GPT2Config, vocab_size: int, mesh) -> tuple[Any, nnx.State, nnx.State, GPT2Config]:
+    """(graphdef, params, rest, model config) with every parameter created or loaded in its shards.
+
+    The embedding grows to ``vocab_size`` (the tokenizer, incl. added chat tokens);
+    the returned config records the new size.
+    """
+    m = cfg.model
+    if m.name_or_path is None:
+        if m.vocab_size is None:  # from scratch: the tokenizer's final size, chat tokens included
+            gcfg = gcfg.replace(vocab_size=vocab_size)
         graphdef, params, rest = sharding.init_sharded(lambda: GPT2(gcfg, rngs=nnx.Rngs(m.init_seed)), mesh)
     else:
         from jaxgpt import weights
 
-        folder = weights.resolve(m.name_or_path)
-        gcfg = weights.config_from_hf(folder / "config.json", **numerics)
         abstract = nnx.eval_shape(lambda: GPT2(gcfg, rngs=nnx.Rngs(0)))
         _, abs_params, _ = nnx.split(abstract, nnx.Param, ...)
-        model, gcfg = weights.load_pretrained(folder, place=sharding.make_place(abs_params, mesh), **numerics)
+        place = sharding.make_place(abs_params, mesh)
+        model, gcfg = weights.load_pretrained(weights.resolve(m.name_or_path), place=place, dtype=gcfg.dtype,
+                                              param_dtype=gcfg.param_dtype, vocab_multiple=gcfg.vocab_multiple,
+                                              dropout=gcfg.dropout, remat=gcfg.remat)
         graphdef, params, _ = nnx.split(model, nnx.Param, ...)
         # load_pretrained leaves the non-parameter state (dropout RNG streams) abstract:
         # make it concretely; jit drops the unused parameter init.
@@ -395,10 +411,11 @@ def train(cfg: Config) -> TrainResult:
     micro = t.batch_size // t.grad_accum
 
     tokenizer = load_tokenizer_for(cfg)
+    arch = model_config(cfg, len(tokenizer))
+    if cfg.data.seq_len > arch.n_positions:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's n_positions={arch.n_positions}")
     train_data, eval_set = make_data(cfg, tokenizer, mesh)  # adds chat tokens to the tokenizer
-    graphdef, params, rest, gcfg = build_model(cfg, len(tokenizer), mesh)
-    if cfg.data.seq_len > gcfg.n_positions:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's n_positions={gcfg.n_positions}")
+    graphdef, params, rest, gcfg = build_model(cfg, arch, len(tokenizer), mesh)
     tx, schedule = make_optimizer(cfg, params)
     p_shard = jax.tree.map(lambda x: x.sharding, params)
     abs_opt = jax.eval_shape(tx.init, params)
@@ -443,9 +460,10 @@ def train(cfg: Config) -> TrainResult:
     def finish(step, m) -> None:
         """Read one step's metrics back (one step behind dispatch, so the host never idles the device)."""
         nonlocal bad_in_a_row, window_t0, window_tokens
-        m = jax.device_get(m)
+        m = jax.device_get(m)  # waits for the step to finish
         loss, ok = float(m["loss"]), bool(m["ok"])
         result.losses[step] = loss
+        window_tokens += tokens_per_step
         if not ok:
             bad_in_a_row += 1
             result.skipped.append(step)
@@ -482,7 +500,6 @@ def train(cfg: Config) -> TrainResult:
                 batch = _global_batch(local, mesh, micro)
                 step_key = jax.random.key_data(jax.random.fold_in(key, step))
                 state, metrics = step_fn(state, batch, step_key)
-                window_tokens += tokens_per_step
                 if pending is not None:
                     finish(*pending)
                 pending = (step, metrics)

@@ -1,0 +1,148 @@
+"""Config loading, overrides, --help and every validation message (acceptance 7, config part)."""
+
+from __future__ import annotations
+
+import pytest
+
+from jaxgpt.config import Config, ConfigError, from_dict, help_text, load_config, validate
+from jaxgpt.train import main, train
+from tests.conftest import ROOT
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config) and cfg.data.sources
+
+
+def test_no_config_means_demo():
+    cfg = load_config()
+    assert cfg.to_dict() == load_config(ROOT / "configs" / "demo.yaml").to_dict()
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["optimizer.lr=3e-5", "train.steps=200", "model.name_or_path=null",
+                             "logging.sample_prompts=[hi, 'who are you?']", "optimizer.grad_clip=null",
+                             "mesh.fsdp=-1", "checkpoint.async_save=false"])
+    assert cfg.optimizer.lr == 3e-5 and isinstance(cfg.optimizer.lr, float)
+    assert cfg.train.steps == 200 and cfg.model.name_or_path is None and cfg.optimizer.grad_clip is None
+    assert cfg.logging.sample_prompts == ["hi", "who are you?"]
+    assert cfg.checkpoint.async_save is False and cfg.mesh.fsdp == -1
+
+
+def test_yaml_float_without_dot(tmp_path):
+    # YAML 1.1 reads 3e-5 as a string; the config still gets a float.
+    path = tmp_path / "c.yaml"
+    path.write_text("optimizer:\n  lr: 3e-5\n")
+    assert load_config(path).optimizer.lr == 3e-5
+
+
+def test_unknown_key_suggests():
+    with pytest.raises(ConfigError, match=r"unknown key 'optimizer.lrr' \(did you mean 'optimizer.lr'\?\)"):
+        load_config(None, ["optimizer.lrr=1e-4"])
+
+
+def test_unknown_key_in_file_names_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  step: 10\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: unknown key 'train.step' \(did you mean 'train.steps'\?\)$"):
+        load_config(path)
+
+
+def test_unknown_section_suggests():
+    with pytest.raises(ConfigError, match=r"unknown section 'optimiser' \(did you mean 'optimizer'\?\)"):
+        load_config(None, ["optimiser.lr=1e-4"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.steps=abc", r"train.steps: expected an integer, got 'abc'"),
+    ("train.steps=1.5", r"train.steps: expected an integer, got 1.5"),
+    ("optimizer.lr=fast", r"optimizer.lr: expected a number, got 'fast'"),
+    ("checkpoint.async_save=maybe", r"checkpoint.async_save: expected true or false, got 'maybe'"),
+    ("logging.sample_prompts=5", r"logging.sample_prompts: expected a list, got 5"),
+    ("model.name_or_path=3", r"model.name_or_path: expected str \| None, got 3"),
+])
+def test_wrong_type(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_data_section_checked_by_its_owner():
+    with pytest.raises(ConfigError, match=r"data.seq_len must be an integer >= 2"):
+        load_config(None, ["data.seq_len=1"])
+    with pytest.raises(ConfigError, match=r"unknown key 'data.seqlen' \(did you mean 'data.seq_len'\?\)"):
+        load_config(None, ["data.seqlen=64"])
+
+
+def test_not_an_override():
+    with pytest.raises(ConfigError, match=r"'train.steps' is not a key=value override"):
+        load_config(None, ["train.steps"])
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  steps: 10\n  batch_size: [1, 2\n")
+    with pytest.raises(ConfigError, match=rf"{path}: line \d+ invalid YAML"):
+        load_config(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_mesh_must_match_devices():
+    cfg = from_dict({"mesh": {"data": 2, "fsdp": 2, "tensor": 1}})
+    with pytest.raises(ConfigError, match=r"^mesh: data\*fsdp\*tensor = 2\*2\*1 = 4 does not match the 8 devices$"):
+        validate(cfg, 8)
+    cfg = from_dict({"mesh": {"data": 3, "fsdp": -1, "tensor": 1}})
+    with pytest.raises(ConfigError, match=r"mesh.fsdp=-1: the other axes \(3 devices\) do not divide the 8 devices"):
+        validate(cfg, 8)
+    cfg = from_dict({"mesh": {"data": -1, "fsdp": -1, "tensor": 1}})
+    with pytest.raises(ConfigError, match=r"only one axis may be -1"):
+        validate(cfg, 8)
+    assert validate(from_dict({"mesh": {"data": 2, "fsdp": -1, "tensor": 2}, "train": {"batch_size": 8}}), 8) == (2, 2, 2)
+
+
+def test_batch_must_divide_data_parallel():
+    cfg = from_dict({"mesh": {"data": 2, "fsdp": 4, "tensor": 1}, "train": {"batch_size": 12}})
+    with pytest.raises(ConfigError, match=r"train.batch_size=12: the micro-batch of 12 sequences \(batch_size / "
+                                          r"grad_accum\) is not divisible by the data-parallel size data\*fsdp = 2\*4 = 8"):
+        validate(cfg, 8)
+    cfg = from_dict({"train": {"batch_size": 8, "grad_accum": 3}})
+    with pytest.raises(ConfigError, match=r"train.batch_size=8 is not divisible by train.grad_accum=3"):
+        validate(cfg, 1)
+
+
+def test_schedule_name_checked():
+    with pytest.raises(ConfigError, match=r"schedule.name='cosin': choose from cosine, linear, constant"):
+        validate(from_dict({"schedule": {"name": "cosin"}}), 1)
+
+
+def test_train_validates_before_compiling(tmp_path):
+    # One CPU device here: a 2-device mesh is refused before any model or data is built.
+    cfg = from_dict({"mesh": {"data": 2, "fsdp": 1, "tensor": 1}, "train": {"output_dir": str(tmp_path)}})
+    with pytest.raises(ConfigError, match=r"does not match the 1 devices"):
+        train(cfg)
+    cfg = load_config(None, ["data.seq_len=512", "model.n_positions=128", f"train.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"data.seq_len=512 exceeds the model's n_positions=128"):
+        train(cfg)
+
+
+def test_help_lists_keys_and_defaults(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "usage: python -m jaxgpt.train" in out
+    for line in ("optimizer.lr: float = 0.0003", "train.steps: int = 1000", "mesh.fsdp: int = -1",
+                 "data.seq_len: int = 1024", "schedule.name: str = 'cosine'"):
+        assert line in out
+    assert out.count("\n") > 50 and help_text() in out
+
+
+def test_cli_error_is_one_line(capsys):
+    assert main(["optimizer.lrr=1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "did you mean 'optimizer.lr'" in err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err

@@ -1,0 +1,86 @@
+"""Logical-axis rules and mesh equivalence: the same run on 1x1x1, 8x1x1, 1x8x1, 2x2x2 (acceptance 2).
+
+The multi-device runs happen in a subprocess with 8 simulated CPU devices
+(XLA_FLAGS must be set before JAX starts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
+
+from jaxgpt.sharding import logical_to_spec
+from tests.conftest import ROOT
+
+MESH_8 = AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+FSDP_8 = AbstractMesh((1, 8, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+
+
+def test_rules_map_logical_axes():
+    assert logical_to_spec(("vocab", "embed"), (1024, 64), MESH_8) == P("tensor", "fsdp")
+    assert logical_to_spec(("embed", None, "heads", "head_dim"), (64, 3, 4, 16), MESH_8) == P("fsdp", None, "tensor", None)
+    assert logical_to_spec(("embed", "mlp"), (64, 256), FSDP_8) == P("fsdp", None)  # tensor axis of size 1: unused
+    assert logical_to_spec(("batch", "seq"), (8, 32), MESH_8) == P(("data", "fsdp"), None)
+
+
+def test_indivisible_dims_are_replicated():
+    # GPT-2's 50257 vocab rows do not split in 2: replicated (set model.vocab_multiple to shard them).
+    assert logical_to_spec(("vocab", "embed"), (50257, 64), MESH_8) == P(None, "fsdp")
+    assert logical_to_spec(("embed",), (6,), FSDP_8) == P(None)
+
+
+def run_worker(raw: dict, meshes, devices: int = 8, timeout: int = 600) -> list[dict]:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "train_worker.py"), json.dumps(raw), json.dumps(meshes)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+
+
+def mesh_config(tmp_path) -> dict:
+    return {
+        "model": {"n_layer": 2, "n_head": 4, "n_embd": 64, "n_positions": 32, "vocab_multiple": 8},
+        "data": {"sources": [str(ROOT / "jaxgpt" / "assets" / "demo_chat.jsonl")], "seq_len": 32, "max_examples": 64},
+        "optimizer": {"lr": 3e-3},
+        "schedule": {"name": "cosine", "warmup_steps": 1},
+        "train": {"steps": 3, "batch_size": 8, "eval_every": 0, "output_dir": str(tmp_path / "run")},
+        "checkpoint": {"enabled": False},
+        "logging": {"progress_bar": False, "tensorboard": False, "plot": False, "log_every": 1},
+    }
+
+
+def test_meshes_give_same_losses_and_shard_params(tmp_path):
+    from jaxgpt.config import from_dict
+    from jaxgpt.train import train
+    from tests.train_worker import describe
+
+    raw = mesh_config(tmp_path)
+    single = {"mesh": [1, 1, 1], **describe(train(from_dict({**raw, "mesh": {"data": 1, "fsdp": 1, "tensor": 1}})))}
+    runs = [single] + run_worker(raw, [[8, 1, 1], [1, 8, 1], [2, 2, 2]])
+    assert [r["mesh"] for r in runs] == [[1, 1, 1], [8, 1, 1], [1, 8, 1], [2, 2, 2]]
+    base = np.array(runs[0]["losses"])
+    assert len(base) == 3 and np.isfinite(base).all()
+    for r in runs[1:]:
+        rel = np.abs(np.array(r["losses"]) - base) / base
+        assert rel.max() <= 1e-4, f"mesh {r['mesh']}: relative loss differences {rel}"
+
+    by_mesh = {tuple(r["mesh"]): r["params"] for r in runs}
+    one, dp, fsdp, mixed = by_mesh[(1, 1, 1)], by_mesh[(8, 1, 1)], by_mesh[(1, 8, 1)], by_mesh[(2, 2, 2)]
+    assert one["wte"]["devices"] == 1
+    # data parallel: parameters replicated on all 8 devices
+    assert dp["h.0.mlp.c_fc_kernel"]["devices"] == 8 and dp["h.0.mlp.c_fc_kernel"]["shard_shape"] == [64, 256]
+    # FSDP: every matrix split 8 ways along embed
+    assert fsdp["h.0.mlp.c_fc_kernel"]["spec"] == "P('fsdp', None)"
+    assert fsdp["h.0.mlp.c_fc_kernel"]["shard_shape"] == [8, 256]
+    assert fsdp["wte"]["shard_shape"] == [50264, 8]
+    # 2x2x2: embed over fsdp, heads / mlp / vocab over tensor
+    assert mixed["h.0.attn.c_attn_kernel"]["spec"] == "P('fsdp', None, 'tensor', None)"
+    assert mixed["h.0.attn.c_attn_kernel"]["shard_shape"] == [32, 3, 2, 16]
+    assert mixed["h.0.mlp.c_proj_kernel"]["shard_shape"] == [128, 32]
+    assert mixed["wte"]["shard_shape"] == [25132, 32]

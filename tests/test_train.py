@@ -1,0 +1,176 @@
+"""The train step and loop against references: PyTorch GPT-2 training, overfitting, fault handling.
+
+Tiny models (width 32-64, 2 layers); the vocabulary is GPT-2's (+2 ChatML tokens),
+since the data goes through the real tokenizer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from jaxgpt.config import from_dict
+from jaxgpt.train import TrainingError, train
+from tests.conftest import ROOT, shared_path
+
+DEMO = str(ROOT / "jaxgpt" / "assets" / "demo_chat.jsonl")
+DEMO_HELDOUT = str(ROOT / "jaxgpt" / "assets" / "demo_chat_heldout.jsonl")
+QUIET = {"progress_bar": False, "tensorboard": False, "plot": False, "log_every": 5}
+
+
+def tiny_config(tmp_path, **sections):
+    raw = {
+        "model": {"n_layer": 2, "n_head": 4, "n_embd": 32, "n_positions": 64},
+        "data": {"sources": [DEMO], "seq_len": 64, "max_examples": 64},
+        "optimizer": {"lr": 3e-3},
+        "schedule": {"name": "cosine", "warmup_steps": 3},
+        "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+        "train": {"steps": 20, "batch_size": 4, "eval_every": 0, "output_dir": str(tmp_path / "run")},
+        "checkpoint": {"enabled": False},
+        "logging": dict(QUIET),
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return from_dict(raw)
+
+
+# ----------------------------------------------------------------------------- 1. parity with PyTorch
+
+
+def torch_reference_losses(cfg, hf_dir, steps):
+    """A plain PyTorch loop over transformers' GPT2LMHeadModel with the same data, AdamW,
+    weight-decay groups, clipping and warmup+cosine schedule."""
+    torch = pytest.importorskip("torch")
+    from transformers import GPT2LMHeadModel
+
+    from jaxgpt.data import DataIterator, build_datasets
+    from jaxgpt.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    train_set, _ = build_datasets(cfg.data, tok)
+    it = DataIterator(train_set, cfg.train.batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
+    model = GPT2LMHeadModel.from_pretrained(hf_dir, attn_implementation="eager").float().train()
+    o, s = cfg.optimizer, cfg.schedule
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "wte" in n or "wpe" in n]
+    decay = [p for n, p in model.named_parameters() if not (p.ndim < 2 or "wte" in n or "wpe" in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
+    end, total, warm = s.min_lr_ratio, cfg.train.steps, s.warmup_steps
+
+    def lr_lambda(t):  # linear warmup from 0, cosine to min_lr_ratio (written out, not optax's)
+        if t < warm:
+            return t / warm
+        return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * min(t - warm, total - warm) / (total - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    losses = []
+    for _ in range(steps):
+        b = {k: torch.from_numpy(np.asarray(v)) for k, v in next(it).items()}
+        # One conversation per row is not guaranteed: packed rows get a block-diagonal mask.
+        seg = b["segment_ids"]
+        causal = torch.tril(torch.ones(seg.shape[1], seg.shape[1], dtype=torch.bool))
+        allowed = causal & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+        allowed |= torch.eye(seg.shape[1], dtype=torch.bool)  # pad rows attend to themselves (never trained)
+        bias = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        logits = model(input_ids=b["input_ids"].long(), position_ids=b["positions"].long(),
+                       attention_mask=bias[:, None]).logits
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["targets"].long().flatten(), reduction="none")
+        mask = b["loss_mask"].float().flatten()
+        loss = (ce * mask).sum() / mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_parity_with_pytorch_gpt2(tmp_path):
+    """20 AdamW steps: jaxgpt (2 accumulated micro-batches) vs a PyTorch loop (one batch) within 1e-3 relative."""
+    torch = pytest.importorskip("torch")
+    from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
+
+    from jaxgpt.tokenizer import add_chat_template, load_tokenizer
+
+    vocab = len(add_chat_template(load_tokenizer()))  # 50259: the model already fits the ChatML tokens
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(HFConfig(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    hf_dir = tmp_path / "hf"
+    hf.save_pretrained(hf_dir)
+    cfg = tiny_config(tmp_path, model={"name_or_path": str(hf_dir)},
+                      optimizer={"lr": 3e-3, "weight_decay": 0.1, "grad_clip": 0.5},
+                      schedule={"name": "cosine", "warmup_steps": 3, "min_lr_ratio": 0.1},
+                      train={"steps": 20, "batch_size": 4, "grad_accum": 2})
+    ours = train(cfg)
+    ref = torch_reference_losses(cfg, str(hf_dir), 20)
+    got = np.array([ours.losses[s] for s in range(1, 21)])
+    rel = np.abs(got - np.array(ref)) / np.abs(np.array(ref))
+    assert rel.max() < 1e-3, f"per-step relative loss differences {rel}"
+    assert got[-1] < got[0] - 0.5, "the model did not learn"  # the comparison is not between two flat lines
+
+
+# ----------------------------------------------------------------------------- 6. overfitting
+
+
+def test_overfits_sharegpt_identity(tmp_path):
+    data = shared_path("chat", "sharegpt_identity.json")
+    # 8 conversations packed into 5 rows of 128: every step sees all of them (~0.05 by step 40).
+    cfg = tiny_config(tmp_path, model={"n_embd": 64, "n_positions": 128},
+                      data={"sources": [str(data)], "seq_len": 128, "max_examples": 8},
+                      optimizer={"lr": 1e-2, "weight_decay": 0.0},
+                      schedule={"name": "constant", "warmup_steps": 5},
+                      train={"steps": 45, "batch_size": 5, "eval_every": 0},
+                      logging={"log_every": 15})
+    result = train(cfg)
+    final = result.losses[cfg.train.steps]
+    assert final < 0.1, f"train loss after {cfg.train.steps} steps: {final}"
+
+
+# ----------------------------------------------------------------------------- logging and non-finite steps
+
+
+def test_outputs_metrics_eval_plot(tmp_path):
+    import json
+
+    cfg = tiny_config(tmp_path, data={"eval_sources": [DEMO_HELDOUT]},
+                      train={"steps": 6, "eval_every": 3, "eval_batches": 2},
+                      logging={"log_every": 3, "tensorboard": True, "plot": True})
+    result = train(cfg)
+    out = tmp_path / "run"
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in records if "loss" in r]
+    eval_recs = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in train_recs] == [3, 6]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(train_recs[0])
+    assert train_recs[0]["tokens_per_sec"] > 0 and train_recs[0]["loss"] == pytest.approx(result.losses[3])
+    assert [r["step"] for r in eval_recs] == [3, 6]
+    assert eval_recs[1]["eval_ppl"] == pytest.approx(math.exp(eval_recs[1]["eval_loss"]))
+    assert (out / "loss.png").stat().st_size > 1000
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model_config"]["vocab_size"] == 50259  # grown for the ChatML tokens
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
+    """lr=1e35 blows the weights up after step 1; later steps are non-finite, not applied, and
+    after train.max_nonfinite in a row the run stops; the last checkpoint stays finite."""
+    import jax
+    from flax import nnx
+
+    from jaxgpt.checkpoint import Checkpointer, checkpoint_dir, load_for_inference
+
+    cfg = tiny_config(tmp_path, optimizer={"lr": 1e35, "grad_clip": None},
+                      schedule={"name": "constant", "warmup_steps": 0},
+                      train={"steps": 10, "max_nonfinite": 3},
+                      checkpoint={"enabled": True, "save_every": 1, "async_save": False})
+    with pytest.raises(TrainingError, match=r"stopping at step 4: 3 non-finite steps in a row \(train.max_nonfinite=3\)"):
+        train(cfg)
+    ckpt = Checkpointer(checkpoint_dir(tmp_path / "run"), save_every=1, read_only=True)
+    assert ckpt.latest_step() == 3  # saved before the stop; step 4 never saved
+    model, _ = load_for_inference(tmp_path / "run")
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert leaves and all(np.isfinite(np.asarray(x)).all() for x in leaves)
