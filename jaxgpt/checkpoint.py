@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -115,6 +116,16 @@ def _rng_to_json(rng) -> dict:
 
 def _rng_from_json(d: dict) -> np.ndarray:
     return np.asarray(d["data"], dtype=np.uint32).reshape(d["shape"])
+
+
+def _same_on_all_processes(value) -> bool:
+    if jax.process_count() == 1:
+        return True
+    from jax.experimental import multihost_utils
+
+    digest = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).digest()[:8]
+    every = np.asarray(multihost_utils.process_allgather(np.frombuffer(digest, np.uint32)))
+    return bool((every == every[0]).all())
 
 
 def _tokenizer_files(tokenizer) -> dict:
@@ -326,6 +337,10 @@ class Checkpointer:
         if tokenizer is None:
             log.warning("checkpoint step %d is saved without a tokenizer", step)
         state = {"step": int(step), "data_state": _json_roundtrip(data_state, "data_state"), "rng": _rng_to_json(rng)}
+        if not _same_on_all_processes(state):
+            # JSON items are written by process 0 only; a per-process iterator state would be lost.
+            raise CheckpointError(f"{self.step_dir(step)}: data_state/rng differ between processes; a checkpoint "
+                                  f"keeps one copy, so the data iterator state must be global")
         items = dict(
             params=ocp.args.StandardSave(_to_pure(params)),
             opt_state=ocp.args.StandardSave(opt_state),

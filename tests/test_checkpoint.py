@@ -432,6 +432,12 @@ TWO_PROCESSES = textwrap.dedent("""
     assert not sharded[2]["wte"][...].is_fully_addressable
     ckpt = Checkpointer({dir!r}, save_every=1)
     save(ckpt, 1, sharded, data_state={{"index": 4}})
+    from jaxgpt.checkpoint import CheckpointError
+    try:  # a per-process data state cannot be kept in one JSON copy: refused on both processes
+        save(ckpt, 2, sharded, data_state={{"index": pid}})
+        raise AssertionError("differing data_state was saved")
+    except CheckpointError as e:
+        assert "data_state/rng differ between processes" in str(e), e
     ckpt.close()
 
     mesh2 = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"))
