@@ -220,15 +220,17 @@ def model_config(cfg: Config, vocab_size: int) -> GPT2Config:
     return weights.config_from_hf(weights.resolve(m.name_or_path) / "config.json", **numerics)
 
 
-def build_model(cfg: Config, gcfg: GPT2Config, vocab_size: int, mesh) -> tuple[Any, nnx.State, nnx.State, GPT2Config]:
+def build_model(cfg: Config, vocab_size: int, mesh, gcfg: GPT2Config | None = None
+                ) -> tuple[Any, nnx.State, nnx.State, GPT2Config]:
     """(graphdef, params, rest, model config) with every parameter created or loaded in its shards.
 
     The embedding grows to ``vocab_size`` (the tokenizer, incl. added chat tokens);
-    the returned config records the new size.
+    the returned config records the new size. ``gcfg``: ``model_config(cfg, ...)`` if already read.
     """
     m = cfg.model
+    gcfg = gcfg or model_config(cfg, vocab_size)
     if m.name_or_path is None:
-        if m.vocab_size is None:  # from scratch: the tokenizer's final size, chat tokens included
+        if m.vocab_size is None and vocab_size:  # from scratch: the tokenizer's final size, chat tokens included
             gcfg = gcfg.replace(vocab_size=vocab_size)
         graphdef, params, rest = sharding.init_sharded(lambda: GPT2(gcfg, rngs=nnx.Rngs(m.init_seed)), mesh)
     else:
@@ -415,7 +417,7 @@ def train(cfg: Config) -> TrainResult:
     if cfg.data.seq_len > arch.n_positions:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's n_positions={arch.n_positions}")
     train_data, eval_set = make_data(cfg, tokenizer, mesh)  # adds chat tokens to the tokenizer
-    graphdef, params, rest, gcfg = build_model(cfg, arch, len(tokenizer), mesh)
+    graphdef, params, rest, gcfg = build_model(cfg, len(tokenizer), mesh, arch)
     tx, schedule = make_optimizer(cfg, params)
     p_shard = jax.tree.map(lambda x: x.sharding, params)
     abs_opt = jax.eval_shape(tx.init, params)
