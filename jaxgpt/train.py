@@ -123,11 +123,9 @@ def applied_steps(opt_state) -> jax.Array:
 
 def loss_terms(graphdef, params, rest, batch, *, mesh=None, train: bool = True, rng=None):
     """(sum of float32 token losses over trained tokens, number of trained tokens)."""
+    # Fresh non-parameter Variables in this trace (nnx.remat / Dropout update them in place).
+    rest = reseeded(rest, rng)
     model = nnx.merge(graphdef, params, rest)
-    if rng is not None:
-        # One dropout stream per module path, derived from this step's key.
-        nnx.reseed(model, default=rng,
-                   policy=lambda path, key, shape: jax.random.fold_in(key, sharding.path_seed(path)))
     if not train:
         model.eval()
     logits = model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
@@ -136,6 +134,27 @@ def loss_terms(graphdef, params, rest, batch, *, mesh=None, train: bool = True, 
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
     mask = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(ce * mask), jnp.sum(mask)
+
+
+def reseeded(rest: nnx.State, key=None) -> nnx.State:
+    """A copy of the non-parameter state as fresh Variables of the current trace (not
+    ``.replace``, which keeps the old trace), so Dropout / nnx.remat may update them.
+
+    With ``key``, the dropout RNG streams restart from it: one stream per module path, so
+    each layer draws its own masks and a step's masks depend only on (seed, step, micro-batch).
+    """
+    flat = []
+    for path, var in nnx.to_flat_state(rest):
+        if key is None:
+            value = var.get_value()
+        elif isinstance(var, nnx.RngKey):
+            value = jax.random.fold_in(key, sharding.path_seed(path))
+        elif isinstance(var, nnx.RngCount):
+            value = jnp.zeros(var.shape, var.dtype)
+        else:
+            value = var.get_value()
+        flat.append((path, type(var)(value, **var.get_metadata())))
+    return nnx.from_flat_state(flat)
 
 
 def make_train_step(graphdef, rest, tx, *, mesh=None, dropout: bool = False,
@@ -153,7 +172,7 @@ def make_train_step(graphdef, rest, tx, *, mesh=None, dropout: bool = False,
         def micro(carry, xs):
             g_sum, l_sum, n_sum = carry
             mb, i = xs
-            k = jax.random.fold_in(rng, i) if dropout else None
+            k = jax.random.fold_in(jax.random.wrap_key_data(rng), i) if dropout else None
             (l, n), g = grad_fn(params, mb, k)
             return (jax.tree.map(jnp.add, g_sum, g), l_sum + l, n_sum + n), None
 
