@@ -530,24 +530,19 @@ def _check_fits(item_dir: Path, abstract, metadata):
 
 # ----------------------------------------------------------------------------- inference
 
-def _resolve(path: Path) -> tuple[Path, int]:
-    """(checkpoint root, step) for an output_dir, a checkpoint root or a step dir."""
+def _candidates(path: Path) -> tuple[list[Path], bool]:
+    """(step dirs to try, newest first; whether ``path`` named one step) for an output_dir, root or step dir."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     if not path.is_dir():
         raise CheckpointError(f"{path}: expected a checkpoint directory (training output_dir or a step dir), got a file")
     if (path / "params").is_dir() or (path / STEP_METADATA_FILE).exists():
-        if not path.name.isdigit():
-            raise CheckpointError(f"{path}: a checkpoint step folder must be named by its step number")
-        return path.parent, int(path.name)
+        return [path], True
     root = path / CHECKPOINT_SUBDIR if (path / CHECKPOINT_SUBDIR).is_dir() else path
     steps = sorted((int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
-    for step in steps:
-        missing = [n for n in (STEP_METADATA_FILE, "params", "config") if not (root / str(step) / n).exists()]
-        if not missing:
-            return root, step
-        log.warning("checkpoint %s is incomplete (missing %s); using the previous one", root / str(step), ", ".join(missing))
-    raise CheckpointError(f"{path}: no complete jaxgpt checkpoint found (looked in {root})")
+    if not steps:
+        raise CheckpointError(f"{path}: no jaxgpt checkpoint found (looked in {root})")
+    return [root / str(s) for s in steps], False
 
 
 def model_config_from(config: dict, source: str) -> GPT2Config:
@@ -578,27 +573,44 @@ def _read_tokenizer(step_dir: Path):
     tok_dir = step_dir / "tokenizer"
     if not tok_dir.is_dir():
         return None
-    item = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(tok_dir, args=ocp.args.JsonRestore())
-    return _tokenizer_from_files(item, str(step_dir))
+    try:
+        item = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(tok_dir, args=ocp.args.JsonRestore())
+        return _tokenizer_from_files(item, str(step_dir))
+    except Exception as e:  # orbax, json and transformers each raise their own types
+        raise CheckpointError(f"{tok_dir}: cannot read the saved tokenizer: {_short(e)}") from None
 
 
 def load_for_inference(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None):
     """(GPT2, tokenizer) from a training output_dir (latest complete step) or a step dir.
 
     Restores the parameters only (no optimizer state) onto one device, cast to
-    ``param_dtype`` (default: ``dtype``); dropout off, no remat.
+    ``param_dtype`` (default: ``dtype``); dropout off, no remat. For an
+    output_dir, an incomplete or corrupt latest step is reported and the
+    previous one used.
     """
-    root, step = _resolve(Path(path))
-    step_dir = root / str(step)
+    step_dirs, explicit = _candidates(Path(path))
+    for step_dir in step_dirs:
+        try:
+            return _load_step(step_dir, dtype, param_dtype or dtype)
+        except CheckpointError as e:
+            if explicit:
+                raise
+            log.warning("checkpoint is incomplete or corrupt: %s; using the previous one", e)
+    raise CheckpointError(f"{path}: no complete jaxgpt checkpoint found (every step is incomplete or corrupt)")
+
+
+def _load_step(step_dir: Path, dtype: str, param_dtype: str):
+    missing = [n for n in (STEP_METADATA_FILE, "params", "config") if not (step_dir / n).exists()]
+    if missing:
+        raise CheckpointError(f"{step_dir}: incomplete checkpoint (missing {', '.join(missing)})")
     ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=_registry()))
     try:
         config = ckptr.restore(step_dir, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     except Exception as e:
         raise CheckpointError(f"{step_dir}: cannot read the saved config: {_short(e)}") from None
     cfg = model_config_from(config, str(step_dir / "config"))
-    cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype or dtype, dropout=0.0, remat=False)
-    abstract = nnx.eval_shape(lambda: GPT2(cfg, rngs=nnx.Rngs(0)))
-    graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
+    cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype, dropout=0.0, remat=False)
+    graphdef, abs_params, _ = nnx.split(nnx.eval_shape(lambda: GPT2(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abs_pure = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                             nnx.to_pure_dict(abs_params))
@@ -614,8 +626,8 @@ def load_for_inference(path: str | os.PathLike, *, dtype: str = "float32", param
     nnx.replace_by_pure_dict(abs_params, pure)
     # Non-parameter state (dropout RNG streams) as a fresh init makes it; under
     # jit the unused parameter initialisers are dead code, so this is cheap.
-    fresh_rest = jax.jit(lambda: nnx.split(GPT2(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)[2])()
-    model = nnx.merge(graphdef, abs_params, fresh_rest)
+    rest = jax.jit(lambda: nnx.split(GPT2(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)[2])()
+    model = nnx.merge(graphdef, abs_params, rest)
     tokenizer = _read_tokenizer(step_dir)
     if tokenizer is None:
         from jaxgpt.tokenizer import load_tokenizer

@@ -293,7 +293,8 @@ def test_disk_full_on_save_keeps_previous_checkpoint(tmp_path):
         assert (tmp_path / mode / "1").is_dir() and not (tmp_path / mode / "2").exists()
 
 
-def test_load_for_inference_from_output_dir_and_step_dir(tmp_path, state, tokenizer):
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # see the corrupt-step test
+def test_load_for_inference_from_output_dir_and_step_dir(tmp_path, state, tokenizer, caplog):
     graphdef, rest, params, _ = state
     out_dir = tmp_path / "run"
     with Checkpointer(checkpoint_dir(out_dir), save_every=1, keep=3) as ckpt:
@@ -312,10 +313,19 @@ def test_load_for_inference_from_output_dir_and_step_dir(tmp_path, state, tokeni
     model, _ = load_for_inference(out_dir, dtype="bfloat16")
     assert model.wte[...].dtype == jnp.bfloat16 and model.config.dtype == "bfloat16"
     np.testing.assert_allclose(np.asarray(forward(model, ids)), want, atol=0.05)
+    # a corrupt latest step: reported, the previous one is loaded; asked for by name, it is an error
+    _truncate_array_files(checkpoint_dir(out_dir) / "5" / "params")
+    with caplog.at_level(logging.WARNING, logger="jaxgpt.checkpoint"):
+        model, tok = load_for_inference(out_dir)
+    assert tok.name_or_path == str(checkpoint_dir(out_dir) / "3")
+    assert any(str(checkpoint_dir(out_dir) / "5") in r.getMessage() and "corrupt" in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(CheckpointError, match=f"{checkpoint_dir(out_dir) / '5'}: cannot read parameter"):
+        load_for_inference(checkpoint_dir(out_dir) / "5")
     with pytest.raises(CheckpointError, match=f"{tmp_path / 'nope'}: no such checkpoint directory"):
         load_for_inference(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="no complete jaxgpt checkpoint"):
+    with pytest.raises(CheckpointError, match="no jaxgpt checkpoint found"):
         load_for_inference(tmp_path / "empty")
 
 
