@@ -1,0 +1,148 @@
+"""Export: a checkpoint trained by jaxgpt becomes an HF folder that transformers uses as is.
+
+References are transformers' own: GPT2LMHeadModel logits, the exported tokenizer's
+``apply_chat_template``, ``generate`` with the exported generation_config, and
+``pipeline("text-generation")``. A tiny model (2 layers, width 64, GPT-2's real
+tokenizer + ChatML tokens) is trained on the bundled demo chats long enough to
+end its replies with ``<|im_end|>``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jaxgpt.checkpoint import load_for_inference  # noqa: E402
+from jaxgpt.config import from_dict  # noqa: E402
+from jaxgpt.data import DataConfig, build_dataset  # noqa: E402
+from jaxgpt.export import ExportError, export, main as export_main  # noqa: E402
+from jaxgpt.sample import generate, stop_ids_for  # noqa: E402
+from jaxgpt.tokenizer import IM_END, add_chat_template, load_tokenizer  # noqa: E402
+from jaxgpt.train import train  # noqa: E402
+
+DEMO = Path(__file__).resolve().parents[1] / "jaxgpt" / "assets" / "demo_chat.jsonl"
+SEQ = 64
+LOGITS_ATOL = 1e-4  # float32 both sides; logits of this tiny model are O(10)
+
+
+def tiny_run(out: Path, steps: int) -> dict:
+    return {
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 128, "init_seed": 0},
+        "data": {"sources": [str(DEMO)], "seq_len": SEQ, "max_examples": 96},
+        "optimizer": {"lr": 1e-2, "weight_decay": 0.0},
+        "schedule": {"name": "constant", "warmup_steps": 5},
+        "train": {"steps": steps, "batch_size": 8, "eval_every": 0, "output_dir": str(out)},
+        "checkpoint": {"save_every": steps, "async_save": False},
+        "logging": {"log_every": steps, "progress_bar": False, "tensorboard": False, "plot": False},
+    }
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    run = root / "run"
+    train(from_dict(tiny_run(run, steps=40)))
+    hf = export(run, root / "hf", log=lambda *_: None)
+    return run, hf
+
+
+def test_folder_contents(exported):
+    run, hf = exported
+    cfg = json.loads((hf / "config.json").read_text())
+    gen = json.loads((hf / "generation_config.json").read_text())
+    tok = transformers.AutoTokenizer.from_pretrained(str(hf))
+    im_end = tok.convert_tokens_to_ids(IM_END)
+    # Chat tokens kept (50257 + 2), padding rows (if any) stripped: vocab == tokenizer size.
+    assert cfg["vocab_size"] == len(tok) == 50259
+    assert im_end == 50258
+    assert gen["eos_token_id"] == [im_end, tok.eos_token_id]
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+
+
+def test_logits_match_transformers(exported):
+    run, hf = exported
+    model, tok = load_for_inference(str(run))
+    torch_model = transformers.GPT2LMHeadModel.from_pretrained(str(hf), dtype=torch.float32).eval()
+    msgs = [{"role": "user", "content": "Who made you?"}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    ids = list(ids) + tok("I was made by")["input_ids"]
+    ours = np.asarray(model(jnp.asarray([ids], jnp.int32)))[0]
+    with torch.no_grad():
+        theirs = torch_model(torch.tensor([ids])).logits[0].numpy()
+    assert theirs.shape == ours.shape == (len(ids), 50259)
+    np.testing.assert_allclose(ours, theirs, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_chat_template_renders_what_jaxgpt_trained_on(exported):
+    run, hf = exported
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(hf))
+    jax_tok = add_chat_template(load_tokenizer())
+    data = build_dataset(DataConfig(sources=[str(DEMO)], seq_len=256, max_examples=16), jax_tok)
+    assert data.stats.truncated == 0
+    lines = DEMO.read_text().splitlines()
+    checked = 0
+    for k in range(data.num_segments):
+        ids, mask = data.segment(k)
+        line = int(data.segment_sources[k].rsplit(":", 1)[1])
+        messages = json.loads(lines[line - 1])["messages"]
+        # The whole conversation: same tokens as the training segment.
+        full = hf_tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        assert list(full) == ids.tolist()
+        # The prompt a user sends: the trained reply starts right where it ends.
+        prompt = hf_tok.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=False)
+        prompt_ids = hf_tok(prompt)["input_ids"]
+        assert ids[: len(prompt_ids)].tolist() == prompt_ids
+        assert mask[len(prompt_ids)] == 1 and not mask[: len(prompt_ids)].any()
+        checked += 1
+    assert checked == data.num_segments >= 16
+
+
+def test_generation_stops_at_end_of_turn(exported):
+    run, hf = exported
+    model, tok = load_for_inference(str(run))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(hf))
+    torch_model = transformers.GPT2LMHeadModel.from_pretrained(str(hf), dtype=torch.float32).eval()
+    msgs = [{"role": "user", "content": json.loads(DEMO.read_text().splitlines()[0])["messages"][0]["content"]}]
+    prompt = hf_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    im_end = hf_tok.convert_tokens_to_ids(IM_END)
+
+    # transformers generate with the exported generation_config: greedy, stops at <|im_end|>.
+    with torch.no_grad():
+        out = torch_model.generate(torch.tensor([list(prompt)]), max_new_tokens=48, do_sample=False)
+    new = out[0, len(prompt):].tolist()
+    assert new[-1] == im_end and im_end not in new[:-1] and len(new) < 48
+    # jaxgpt's sampler agrees token for token (greedy parity).
+    ours = generate(model, [list(prompt)], max_new_tokens=48, stop_ids=stop_ids_for(tok, model))[0]
+    assert ours == new
+
+    pipe = transformers.pipeline("text-generation", model=str(hf), device="cpu")
+    reply = pipe(msgs, max_new_tokens=48, do_sample=False)[0]["generated_text"]
+    assert reply[-1]["role"] == "assistant"
+    assert reply[-1]["content"] == hf_tok.decode(new[:-1], skip_special_tokens=True)
+
+
+def test_bfloat16_export_and_reexport(exported, tmp_path):
+    run, hf = exported
+    bf = export(hf, tmp_path / "bf16", dtype="bfloat16", log=lambda *_: None)  # source: an HF folder
+    torch_model = transformers.GPT2LMHeadModel.from_pretrained(str(bf))
+    assert torch_model.dtype == torch.bfloat16
+    assert json.loads((bf / "generation_config.json").read_text())["eos_token_id"] == [50258, 50256]
+
+
+def test_refuses_to_overwrite_and_names_missing_dir(exported, tmp_path, capsys):
+    run, hf = exported
+    with pytest.raises(ExportError, match="already exists"):
+        export(run, hf)
+    with pytest.raises(SystemExit) as e:
+        export_main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "nope: no such checkpoint directory" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
