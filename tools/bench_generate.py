@@ -1,0 +1,206 @@
+"""Generation speed: jaxgpt's compiled KV-cache loop vs transformers' PyTorch ``generate``.
+
+    python tools/bench_generate.py                # GPT-2 124M random init, CPU, batch 1 and 8, 128 new tokens
+    python tools/bench_generate.py --quick        # tiny model, a smoke run
+    python tools/bench_generate.py --bf16-weights # also jaxgpt with bfloat16-stored weights
+
+Both sides load the same weights: a random-init jaxgpt GPT-2 (config only, no
+download) written once with ``save_pretrained`` and read by
+``GPT2LMHeadModel.from_pretrained`` and ``jaxgpt.sample.load_model``. Greedy,
+no stop token (every row makes exactly ``--new-tokens``), random prompts of
+``--prompt-len`` tokens. Each measurement runs in its own fresh process (so
+thread pools and allocators of the two frameworks never meet); one untimed call
+first (jaxgpt compiles there), then the median of ``--repeats`` timed calls.
+tokens/s = batch * new tokens / wall time of one ``generate`` call, prefill
+included, end to end from host token ids to host token ids.
+
+The greedy tokens of both sides are compared too (same weights -> same tokens,
+up to float near-ties), and the bfloat16-weights run is scored against the
+float32 one: free-running token agreement, and teacher-forced top-1 agreement
+(bf16 argmax at every generated position of the float32 sequence).
+
+``tools/bench.py`` calls ``run(work_dir, quick=...)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024)
+TINY = dict(n_layer=2, n_head=2, n_embd=128, n_positions=512)
+RESULT_TAG = "BENCH_GENERATE "
+
+
+def prompts(vocab: int, batch: int, length: int) -> list[list[int]]:
+    import numpy as np
+
+    return np.random.default_rng(0).integers(0, vocab, (batch, length)).tolist()
+
+
+def write_model(folder: Path, arch: dict) -> Path:
+    """A random-init GPT-2 (seed 0) as an HF folder that both sides load."""
+    from flax import nnx
+
+    from jaxgpt.model import GPT2, GPT2Config
+    from jaxgpt.weights import save_pretrained
+
+    if not (folder / "model.safetensors").exists():
+        save_pretrained(GPT2(GPT2Config(**arch), rngs=nnx.Rngs(0)), folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------- one side, in its own process
+
+def side_jax(a: dict) -> dict:
+    import jax
+
+    from jaxgpt.sample import generate, load_model
+
+    model, _ = load_model(a["model"], param_dtype=a["param_dtype"])
+    ids = prompts(model.config.vocab_size, a["batch"], a["prompt_len"])
+
+    def call():
+        return generate(model, ids, max_new_tokens=a["new_tokens"])
+
+    t0 = time.perf_counter()
+    out = call()  # compiles
+    first_s = time.perf_counter() - t0
+    times = []
+    for _ in range(a["repeats"]):
+        t0 = time.perf_counter()
+        out = call()
+        times.append(time.perf_counter() - t0)
+    res = {"times_s": times, "first_call_s": first_s, "tokens": out, "backend": jax.default_backend()}
+    if a.get("reference_tokens"):  # teacher-forced top-1 agreement with the float32 greedy sequences
+        import jax.numpy as jnp
+        import numpy as np
+
+        seqs = np.array([p + t for p, t in zip(ids, a["reference_tokens"])], np.int32)
+        pred = np.asarray(jnp.argmax(model(jnp.asarray(seqs[:, :-1])), -1))[:, a["prompt_len"] - 1:]
+        res["teacher_forced_top1"] = float((pred == seqs[:, a["prompt_len"]:]).mean())
+    return res
+
+
+def side_torch(a: dict) -> dict:
+    import torch
+    from transformers import GenerationConfig, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(a["model"], dtype=torch.float32).eval()
+    # greedy, no stop token: every row makes exactly new_tokens, like the jaxgpt side
+    model.generation_config = GenerationConfig(do_sample=False, max_new_tokens=a["new_tokens"], eos_token_id=None,
+                                               pad_token_id=0)
+    ids = torch.tensor(prompts(model.config.vocab_size, a["batch"], a["prompt_len"]))
+    mask = torch.ones_like(ids)
+
+    def call():
+        with torch.inference_mode():
+            return model.generate(ids, attention_mask=mask)
+
+    t0 = time.perf_counter()
+    out = call()
+    first_s = time.perf_counter() - t0
+    times = []
+    for _ in range(a["repeats"]):
+        t0 = time.perf_counter()
+        out = call()
+        times.append(time.perf_counter() - t0)
+    return {"times_s": times, "first_call_s": first_s, "tokens": out[:, ids.shape[1]:].tolist(),
+            "torch_threads": torch.get_num_threads()}
+
+
+SIDES = {"jax": side_jax, "torch": side_torch}
+
+
+def run_side(side: str, args: dict, timeout: float = 3600) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--side-args", json.dumps(args)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            out = json.loads(line[len(RESULT_TAG):])
+            n = args["batch"] * args["new_tokens"]
+            out["tokens_per_s"] = n / statistics.median(out["times_s"])
+            return out
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+    raise RuntimeError(f"{side} side exited {proc.returncode}: " + " | ".join(tail))
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
+    return sum(x == y for x, y in pairs) / max(1, len(pairs))
+
+
+def run(work_dir: Path, *, quick: bool = False, batches=(1, 8), new_tokens: int = 128, prompt_len: int = 32,
+        repeats: int = 3, bf16_weights: bool = False, log=print) -> dict:
+    """Run every measurement; returns {"config": ..., "rows": [one dict per batch size]}."""
+    arch = TINY if quick else GPT2_124M
+    folder = write_model(Path(work_dir) / ("gen-tiny" if quick else "gen-124m"), arch)
+    rows = []
+    for batch in batches:
+        args = {"model": str(folder), "batch": batch, "new_tokens": new_tokens, "prompt_len": prompt_len,
+                "repeats": repeats, "param_dtype": "float32"}
+        torch_res = run_side("torch", args)
+        jax_res = run_side("jax", args)
+        row = {"batch": batch, "jaxgpt_tok_s": jax_res["tokens_per_s"], "torch_tok_s": torch_res["tokens_per_s"],
+               "ratio": jax_res["tokens_per_s"] / torch_res["tokens_per_s"],
+               "jaxgpt_first_call_s": jax_res["first_call_s"], "torch_first_call_s": torch_res["first_call_s"],
+               "greedy_token_agreement": agreement(jax_res["tokens"], torch_res["tokens"]),
+               "torch_threads": torch_res["torch_threads"]}
+        if bf16_weights:
+            bf = run_side("jax", {**args, "param_dtype": "bfloat16", "reference_tokens": jax_res["tokens"]})
+            row.update({"jaxgpt_bf16w_tok_s": bf["tokens_per_s"],
+                        "bf16w_vs_f32_free_running_agreement": agreement(bf["tokens"], jax_res["tokens"]),
+                        "bf16w_teacher_forced_top1": bf["teacher_forced_top1"]})
+        rows.append(row)
+        log(format_row(row))
+    return {"config": {"arch": arch, "new_tokens": new_tokens, "prompt_len": prompt_len, "repeats": repeats,
+                       "cores": os.cpu_count()}, "rows": rows}
+
+
+def format_row(r: dict) -> str:
+    s = (f"  generate batch {r['batch']}: jaxgpt {r['jaxgpt_tok_s']:.1f} tok/s, transformers {r['torch_tok_s']:.1f} "
+         f"tok/s -> {r['ratio']:.2f}x | first call {r['jaxgpt_first_call_s']:.1f}s vs {r['torch_first_call_s']:.1f}s"
+         f" | same greedy tokens {r['greedy_token_agreement']:.1%}")
+    if "jaxgpt_bf16w_tok_s" in r:
+        s += (f" | bf16 weights {r['jaxgpt_bf16w_tok_s']:.1f} tok/s "
+              f"({r['jaxgpt_bf16w_tok_s'] / r['torch_tok_s']:.2f}x), top-1 agreement teacher-forced "
+              f"{r['bf16w_teacher_forced_top1']:.1%}, free-running {r['bf16w_vs_f32_free_running_agreement']:.1%}")
+    return s
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny model instead of GPT-2 124M")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--bf16-weights", action="store_true", help="also time jaxgpt with bfloat16-stored weights")
+    p.add_argument("--work-dir", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--side", help=argparse.SUPPRESS)
+    p.add_argument("--side-args", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.side:
+        print(RESULT_TAG + json.dumps(SIDES[args.side](json.loads(args.side_args))), flush=True)
+        return 0
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="jaxgpt-bench-gen-"))
+    res = run(work, quick=args.quick, batches=[int(b) for b in args.batches.split(",")],
+              new_tokens=args.new_tokens, prompt_len=args.prompt_len, repeats=args.repeats,
+              bf16_weights=args.bf16_weights)
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
