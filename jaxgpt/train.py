@@ -264,14 +264,14 @@ def build_model(cfg: Config, vocab_size: int, mesh, gcfg: GPT2Config | None = No
         graphdef, params, _ = nnx.split(model, nnx.Param, ...)
         # load_pretrained leaves the non-parameter state (dropout RNG streams) abstract:
         # make it concretely; jit drops the unused parameter init.
-        rest = jax.jit(lambda: nnx.split(GPT2(gcfg, rngs=nnx.Rngs(m.init_seed)), nnx.Param, ...)[2])()
+        rest = jax.jit(lambda: nnx.split(GPT2(gcfg, rngs=nnx.Rngs(m.init_seed)), nnx.Param, ...)[2],
+                       out_shardings=sharding.replicated(mesh))()
     if vocab_size > gcfg.vocab_size:
         model = resize_token_embeddings(nnx.merge(graphdef, params, rest), vocab_size)
         gcfg = model.config
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     shardings = sharding.param_shardings(jax.tree.map(lambda x: x, params), mesh)
-    params = jax.device_put(params, shardings)
-    rest = jax.device_put(rest, sharding.replicated(mesh))
+    params = jax.device_put(params, shardings)  # a no-op unless the vocab resize moved wte
     return graphdef, params, rest, gcfg
 
 

@@ -88,13 +88,16 @@ def torch_reference_losses(cfg, hf_dir, steps):
     return losses
 
 
-def test_parity_with_pytorch_gpt2(tmp_path):
-    """20 AdamW steps: jaxgpt (2 accumulated micro-batches) vs a PyTorch loop (one batch) within 1e-3 relative."""
+@pytest.fixture(scope="module")
+def parity_run(tmp_path_factory):
+    """20 steps of jaxgpt from a transformers-initialised GPT-2 (2 accumulated micro-batches),
+    evaluating every 10 steps and writing every output, and the PyTorch reference losses."""
     torch = pytest.importorskip("torch")
     from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
 
     from jaxgpt.tokenizer import add_chat_template, load_tokenizer
 
+    tmp_path = tmp_path_factory.mktemp("parity")
     vocab = len(add_chat_template(load_tokenizer()))  # 50259: the model already fits the ChatML tokens
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(HFConfig(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4,
@@ -102,15 +105,44 @@ def test_parity_with_pytorch_gpt2(tmp_path):
     hf_dir = tmp_path / "hf"
     hf.save_pretrained(hf_dir)
     cfg = tiny_config(tmp_path, model={"name_or_path": str(hf_dir)},
+                      data={"eval_sources": [DEMO_HELDOUT]},
                       optimizer={"lr": 3e-3, "weight_decay": 0.1, "grad_clip": 0.5},
                       schedule={"name": "cosine", "warmup_steps": 3, "min_lr_ratio": 0.1},
-                      train={"steps": 20, "batch_size": 4, "grad_accum": 2})
+                      train={"steps": 20, "batch_size": 4, "grad_accum": 2, "eval_every": 10, "eval_batches": 2},
+                      logging={"log_every": 5, "tensorboard": True, "plot": True})
     ours = train(cfg)
     ref = torch_reference_losses(cfg, str(hf_dir), 20)
+    return cfg, ours, ref, tmp_path / "run"
+
+
+def test_parity_with_pytorch_gpt2(parity_run):
+    """20 AdamW steps: jaxgpt (2 accumulated micro-batches) vs a PyTorch loop (one batch) within 1e-3 relative."""
+    _, ours, ref, _ = parity_run
     got = np.array([ours.losses[s] for s in range(1, 21)])
     rel = np.abs(got - np.array(ref)) / np.abs(np.array(ref))
+    print(f"max relative loss difference to PyTorch over 20 steps: {rel.max():.2e}")
     assert rel.max() < 1e-3, f"per-step relative loss differences {rel}"
     assert got[-1] < got[0] - 0.5, "the model did not learn"  # the comparison is not between two flat lines
+
+
+def test_outputs_metrics_eval_plot(parity_run):
+    import json
+
+    _, result, _, out = parity_run
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in records if "loss" in r]
+    eval_recs = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in train_recs] == [5, 10, 15, 20]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(train_recs[0])
+    assert train_recs[0]["tokens_per_sec"] > 0 and train_recs[0]["loss"] == pytest.approx(result.losses[5])
+    # step 20 ran with the schedule at 19 updates: warmup 3, cosine over 17 steps down to 0.1 * lr
+    assert train_recs[-1]["lr"] == pytest.approx(3e-4 + 2.7e-3 * 0.5 * (1 + math.cos(math.pi * 16 / 17)), rel=1e-5)
+    assert [r["step"] for r in eval_recs] == [10, 20] and result.evals[20]["eval_loss"] < result.evals[10]["eval_loss"]
+    assert eval_recs[1]["eval_ppl"] == pytest.approx(math.exp(eval_recs[1]["eval_loss"]))
+    assert (out / "loss.png").stat().st_size > 1000
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model_config"]["vocab_size"] == 50259 and saved["optimizer"]["lr"] == 3e-3
 
 
 # ----------------------------------------------------------------------------- 6. overfitting
@@ -133,28 +165,6 @@ def test_overfits_sharegpt_identity(tmp_path):
 # ----------------------------------------------------------------------------- logging and non-finite steps
 
 
-def test_outputs_metrics_eval_plot(tmp_path):
-    import json
-
-    cfg = tiny_config(tmp_path, data={"eval_sources": [DEMO_HELDOUT]},
-                      train={"steps": 6, "eval_every": 3, "eval_batches": 2},
-                      logging={"log_every": 3, "tensorboard": True, "plot": True})
-    result = train(cfg)
-    out = tmp_path / "run"
-    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    train_recs = [r for r in records if "loss" in r]
-    eval_recs = [r for r in records if "eval_loss" in r]
-    assert [r["step"] for r in train_recs] == [3, 6]
-    assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(train_recs[0])
-    assert train_recs[0]["tokens_per_sec"] > 0 and train_recs[0]["loss"] == pytest.approx(result.losses[3])
-    assert [r["step"] for r in eval_recs] == [3, 6]
-    assert eval_recs[1]["eval_ppl"] == pytest.approx(math.exp(eval_recs[1]["eval_loss"]))
-    assert (out / "loss.png").stat().st_size > 1000
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    saved = json.loads((out / "config.json").read_text())
-    assert saved["model_config"]["vocab_size"] == 50259  # grown for the ChatML tokens
-
-
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
     """lr=1e35 blows the weights up after step 1; later steps are non-finite, not applied, and
     after train.max_nonfinite in a row the run stops; the last checkpoint stays finite."""
@@ -163,7 +173,11 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
 
     from jaxgpt.checkpoint import Checkpointer, checkpoint_dir, load_for_inference
 
-    cfg = tiny_config(tmp_path, optimizer={"lr": 1e35, "grad_clip": None},
+    pytest.importorskip("torch")
+    from tests.train_worker import tiny_hf_gpt2
+
+    cfg = tiny_config(tmp_path, model={"name_or_path": str(tiny_hf_gpt2(tmp_path / "hf"))},
+                      optimizer={"lr": 1e35, "grad_clip": None},
                       schedule={"name": "constant", "warmup_steps": 0},
                       train={"steps": 10, "max_nonfinite": 3},
                       checkpoint={"enabled": True, "save_every": 1, "async_save": False})
