@@ -351,6 +351,10 @@ class MetricsLog:
         if line:
             self.print(line)
 
+    def text(self, tag: str, text: str, step: int):
+        if self.tb is not None:
+            self.tb.add_text(tag, text, step)
+
     def print(self, text: str):
         if not self.main:
             return
@@ -593,8 +597,10 @@ def _samples(cfg: Config, logger: MetricsLog, graphdef, params, rest, tokenizer,
            for p in prompts]
     ids = [x["input_ids"] if isinstance(x, dict) or hasattr(x, "keys") else x for x in ids]
     outs = generate(model, ids, max_new_tokens=cfg.logging.sample_max_new_tokens, stop_ids=stop_token_ids(tokenizer))
-    for p, o in zip(prompts, outs):
-        logger.print(f"step {step} sample | {p!r} -> {tokenizer.decode(o, skip_special_tokens=True)!r}")
+    for i, (p, o) in enumerate(zip(prompts, outs)):
+        reply = tokenizer.decode(o, skip_special_tokens=True)
+        logger.print(f"step {step} sample | {p!r} -> {reply!r}")
+        logger.text(f"sample_{i}", f"**{p}**\n\n{reply}", step)
 
 
 def _checkpointer(cfg: Config, out: Path):
