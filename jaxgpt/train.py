@@ -634,18 +634,25 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in argv or "--help" in argv:
         print(USAGE + help_text())
         return 0
-    path = None
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            print("error: --config needs a file", file=sys.stderr)
+    path, overrides = None, []
+    while argv:
+        arg = argv.pop(0)
+        if arg == "--config":
+            if not argv:
+                print("error: --config needs a YAML file", file=sys.stderr)
+                return 2
+            path = argv.pop(0)
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg.startswith("-"):
+            print(f"error: unknown option {arg!r} (see --help)", file=sys.stderr)
             return 2
-        path = argv[i + 1]
-        del argv[i: i + 2]
+        else:
+            overrides.append(arg)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # orbax/absl: warnings only
     logging.getLogger("jaxgpt").setLevel(logging.INFO)
     try:
-        cfg = load_config(path, argv)
+        cfg = load_config(path, overrides)
         result = train(cfg)
     except (ValueError, TrainingError) as e:  # ConfigError, WeightsError, CheckpointError, data errors
         print(f"error: {e}", file=sys.stderr)

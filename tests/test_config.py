@@ -146,3 +146,10 @@ def test_cli_error_is_one_line(capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "did you mean 'optimizer.lr'" in err
     assert err.strip().count("\n") == 0 and "Traceback" not in err
+
+
+def test_cli_config_forms(tmp_path, capsys):
+    assert main(["--config"]) == 2 and "--config needs a YAML file" in capsys.readouterr().err
+    assert main(["--confg", "x.yaml"]) == 2 and "unknown option '--confg'" in capsys.readouterr().err
+    assert main([f"--config={tmp_path / 'missing.yaml'}"]) == 1
+    assert "missing.yaml: config file not found" in capsys.readouterr().err
