@@ -44,10 +44,12 @@ def make_mesh(shape: tuple[int, int, int], devices=None) -> Mesh:
     n = int(np.prod(shape))
     if n != len(devices):
         raise ValueError(f"mesh {dict(zip(AXES, shape))} needs {n} devices, have {len(devices)}")
-    try:  # topology-aware device order on TPU/GPU slices
-        devs = jax.experimental.mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-    except Exception:  # noqa: BLE001 - simple order is always valid (CPU, odd shapes)
+    if devices[0].platform == "cpu":
         devs = np.array(sorted(devices, key=lambda d: (d.process_index, d.id))).reshape(shape)
+    else:  # topology-aware order on TPU / GPU slices (ICI rings inside each axis)
+        from jax.experimental import mesh_utils
+
+        devs = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     return Mesh(devs, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
