@@ -27,6 +27,10 @@ from jaxgpt.checkpoint import (CheckpointError, Checkpointer, PreemptionGuard, a
 from jaxgpt.model import GPT2, GPT2Config
 
 ROOT = Path(__file__).resolve().parents[1]
+# Tests that make orbax fail to read leave a tensorstore callback that fires later on a closed
+# asyncio loop ("Event loop is closed", reported by pytest at some later test): orbax noise.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:(?s).*Event loop is closed:pytest.PytestUnraisableExceptionWarning")
 CFG = GPT2Config(vocab_size=96, n_positions=16, n_embd=32, n_layer=2, n_head=2, vocab_multiple=8)
 
 
@@ -170,9 +174,6 @@ def _half_written(step_dir: Path):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-# A failed tensorstore read leaves an orbax callback behind on a closed asyncio loop
-# ("Event loop is closed", raised in a finaliser): noise from orbax, not a result.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", ["truncated_params", "truncated_opt_state", "half_written", "missing_state"])
 def test_corrupt_latest_falls_back_with_warning(tmp_path, state, damage, caplog):
     with Checkpointer(tmp_path, save_every=1, keep=3) as ckpt:
@@ -207,7 +208,6 @@ def test_corrupt_latest_falls_back_with_warning(tmp_path, state, damage, caplog)
             assert ckpt.all_steps() == [2, 4, 6]
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_explicit_step_that_is_corrupt_raises(tmp_path, state):
     with Checkpointer(tmp_path, save_every=1) as ckpt:
         save(ckpt, 1, state)
@@ -230,7 +230,6 @@ def test_changed_model_config_is_an_error_not_a_fallback(tmp_path, state):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]  # nothing set aside
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_no_checkpoint_and_all_corrupt_errors(tmp_path, state):
     with Checkpointer(tmp_path / "empty", save_every=1) as ckpt:
         with pytest.raises(CheckpointError, match="no checkpoint to restore"):
@@ -293,7 +292,6 @@ def test_disk_full_on_save_keeps_previous_checkpoint(tmp_path):
         assert (tmp_path / mode / "1").is_dir() and not (tmp_path / mode / "2").exists()
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # see the corrupt-step test
 def test_load_for_inference_from_output_dir_and_step_dir(tmp_path, state, tokenizer, caplog):
     graphdef, rest, params, _ = state
     out_dir = tmp_path / "run"
