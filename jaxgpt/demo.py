@@ -162,7 +162,7 @@ def run(args) -> int:
         print(f"nothing to train: {out} already holds step {result.step} (use --fresh to train again)")
 
     # 3. After: reload from the checkpoint on disk, as a user would.
-    model, tok = load_for_inference(str(out))
+    model, tok = load_for_inference(str(out.resolve()))
     after = ask(model, tok, questions)
     show("AFTER training (reloaded from the last checkpoint)", heldout, after, args.show)
 

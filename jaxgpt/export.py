@@ -87,7 +87,7 @@ def load_source(path: str | Path):
         return model, tok
     from jaxgpt.checkpoint import load_for_inference
 
-    return load_for_inference(str(path), dtype="float32")
+    return load_for_inference(str(path.resolve()), dtype="float32")  # orbax wants absolute paths
 
 
 def generation_config(tok) -> dict:

@@ -1,0 +1,429 @@
+"""jaxgpt vs the PyTorch tools users would pick instead, side by side on one machine.
+
+    python tools/bench.py                 # full CPU run (GPT-2 124M; ~30+ min on 2 cores)
+    python tools/bench.py --quick         # tiny model, < 2 min: a regular smoke of every section
+    python tools/bench.py --gpu           # tokens/s + MFU of GPT-2 124M, seq 1024, bf16 (tools/bench_gpu.sh)
+    python tools/bench.py --sections train,finetune
+
+Sections (each side runs in its own fresh process, one after the other, so
+start-up, compile and peak memory are measured per side; both read the same
+weights from one safetensors folder and the same batches from one seed):
+
+  train     train-step tokens/s, jaxgpt (jitted step, optax AdamW) vs transformers
+            GPT2LMHeadModel + torch.optim.AdamW eager; GPT-2 124M random init,
+            float32, 4x256 and 8x128; peak RSS; time to first step (process start
+            -> import -> load weights -> compile -> first step done); first-step
+            loss of both (same weights + batch => same number).
+  finetune  one epoch SFT on N oasst threads (../shared) at seq 512: jaxgpt
+            (`jaxgpt.train.train`, packing) vs TRL SFTTrainer with its defaults and
+            with packing; assistant-only loss, same ChatML template / tokenizer;
+            wall time, trained tokens, final losses.
+  generate  tools/bench_generate.py (jaxgpt generate vs transformers generate).
+
+Results are printed as a table and written to --out (JSON); docs/benchmarks.md
+holds the recorded numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+T_START = time.time()  # before heavy imports: "time to first step" starts here (or at --t-spawn)
+
+ROOT = Path(__file__).resolve().parents[1]
+OASST = ROOT.parent / "shared" / "data" / "chat" / "oasst_en100_messages.jsonl"
+GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024)
+TINY = dict(n_layer=2, n_head=2, n_embd=128, n_positions=512)
+RESULT_TAG = "BENCH_RESULT "
+H200_BF16_PEAK = 989e12  # dense bf16 FLOP/s of one H100/H200 SXM (NVIDIA datasheet)
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def optimizer_hparams() -> dict:
+    """One AdamW setting for both sides of the train-step comparison (jaxgpt's defaults)."""
+    return dict(lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, grad_clip=1.0)
+
+
+def make_batches(vocab: int, batch: int, seq: int, n: int, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, (batch, seq + 1), dtype=np.int32) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------- workers (one process each)
+
+def worker_train_jax(a: dict) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxgpt import sharding
+    from jaxgpt.config import Config
+    from jaxgpt.train import build_model, flops_per_token, make_optimizer, make_train_step
+
+    cfg = Config()
+    cfg.model.name_or_path = a["model"]
+    cfg.model.dtype = a.get("dtype", "float32")
+    cfg.train.steps = a["warmup"] + a["steps"]
+    cfg.schedule.name = "constant"
+    for k, v in optimizer_hparams().items():
+        setattr(cfg.optimizer, k, v)
+    mesh = sharding.make_mesh((1, len(jax.devices()), 1))
+    graphdef, params, rest, gcfg = build_model(cfg, 0, mesh)
+    tx, _ = make_optimizer(cfg, params)
+    opt_state = jax.jit(tx.init)(params)
+    state = {"params": params, "opt_state": opt_state}
+    step = make_train_step(graphdef, rest, tx, mesh=mesh)
+    rss_loaded = rss_mb()
+    b, t = a["batch"], a["seq"]
+    pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+    batches = [{"input_ids": x[None, :, :-1], "targets": x[None, :, 1:], "loss_mask": np.ones((1, b, t), np.int32),
+                "segment_ids": np.ones((1, b, t), np.int32), "positions": pos[None]}
+               for x in make_batches(gcfg.vocab_size, b, t, a["warmup"] + a["steps"])]
+    batches = [jax.device_put(x) for x in batches]
+    rng = jax.random.key_data(jax.random.key(0))
+    losses, t_first = [], None
+    for i in range(a["warmup"]):
+        state, m = step(state, batches[i], rng)
+        losses.append(float(m["loss"]))
+        t_first = t_first or time.time()
+    t0 = time.perf_counter()
+    for i in range(a["warmup"], a["warmup"] + a["steps"]):
+        state, m = step(state, batches[i], rng)
+    jax.block_until_ready(state)
+    dt = time.perf_counter() - t0
+    losses.append(float(m["loss"]))
+    tps = b * t * a["steps"] / dt
+    out = {"tokens_per_s": tps, "step_s": dt / a["steps"], "first_loss": losses[0],
+           "last_loss": losses[-1], "time_to_first_step_s": t_first - a["t_spawn"], "peak_rss_mb": rss_mb(),
+           "rss_after_load_mb": rss_loaded, "backend": jax.default_backend(), "n_devices": len(jax.devices()),
+           "device_kind": jax.devices()[0].device_kind}
+    if a.get("peak_flops"):
+        n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+        fpt = flops_per_token(gcfg, n_params, t)
+        out.update(flops_per_token=fpt, mfu=tps * fpt / (a["peak_flops"] * len(jax.devices())))
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        out["peak_device_mb"] = stats["peak_bytes_in_use"] / 2**20
+    return out
+
+
+def worker_train_torch(a: dict) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from transformers import GPT2LMHeadModel
+
+    device = a.get("device", "cpu")
+    model = GPT2LMHeadModel.from_pretrained(a["model"], dtype=torch.float32).to(device)
+    model.train()  # dropout is 0 in the exported config, as in jaxgpt
+    h = optimizer_hparams()
+    # Same decay rule as jaxgpt: matrices decay; biases, LayerNorm and embeddings do not.
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "wte" not in n and "wpe" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "wte" not in n and "wpe" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": h["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=h["lr"], betas=(h["b1"], h["b2"]), eps=h["eps"])
+    rss_loaded = rss_mb()
+    vocab = model.config.vocab_size
+    batches = [torch.from_numpy(x).long().to(device)
+               for x in make_batches(vocab, a["batch"], a["seq"], a["warmup"] + a["steps"])]
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=a.get("dtype") == "bfloat16")
+
+    def step(x):
+        with autocast:
+            logits = model(input_ids=x[:, :-1], use_cache=False).logits
+        loss = F.cross_entropy(logits.reshape(-1, vocab).float(), x[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), h["grad_clip"])
+        opt.step()
+        return loss.item()
+
+    losses, t_first = [], None
+    for i in range(a["warmup"]):
+        losses.append(step(batches[i]))
+        t_first = t_first or time.time()
+    t0 = time.perf_counter()
+    for i in range(a["warmup"], a["warmup"] + a["steps"]):
+        last = step(batches[i])  # .item() syncs every step, as a training loop that logs does
+    dt = time.perf_counter() - t0
+    losses.append(last)
+    b, t = a["batch"], a["seq"]
+    return {"tokens_per_s": b * t * a["steps"] / dt, "step_s": dt / a["steps"], "first_loss": losses[0],
+            "last_loss": losses[-1], "time_to_first_step_s": t_first - a["t_spawn"], "peak_rss_mb": rss_mb(),
+            "rss_after_load_mb": rss_loaded, "torch_threads": torch.get_num_threads(),
+            "peak_device_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}
+
+
+def read_threads(path: str, n: int) -> list[dict]:
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [{"messages": r["messages"]} for r in rows[:n]]
+
+
+def worker_finetune_jax(a: dict) -> dict:
+    """One epoch of ``jaxgpt.train.train`` over the packed threads; wall time of the call."""
+    import math
+
+    from jaxgpt.config import from_dict
+    from jaxgpt.data import DataConfig, build_dataset
+    from jaxgpt.tokenizer import add_chat_template, load_tokenizer
+    from jaxgpt.train import train
+
+    data = {"sources": [a["data"]], "seq_len": a["seq"], "pack": True}
+    rows = build_dataset(DataConfig(**data), add_chat_template(load_tokenizer(a["model"]))).num_rows
+    steps = math.ceil(rows / a["batch"])  # one epoch (the last batch wraps to the next epoch's first rows)
+    out = Path(a["out"])
+    cfg = from_dict({
+        "model": {"name_or_path": a["model"]},
+        "data": data,
+        "optimizer": {"lr": a["lr"], "weight_decay": 0.0, "grad_clip": 1.0},
+        "schedule": {"name": "linear", "warmup_steps": 0, "min_lr_ratio": 0.0},
+        "train": {"steps": steps, "batch_size": a["batch"], "eval_every": 0, "output_dir": str(out)},
+        "checkpoint": {"enabled": False},
+        "logging": {"log_every": 1, "progress_bar": False, "tensorboard": False, "plot": False},
+    })
+    t0 = time.perf_counter()
+    result = train(cfg)
+    wall = time.perf_counter() - t0
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    trained = sum(r.get("trained_tokens", 0) for r in records if "loss" in r)
+    losses = [result.losses[k] for k in sorted(result.losses)]
+    return {"train_wall_s": wall, "process_to_end_s": time.time() - a["t_spawn"], "steps": steps, "rows": rows,
+            "trained_tokens": int(trained), "final_loss": losses[-1], "mean_loss": sum(losses) / len(losses),
+            "losses": losses, "peak_rss_mb": rss_mb()}
+
+
+def worker_finetune_trl(a: dict) -> dict:
+    """One epoch of TRL's SFTTrainer: its defaults (+ packing if asked), assistant-only loss, CPU float32."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(a["model"])  # the same ChatML template with {% generation %} markers
+    model = GPT2LMHeadModel.from_pretrained(a["model"], dtype=torch.float32)
+    args = SFTConfig(output_dir=a["out"], num_train_epochs=1, max_length=a["seq"], assistant_only_loss=True,
+                     packing=a["packing"], per_device_train_batch_size=a["batch"], learning_rate=a["lr"],
+                     use_cpu=True, bf16=False,  # this CPU has no bf16 training path in TRL
+                     logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, seed=0)
+    t_init = time.perf_counter()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(read_threads(a["data"], a["threads"])),
+                         processing_class=tok)
+    prep = time.perf_counter() - t_init
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    ds = trainer.train_dataset  # after TRL's tokenizing, truncation / packing: "labels" is -100 where untrained
+    trained = sum(sum(1 for x in labels if x != -100) for labels in ds["labels"])
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"train_wall_s": wall, "dataset_prep_s": prep, "process_to_end_s": time.time() - a["t_spawn"],
+            "steps": trainer.state.global_step, "rows": len(ds), "trained_tokens": trained,
+            "final_loss": losses[-1], "mean_loss": sum(losses) / len(losses), "losses": losses,
+            "gradient_checkpointing": args.gradient_checkpointing, "peak_rss_mb": rss_mb()}
+
+
+WORKERS = {"train_jax": worker_train_jax, "train_torch": worker_train_torch,
+           "finetune_jax": worker_finetune_jax, "finetune_trl": worker_finetune_trl}
+
+
+def run_worker(name: str, args: dict, timeout: float | None = None) -> dict:
+    """Run one worker in a fresh Python process; returns its result dict (or {"error": ...})."""
+    args = {**args, "t_spawn": time.time()}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker-args", json.dumps(args)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_DISABLED": "true"}
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f}s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            out = json.loads(line[len(RESULT_TAG):])
+            out["process_wall_s"] = time.time() - t0
+            return out
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+    return {"error": f"{name} exited {proc.returncode}: " + " | ".join(tail)}
+
+
+# ----------------------------------------------------------------------------- sections
+
+def write_init_model(folder: Path, arch: dict, chat: bool) -> Path:
+    """A random-init GPT-2 (seed 0) as an HF folder both sides load; with chat tokens if ``chat``."""
+    from flax import nnx
+
+    from jaxgpt.model import GPT2, GPT2Config, resize_token_embeddings
+    from jaxgpt.tokenizer import add_chat_template, load_tokenizer
+    from jaxgpt.weights import save_pretrained
+
+    if (folder / "model.safetensors").exists():
+        return folder
+    tok = load_tokenizer()
+    if chat:
+        add_chat_template(tok)
+    model = GPT2(GPT2Config(**arch), rngs=nnx.Rngs(0))
+    if len(tok) > model.config.vocab_size:
+        model = resize_token_embeddings(model, len(tok))
+    save_pretrained(model, folder, tokenizer=tok)
+    return folder
+
+
+def section_train(work: Path, quick: bool, steps: int, warmup: int) -> list[dict]:
+    arch = TINY if quick else GPT2_124M
+    folder = write_init_model(work / ("init-tiny" if quick else "init-124m"), arch, chat=False)
+    shapes = [(4, 64)] if quick else [(4, 256), (8, 128)]
+    rows = []
+    for b, t in shapes:
+        args = {"model": str(folder), "batch": b, "seq": t, "steps": steps, "warmup": warmup}
+        res = {side: run_worker(f"train_{side}", args) for side in ("jax", "torch")}
+        rows.append({"shape": f"{b}x{t}", **res})
+        print_train_row(rows[-1])
+    return rows
+
+
+def print_train_row(row: dict) -> None:
+    j, p = row["jax"], row["torch"]
+    if "error" in j or "error" in p:
+        print(f"  train {row['shape']}: jax {j.get('error', 'ok')} | torch {p.get('error', 'ok')}")
+        return
+    print(f"  train {row['shape']}: jaxgpt {j['tokens_per_s']:,.0f} tok/s, torch {p['tokens_per_s']:,.0f} tok/s "
+          f"-> {j['tokens_per_s'] / p['tokens_per_s']:.2f}x | peak RSS {j['peak_rss_mb']:,.0f} vs "
+          f"{p['peak_rss_mb']:,.0f} MB | first step after {j['time_to_first_step_s']:.1f}s vs "
+          f"{p['time_to_first_step_s']:.1f}s | loss@1 {j['first_loss']:.4f} vs {p['first_loss']:.4f}")
+
+
+def section_finetune(work: Path, quick: bool, threads: int, seq: int, batch: int) -> dict:
+    if not OASST.exists():
+        return {"error": f"skipped: {OASST} not found (the ../shared checkout)"}
+    arch = TINY if quick else GPT2_124M
+    folder = write_init_model(work / ("init-tiny-chat" if quick else "init-124m-chat"), arch, chat=True)
+    data = work / f"oasst_{threads}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in read_threads(str(OASST), threads)))
+    common = {"model": str(folder), "data": str(data), "threads": threads, "seq": seq, "batch": batch, "lr": 2e-5}
+    res = {"threads": threads, "seq": seq, "batch": batch,
+           "jaxgpt": run_worker("finetune_jax", {**common, "out": str(work / "ft-jax")}),
+           "trl_defaults": run_worker("finetune_trl", {**common, "packing": False, "out": str(work / "ft-trl")}),
+           "trl_packing": run_worker("finetune_trl", {**common, "packing": True, "out": str(work / "ft-trl-pack")})}
+    j = res["jaxgpt"]
+    for name in ("trl_defaults", "trl_packing"):
+        t = res[name]
+        if "error" in j or "error" in t:
+            print(f"  finetune vs {name}: jax {j.get('error', 'ok')} | trl {t.get('error', 'ok')}")
+            continue
+        print(f"  finetune epoch ({threads} threads, seq {seq}): jaxgpt {j['train_wall_s']:.0f}s vs {name} "
+              f"{t['train_wall_s']:.0f}s -> {j['train_wall_s'] / t['train_wall_s']:.2f}x time | trained tokens "
+              f"{j['trained_tokens']:,} vs {t['trained_tokens']:,} | final loss {j['final_loss']:.3f} vs "
+              f"{t['final_loss']:.3f} | steps {j['steps']} vs {t['steps']}")
+    return res
+
+
+def section_generate(work: Path, quick: bool) -> dict:
+    """tools/bench_generate.py (the sampling module's benchmark), run as a library."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_generate", Path(__file__).with_name("bench_generate.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.run(work, quick=quick, bf16_weights=True,
+                   **({"new_tokens": 32, "repeats": 2} if quick else {}))
+
+
+def run_gpu(args, work: Path) -> dict:
+    """GPT-2 124M at seq 1024 in bfloat16 (float32 master weights) on one accelerator."""
+    folder = write_init_model(work / "init-124m", GPT2_124M, chat=False)
+    common = {"model": str(folder), "batch": args.batch, "seq": 1024, "steps": args.steps or 10,
+              "warmup": max(args.warmup, 2), "dtype": "bfloat16"}
+    jax_res = run_worker("train_jax", {**common, "peak_flops": args.peak_flops})
+    torch_res = run_worker("train_torch", {**common, "device": "cuda"})
+    res = {"jaxgpt": jax_res, "torch_eager_autocast": torch_res}
+    if "error" not in jax_res:
+        print(f"  gpu {jax_res['device_kind']}: jaxgpt {jax_res['tokens_per_s']:,.0f} tok/s, "
+              f"MFU {100 * jax_res['mfu']:.1f}% (peak {args.peak_flops / 1e12:.0f} TFLOP/s), "
+              f"step {jax_res['step_s'] * 1e3:.0f} ms, batch {args.batch} x 1024")
+    else:
+        print(f"  gpu jaxgpt: {jax_res['error']}")
+    if "error" not in torch_res and "error" not in jax_res:
+        print(f"  gpu torch eager + autocast bf16: {torch_res['tokens_per_s']:,.0f} tok/s -> jaxgpt "
+              f"{jax_res['tokens_per_s'] / torch_res['tokens_per_s']:.2f}x")
+    return res
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny model, few steps: < 2 minutes")
+    p.add_argument("--gpu", action="store_true", help="GPU: GPT-2 124M, seq 1024, bf16 tokens/s and MFU")
+    p.add_argument("--sections", default="train,finetune,generate")
+    p.add_argument("--steps", type=int, default=None, help="timed train steps (default 3; quick 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (the first one compiles)")
+    p.add_argument("--threads", type=int, default=None, help="oasst threads for the fine-tuning epoch (64; quick 8)")
+    p.add_argument("--batch", type=int, default=None, help="batch rows: fine-tuning (8) / --gpu (16)")
+    p.add_argument("--peak-flops", type=float, default=H200_BF16_PEAK, help="--gpu: peak FLOP/s for MFU")
+    p.add_argument("--work-dir", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    p.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker-args", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        res = WORKERS[args.worker](json.loads(args.worker_args))
+        print(RESULT_TAG + json.dumps(res), flush=True)
+        return 0
+
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    steps = args.steps or (5 if args.quick else 3)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="jaxgpt-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict = {"machine": machine(), "quick": args.quick, "steps": steps, "warmup": args.warmup}
+    t0 = time.time()
+    print(f"jaxgpt bench ({'quick' if args.quick else 'full'}) on {results['machine']['cpu']} "
+          f"({results['machine']['cores']} cores); scratch {work}")
+    if args.gpu:
+        args.batch = args.batch or 16
+        results["gpu"] = run_gpu(args, work)
+        sections = []
+    if "train" in sections:
+        results["train"] = section_train(work, args.quick, steps, args.warmup)
+    if "finetune" in sections:
+        results["finetune"] = section_finetune(work, args.quick, args.threads or (8 if args.quick else 64),
+                                               seq=128 if args.quick else 512, batch=args.batch or 8)
+    if "generate" in sections:
+        results["generate"] = section_generate(work, args.quick)
+    results["wall_s"] = time.time() - t0
+    print(f"done in {results['wall_s']:.0f}s")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"results -> {args.out}")
+    return 0
+
+
+def machine() -> dict:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    import platform
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem, 1), "python": platform.python_version()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
