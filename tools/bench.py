@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -185,6 +186,7 @@ def worker_finetune_jax(a: dict) -> dict:
     rows = build_dataset(DataConfig(**data), add_chat_template(load_tokenizer(a["model"]))).num_rows
     steps = math.ceil(rows / a["batch"])  # one epoch (the last batch wraps to the next epoch's first rows)
     out = Path(a["out"])
+    shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl appends: start clean
     cfg = from_dict({
         "model": {"name_or_path": a["model"]},
         "data": data,
