@@ -12,6 +12,8 @@ Forward inputs beyond ``input_ids``:
                segment. 0 marks padding, which nothing attends to.
   cache        a KV cache from ``init_cache``; the call writes its keys/values
                at ``cache["index"]`` and returns ``(logits, new_cache)``.
+  last_only    compute logits for the last position only ([B, 1, V]); a prefill
+               needs no more, and the full [B, T, V] head is the largest buffer.
 """
 
 from __future__ import annotations
@@ -189,7 +191,7 @@ class GPT2(nnx.Module):
         self.h = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
         self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, pd, rngs)
 
-    def __call__(self, input_ids, *, positions=None, segment_ids=None, cache=None):
+    def __call__(self, input_ids, *, positions=None, segment_ids=None, cache=None, last_only=False):
         cfg = self.config
         dt = DTYPES[cfg.dtype]
         b, t = input_ids.shape
@@ -223,6 +225,8 @@ class GPT2(nnx.Module):
                 x, layer_cache = block(x, mask, layer_cache, index)
             new_layers.append(layer_cache)
 
+        if last_only:
+            x = x[:, -1:]
         x = self.ln_f(x)
         logits = jnp.einsum("bte,ve->btv", x, self.wte[...].astype(dt), preferred_element_type=jnp.float32)
         logits = logits[..., : cfg.vocab_size]  # padded rows never get probability

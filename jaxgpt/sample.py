@@ -108,7 +108,7 @@ def prefill(graphdef, state, prompt_ids, prompt_mask, *, cache_len: int, max_new
     seg = prompt_mask.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
     cache = init_cache(model.config, b, cache_len)
-    logits, cache = model(prompt_ids, positions=positions, segment_ids=seg, cache=cache)
+    logits, cache = model(prompt_ids, positions=positions, segment_ids=seg, cache=cache, last_only=True)
     return {
         "cache": cache,
         "logits": logits[:, -1],  # next-token logits per row

@@ -203,3 +203,11 @@ def test_truncated_file(hf_folders, tmp_path, fmt, shared_data):
     (tmp_path / fmt).write_bytes(data[: len(data) // 2])
     with pytest.raises(WeightsError, match=rf"{fmt}: cannot read .*\(truncated or corrupt"):
         jaxgpt.load_pretrained(tmp_path)
+
+
+def test_last_only_logits_equal_full_forward(hf_folders):
+    model, cfg = jaxgpt.load_pretrained(hf_folders["odd"])
+    ids = jnp.asarray(np.arange(30).reshape(2, 15) * 13 % cfg.vocab_size)
+    full, last = np.asarray(model(ids)), np.asarray(model(ids, last_only=True))
+    assert last.shape == (2, 1, cfg.vocab_size)
+    np.testing.assert_allclose(last[:, 0], full[:, -1], atol=1e-5, rtol=0)
