@@ -12,6 +12,8 @@ Forward inputs beyond ``input_ids``:
                segment. 0 marks padding, which nothing attends to.
   cache        a KV cache from ``init_cache``; the call writes its keys/values
                at ``cache["index"]`` and returns ``(logits, new_cache)``.
+  constrain    optional ``fn(x, *logical_axes) -> x`` that pins activations to the
+               mesh (``jaxgpt.sharding.constrain``); the model itself knows no mesh.
   last_only    compute logits for the last position only ([B, 1, V]); a prefill
                needs no more, and the full [B, T, V] head is the largest buffer.
 """
@@ -92,6 +94,10 @@ def _param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
     return nnx.Param(init(rngs.params(), shape, dtype), axes=axes)
 
 
+def _no_constraint(x, *_logical_axes):
+    return x
+
+
 class LayerNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, param_dtype, rngs: nnx.Rngs):
         self.eps = eps
@@ -123,10 +129,11 @@ class Attention(nnx.Module):
         self.c_proj_bias = _param(rngs, zeros, (e,), ("embed",), pd)
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
-    def __call__(self, x, mask, layer_cache=None, cache_index=None):
+    def __call__(self, x, mask, layer_cache=None, cache_index=None, constrain=_no_constraint):
         dt = x.dtype
         qkv = jnp.einsum("bte,ekhd->kbthd", x, self.c_attn_kernel[...].astype(dt))
         qkv = qkv + self.c_attn_bias[...].astype(dt)[:, None, None]
+        qkv = constrain(qkv, None, "batch", "seq", "heads", "head_dim")
         q, k, v = qkv[0], qkv[1], qkv[2]  # [B, T, H, D]
         if layer_cache is not None:
             k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, axis=1)
@@ -157,9 +164,10 @@ class MLP(nnx.Module):
         self.c_proj_bias = _param(rngs, zeros, (e,), ("embed",), pd)
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
-    def __call__(self, x):
+    def __call__(self, x, constrain=_no_constraint):
         dt = x.dtype
         h = self.act(x @ self.c_fc_kernel[...].astype(dt) + self.c_fc_bias[...].astype(dt))
+        h = constrain(h, "batch", "seq", "mlp")
         return self.dropout(h @ self.c_proj_kernel[...].astype(dt) + self.c_proj_bias[...].astype(dt))
 
 
@@ -171,11 +179,12 @@ class Block(nnx.Module):
         self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, pd, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, mask, layer_cache=None, cache_index=None):
-        a, layer_cache = self.attn(self.ln_1(x), mask, layer_cache, cache_index)
+    def __call__(self, x, mask, layer_cache=None, cache_index=None, constrain=_no_constraint):
+        a, layer_cache = self.attn(self.ln_1(x), mask, layer_cache, cache_index, constrain)
         x = x + a
-        x = x + self.mlp(self.ln_2(x))
-        return x, layer_cache
+        x = x + self.mlp(self.ln_2(x), constrain)
+        # The residual stream: split over the batch, whole along embed (FSDP gathers weights, not activations).
+        return constrain(x, "batch", "seq", None), layer_cache
 
 
 class GPT2(nnx.Module):
@@ -191,7 +200,8 @@ class GPT2(nnx.Module):
         self.h = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
         self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, pd, rngs)
 
-    def __call__(self, input_ids, *, positions=None, segment_ids=None, cache=None, last_only=False):
+    def __call__(self, input_ids, *, positions=None, segment_ids=None, cache=None, last_only=False,
+                 constrain=None):
         cfg = self.config
         dt = DTYPES[cfg.dtype]
         b, t = input_ids.shape
@@ -213,16 +223,19 @@ class GPT2(nnx.Module):
             causal = slots[None, :] <= (index + jnp.arange(t))[:, None]
         mask = causal[None] & (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
 
-        x = self.wte[...][input_ids].astype(dt) + self.wpe[...][positions].astype(dt)
-        x = self.drop(x)
+        constrain = constrain or _no_constraint
+        # The lookup reads whole rows: gather the (FSDP/vocab-sharded) tables first, as FSDP does for every weight.
+        wte, wpe = constrain(self.wte[...], None, None), constrain(self.wpe[...], None, None)
+        x = wte[input_ids].astype(dt) + wpe[positions].astype(dt)
+        x = constrain(self.drop(x), "batch", "seq", None)
 
         new_layers = []
         for i, block in enumerate(self.h):
             layer_cache = None if cache is None else cache["layers"][i]
             if cfg.remat and cache is None:
-                x, _ = nnx.remat(lambda blk, y, m: blk(y, m))(block, x, mask)
+                x, _ = nnx.remat(lambda blk, y, m: blk(y, m, constrain=constrain))(block, x, mask)
             else:
-                x, layer_cache = block(x, mask, layer_cache, index)
+                x, layer_cache = block(x, mask, layer_cache, index, constrain)
             new_layers.append(layer_cache)
 
         if last_only:

@@ -128,7 +128,9 @@ def loss_terms(graphdef, params, rest, batch, *, mesh=None, train: bool = True, 
     model = nnx.merge(graphdef, params, rest)
     if not train:
         model.eval()
-    logits = model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    constrain = None if mesh is None else (lambda x, *axes: sharding.constrain(x, mesh, *axes))
+    logits = model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+                   constrain=constrain)
     if mesh is not None:  # the largest activation: keep it split on batch and vocab
         logits = sharding.constrain(logits, mesh, "batch", "seq", "vocab")
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])

@@ -305,8 +305,11 @@ def from_hf_tensors(cfg: GPT2Config, tensors: dict[str, np.ndarray], *, source: 
         value = value.reshape(var.shape).astype(pdtype)
         flat.append((path, var.replace(place(key, value))))
     state = nnx.from_flat_state(flat)
-    model = nnx.merge(graphdef, state)
-    return model
+    # Non-parameters (dropout RNG streams) are cheap: build them for real; jit drops the unused weight init.
+    rest = jax.jit(lambda: nnx.state(GPT2(cfg, rngs=nnx.Rngs(0)), nnx.Not(nnx.Param)))()
+    rest_flat = dict(nnx.to_flat_state(rest))
+    flat = [(path, rest_flat.get(path, var)) for path, var in nnx.to_flat_state(state)]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def to_hf_tensors(model: GPT2, dtype: str | None = None) -> dict[str, np.ndarray]:
