@@ -588,7 +588,7 @@ def load_for_inference(path: str | os.PathLike, *, dtype: str = "float32", param
     output_dir, an incomplete or corrupt latest step is reported and the
     previous one used.
     """
-    step_dirs, explicit = _candidates(Path(path))
+    step_dirs, explicit = _candidates(Path(path).absolute())  # orbax needs absolute paths
     for step_dir in step_dirs:
         try:
             return _load_step(step_dir, dtype, param_dtype or dtype)

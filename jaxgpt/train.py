@@ -488,6 +488,7 @@ def train(cfg: Config) -> TrainResult:
         """Read one step's metrics back (one step behind dispatch, so the host never idles the device)."""
         nonlocal bad_in_a_row, window_t0, window_tokens
         m = jax.device_get(m)  # waits for the step to finish
+        now = time.perf_counter()  # windows tile wall time: logging below belongs to the next window
         loss, ok = float(m["loss"]), bool(m["ok"])
         result.losses[step] = loss
         window_tokens += tokens_per_step
@@ -507,7 +508,7 @@ def train(cfg: Config) -> TrainResult:
             bad_in_a_row = 0
         logger.progress(1)
         if step % cfg.logging.log_every == 0 or step == t.steps:
-            dt = time.perf_counter() - window_t0
+            dt = now - window_t0
             tps = window_tokens / dt if dt > 0 else 0.0
             mfu = (tps * fpt / (peak * jax.device_count())) if peak else None
             record = {"step": step, "loss": loss, "lr": float(schedule(int(m["lr_step"]))),
@@ -518,7 +519,7 @@ def train(cfg: Config) -> TrainResult:
                          + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""))
             if logger.bar is not None:
                 logger.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
-            window_t0, window_tokens = time.perf_counter(), 0
+            window_t0, window_tokens = now, 0
 
     try:
         with guard:

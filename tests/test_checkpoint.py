@@ -292,7 +292,7 @@ def test_disk_full_on_save_keeps_previous_checkpoint(tmp_path):
         assert (tmp_path / mode / "1").is_dir() and not (tmp_path / mode / "2").exists()
 
 
-def test_load_for_inference_from_output_dir_and_step_dir(tmp_path, state, tokenizer, caplog):
+def test_load_for_inference_from_output_dir_and_step_dir(tmp_path, state, tokenizer, caplog, monkeypatch):
     graphdef, rest, params, _ = state
     out_dir = tmp_path / "run"
     with Checkpointer(checkpoint_dir(out_dir), save_every=1, keep=3) as ckpt:
@@ -308,6 +308,8 @@ def test_load_for_inference_from_output_dir_and_step_dir(tmp_path, state, tokeni
         assert tok.convert_tokens_to_ids("<|im_end|>") == tokenizer.convert_tokens_to_ids("<|im_end|>")
         chat = [{"role": "user", "content": "hi"}]
         assert tok.apply_chat_template(chat, tokenize=False) == tokenizer.apply_chat_template(chat, tokenize=False)
+    monkeypatch.chdir(tmp_path)  # a relative path, as users type it (orbax itself needs absolute ones)
+    np.testing.assert_array_equal(np.asarray(forward(load_for_inference("run")[0], ids)), want)
     model, _ = load_for_inference(out_dir, dtype="bfloat16")
     assert model.wte[...].dtype == jnp.bfloat16 and model.config.dtype == "bfloat16"
     np.testing.assert_allclose(np.asarray(forward(model, ids)), want, atol=0.05)
