@@ -71,14 +71,7 @@ def side_jax(a: dict) -> dict:
     def call():
         return generate(model, ids, max_new_tokens=a["new_tokens"])
 
-    t0 = time.perf_counter()
-    out = call()  # compiles
-    first_s = time.perf_counter() - t0
-    times = []
-    for _ in range(a["repeats"]):
-        t0 = time.perf_counter()
-        out = call()
-        times.append(time.perf_counter() - t0)
+    out, first_s, times = timed(call, a["repeats"])  # the first call compiles
     res = {"times_s": times, "first_call_s": first_s, "tokens": out, "backend": jax.default_backend()}
     if a.get("reference_tokens"):  # teacher-forced top-1 agreement with the float32 greedy sequences
         import jax.numpy as jnp
@@ -88,6 +81,19 @@ def side_jax(a: dict) -> dict:
         pred = np.asarray(jnp.argmax(model(jnp.asarray(seqs[:, :-1])), -1))[:, a["prompt_len"] - 1:]
         res["teacher_forced_top1"] = float((pred == seqs[:, a["prompt_len"]:]).mean())
     return res
+
+
+def timed(call, repeats: int):
+    """(last output, seconds of the first call, seconds of each of ``repeats`` further calls)."""
+    t0 = time.perf_counter()
+    out = call()
+    first_s = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = call()
+        times.append(time.perf_counter() - t0)
+    return out, first_s, times
 
 
 def side_torch(a: dict) -> dict:
@@ -105,14 +111,7 @@ def side_torch(a: dict) -> dict:
         with torch.inference_mode():
             return model.generate(ids, attention_mask=mask)
 
-    t0 = time.perf_counter()
-    out = call()
-    first_s = time.perf_counter() - t0
-    times = []
-    for _ in range(a["repeats"]):
-        t0 = time.perf_counter()
-        out = call()
-        times.append(time.perf_counter() - t0)
+    out, first_s, times = timed(call, a["repeats"])
     return {"times_s": times, "first_call_s": first_s, "tokens": out[:, ids.shape[1]:].tolist(),
             "torch_threads": torch.get_num_threads()}
 
