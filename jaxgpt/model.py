@@ -131,10 +131,13 @@ class Attention(nnx.Module):
 
     def __call__(self, x, mask, layer_cache=None, cache_index=None, constrain=_no_constraint):
         dt = x.dtype
-        qkv = jnp.einsum("bte,ekhd->kbthd", x, self.c_attn_kernel[...].astype(dt))
-        qkv = qkv + self.c_attn_bias[...].astype(dt)[:, None, None]
-        qkv = constrain(qkv, None, "batch", "seq", "heads", "head_dim")
-        q, k, v = qkv[0], qkv[1], qkv[2]  # [B, T, H, D]
+        b, t, e = x.shape
+        h, d = self.n_head, self.head_dim
+        # Plain 2-D matmuls with heads folded into columns: XLA:CPU runs 4-D dots such as
+        # "bte,ekhd->kbthd" up to 13x slower than the same GEMM (measured for one-token decoding).
+        qkv = x @ self.c_attn_kernel[...].astype(dt).reshape(e, 3 * h * d) + self.c_attn_bias[...].astype(dt).reshape(-1)
+        qkv = constrain(qkv.reshape(b, t, 3, h, d), "batch", "seq", None, "heads", "head_dim")
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, D]
         if layer_cache is not None:
             k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, axis=1)
@@ -146,7 +149,7 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1)
         probs = self.dropout(probs)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dt), v)
-        out = jnp.einsum("bqhd,hde->bqe", out, self.c_proj_kernel[...].astype(dt))
+        out = out.reshape(b, t, h * d) @ self.c_proj_kernel[...].astype(dt).reshape(h * d, e)
         out = self.dropout(out + self.c_proj_bias[...].astype(dt))
         return out, layer_cache
 
