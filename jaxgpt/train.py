@@ -264,8 +264,8 @@ def build_model(cfg: Config, vocab_size: int, mesh, gcfg: GPT2Config | None = No
                                               param_dtype=gcfg.param_dtype, vocab_multiple=gcfg.vocab_multiple,
                                               dropout=gcfg.dropout, remat=gcfg.remat)
         graphdef, params, _ = nnx.split(model, nnx.Param, ...)
-        # load_pretrained leaves the non-parameter state (dropout RNG streams) abstract:
-        # make it concretely; jit drops the unused parameter init.
+        # The non-parameter state (dropout RNG streams) must be one replicated array on the whole
+        # mesh (load_pretrained's copy lives on one local device); jit drops the unused parameter init.
         rest = jax.jit(lambda: nnx.split(GPT2(gcfg, rngs=nnx.Rngs(m.init_seed)), nnx.Param, ...)[2],
                        out_shardings=sharding.replicated(mesh))()
     if vocab_size > gcfg.vocab_size:

@@ -259,10 +259,6 @@ def tensors_to_state(cfg: GPT2Config, tensors: dict[str, np.ndarray], source: st
     return out
 
 
-def _param_paths(model_state) -> dict[str, tuple]:
-    return {".".join(str(p) for p in path): path for path, _ in nnx.to_flat_state(model_state)}
-
-
 def load_pretrained(
     name_or_path: str | os.PathLike,
     *,
@@ -293,22 +289,19 @@ def from_hf_tensors(cfg: GPT2Config, tensors: dict[str, np.ndarray], *, source: 
     graphdef, state = nnx.split(abstract)
     pdtype = DTYPES[cfg.param_dtype]
     place = place or (lambda _path, x: jax.device_put(x))
+    # Non-parameters (dropout RNG streams) are cheap: build them for real; jit drops the unused weight init.
+    rest = dict(nnx.to_flat_state(jax.jit(lambda: nnx.state(GPT2(cfg, rngs=nnx.Rngs(0)), nnx.Not(nnx.Param)))()))
     flat = []
     for path, var in nnx.to_flat_state(state):
         key = ".".join(str(p) for p in path)
-        if key not in hf_state:  # dropout RNG state and other non-parameters
-            flat.append((path, var))
+        if key not in hf_state:
+            flat.append((path, rest[path]))
             continue
         value = np.asarray(hf_state[key])
         if key == "wte" and value.shape[0] < var.shape[0]:  # padded vocab rows: zeros, masked from logits
             value = np.concatenate([value, np.zeros((var.shape[0] - value.shape[0], value.shape[1]), value.dtype)])
         value = value.reshape(var.shape).astype(pdtype)
         flat.append((path, var.replace(place(key, value))))
-    state = nnx.from_flat_state(flat)
-    # Non-parameters (dropout RNG streams) are cheap: build them for real; jit drops the unused weight init.
-    rest = jax.jit(lambda: nnx.state(GPT2(cfg, rngs=nnx.Rngs(0)), nnx.Not(nnx.Param)))()
-    rest_flat = dict(nnx.to_flat_state(rest))
-    flat = [(path, rest_flat.get(path, var)) for path, var in nnx.to_flat_state(state)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
