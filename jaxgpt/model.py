@@ -51,6 +51,7 @@ class GPT2Config:
     vocab_multiple: int = 1  # pad the embedding to a multiple (128 on TPU/GPU)
     dropout: float = 0.0
     remat: bool = False
+    scan_layers: bool = True  # run the blocks as one lax.scan (training / full forward; not decoding)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -233,13 +234,16 @@ class GPT2(nnx.Module):
         x = constrain(self.drop(x), "batch", "seq", None)
 
         new_layers = []
-        for i, block in enumerate(self.h):
-            layer_cache = None if cache is None else cache["layers"][i]
-            if cfg.remat and cache is None:
-                x, _ = nnx.remat(lambda blk, y, m: blk(y, m, constrain=constrain))(block, x, mask)
-            else:
-                x, layer_cache = block(x, mask, layer_cache, index, constrain)
-            new_layers.append(layer_cache)
+        if cache is None and cfg.scan_layers and len(self.h) > 1:
+            x = self._scan_blocks(x, mask, constrain)
+        else:
+            for i, block in enumerate(self.h):
+                layer_cache = None if cache is None else cache["layers"][i]
+                if cfg.remat and cache is None:
+                    x, _ = nnx.remat(lambda blk, y, m: blk(y, m, constrain=constrain))(block, x, mask)
+                else:
+                    x, layer_cache = block(x, mask, layer_cache, index, constrain)
+                new_layers.append(layer_cache)
 
         if last_only:
             x = x[:, -1:]
@@ -250,6 +254,34 @@ class GPT2(nnx.Module):
             return logits
         new_cache = {"layers": new_layers, "segment_ids": k_seg, "index": index + t}
         return logits, new_cache
+
+
+    def _scan_blocks(self, x, mask, constrain):
+        """The blocks as one ``lax.scan`` over their states, stacked on the fly.
+
+        Parameters stay stored per layer (``h.0``, ``h.1``, ... as in HF); only the
+        computation is a loop. That makes compile time independent of depth and keeps the
+        residual stream's gradient one materialised loop carry: unrolled, XLA:CPU fused the
+        whole chain of later layers' residual gradients into every layer's weight-gradient
+        transpose (work quadratic in depth: 10 s -> 8 s a step for GPT-2 124M at 4x256).
+        The blocks' non-parameter state (dropout RNG streams) goes through the loop and
+        comes back updated, as in the unrolled loop.
+        """
+        graphdef = nnx.graphdef(self.h[0])
+        states = [nnx.state(block) for block in self.h]
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+        def body(y, state):
+            block = nnx.merge(graphdef, state)
+            y, _ = block(y, mask, constrain=constrain)
+            return y, nnx.state(block, nnx.Not(nnx.Param))
+
+        if self.config.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        x, new_rest = jax.lax.scan(body, x, stacked)
+        for i, block in enumerate(self.h):
+            nnx.update(block, jax.tree.map(lambda a, i=i: a[i], new_rest))
+        return x
 
 
 def init_cache(cfg: GPT2Config, batch: int, max_len: int, dtype=None) -> dict[str, Any]:

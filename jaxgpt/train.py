@@ -180,8 +180,12 @@ def make_train_step(graphdef, rest, tx, *, mesh=None, dropout: bool = False,
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         n_micro = batch["input_ids"].shape[0]
-        (g_sum, l_sum, n_sum), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)),
-                                                (batch, jnp.arange(n_micro)))
+        if n_micro == 1:  # no accumulation loop (and no zero-filled accumulator) for one micro-batch
+            first = jax.tree.map(lambda a: a[0], batch)
+            (g_sum, l_sum, n_sum), _ = micro((zeros, jnp.float32(0), jnp.float32(0)), (first, 0))
+        else:
+            (g_sum, l_sum, n_sum), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)),
+                                                    (batch, jnp.arange(n_micro)))
         denom = jnp.maximum(n_sum, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, params)
         loss = l_sum / denom
@@ -229,7 +233,7 @@ def model_config(cfg: Config, vocab_size: int) -> GPT2Config:
     """The architecture to train (from the HF config.json, or the from-scratch keys), before any weights."""
     m = cfg.model
     numerics = dict(dtype=m.dtype, param_dtype=m.param_dtype, vocab_multiple=m.vocab_multiple,
-                    dropout=m.dropout, remat=m.remat)
+                    dropout=m.dropout, remat=m.remat, scan_layers=m.scan_layers)
     if m.name_or_path is None:
         try:
             return GPT2Config(vocab_size=m.vocab_size or vocab_size, n_positions=m.n_positions, n_embd=m.n_embd,
@@ -262,7 +266,8 @@ def build_model(cfg: Config, vocab_size: int, mesh, gcfg: GPT2Config | None = No
         place = sharding.make_place(abs_params, mesh)
         model, gcfg = weights.load_pretrained(weights.resolve(m.name_or_path), place=place, dtype=gcfg.dtype,
                                               param_dtype=gcfg.param_dtype, vocab_multiple=gcfg.vocab_multiple,
-                                              dropout=gcfg.dropout, remat=gcfg.remat)
+                                              dropout=gcfg.dropout, remat=gcfg.remat,
+                                              scan_layers=gcfg.scan_layers)
         graphdef, params, _ = nnx.split(model, nnx.Param, ...)
         # The non-parameter state (dropout RNG streams) must be one replicated array on the whole
         # mesh (load_pretrained's copy lives on one local device); jit drops the unused parameter init.
