@@ -139,17 +139,26 @@ class Attention(nnx.Module):
         qkv = x @ self.c_attn_kernel[...].astype(dt).reshape(e, 3 * h * d) + self.c_attn_bias[...].astype(dt).reshape(-1)
         qkv = constrain(qkv.reshape(b, t, 3, h, d), "batch", "seq", None, "heads", "head_dim")
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, D]
-        if layer_cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, axis=1)
+        if layer_cache is None:
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        else:
+            # The cache keeps keys as [B, H, D, S] and values as [B, H, S, D]: the layouts both
+            # attention matmuls read directly. Stored as [B, S, H, D], XLA:CPU transposed the
+            # whole cache of every layer at every decoded token (a quarter of the step at batch 8).
+            kt = jnp.transpose(k, (0, 2, 3, 1)).astype(layer_cache["k"].dtype)
+            vt = jnp.transpose(v, (0, 2, 1, 3)).astype(layer_cache["v"].dtype)
+            k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], kt, cache_index, axis=3)
+            v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], vt, cache_index, axis=2)
             layer_cache = {"k": k, "v": v}
-            k, v = k.astype(dt), v.astype(dt)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+            scores = jnp.einsum("bqhd,bhdk->bhqk", q, k.astype(dt), preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(self.head_dim)
         scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         probs = self.dropout(probs)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dt), v)
+        if layer_cache is None:
+            out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dt), v)
+        else:
+            out = jnp.einsum("bhqk,bhkd->bqhd", probs.astype(dt), v.astype(dt))
         out = out.reshape(b, t, h * d) @ self.c_proj_kernel[...].astype(dt).reshape(h * d, e)
         out = self.dropout(out + self.c_proj_bias[...].astype(dt))
         return out, layer_cache
@@ -287,8 +296,9 @@ class GPT2(nnx.Module):
 def init_cache(cfg: GPT2Config, batch: int, max_len: int, dtype=None) -> dict[str, Any]:
     """An empty KV cache of ``max_len`` slots (at most ``n_positions``)."""
     dtype = DTYPES[cfg.dtype] if dtype is None else dtype
-    shape = (batch, max_len, cfg.n_head, cfg.head_dim)
-    layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layer)]
+    k_shape = (batch, cfg.n_head, cfg.head_dim, max_len)  # keys transposed: q @ k reads them as stored
+    v_shape = (batch, cfg.n_head, max_len, cfg.head_dim)
+    layers = [{"k": jnp.zeros(k_shape, dtype), "v": jnp.zeros(v_shape, dtype)} for _ in range(cfg.n_layer)]
     return {"layers": layers, "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.array(0, jnp.int32)}
 
 
