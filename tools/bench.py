@@ -1,6 +1,6 @@
 """jaxgpt vs the PyTorch tools users would pick instead, side by side on one machine.
 
-    python tools/bench.py                 # full CPU run (GPT-2 124M; ~30+ min on 2 cores)
+    python tools/bench.py                 # full CPU run (GPT-2 124M; ~25 min on 2 cores)
     python tools/bench.py --quick         # tiny model, < 2 min: a regular smoke of every section
     python tools/bench.py --gpu           # tokens/s + MFU of GPT-2 124M, seq 1024, bf16 (tools/bench_gpu.sh)
     python tools/bench.py --sections train,finetune
