@@ -264,7 +264,6 @@ class GPT2(nnx.Module):
         new_cache = {"layers": new_layers, "segment_ids": k_seg, "index": index + t}
         return logits, new_cache
 
-
     def _scan_blocks(self, x, mask, constrain):
         """The blocks as one ``lax.scan`` over their states, stacked on the fly.
 
