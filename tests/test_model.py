@@ -33,7 +33,7 @@ def _loss_grads_twice(cfg: GPT2Config):
 
 @pytest.mark.parametrize("dropout,remat", [(0.0, False), (0.1, True)])
 def test_scanned_blocks_match_unrolled(dropout, remat):
-    """Loss equal to 1e-6 relative, gradients to 1e-5 relative (float32 reassociation only)."""
+    """Loss equal to 1e-6 relative, gradients within 1e-5 of the largest gradient (float32 reassociation only)."""
     base = dict(vocab_size=300, n_positions=64, n_embd=64, n_layer=3, n_head=4, dropout=dropout, remat=remat)
     s_val, s_again, s_grads = _loss_grads_twice(GPT2Config(**base, scan_layers=True))
     u_val, u_again, u_grads = _loss_grads_twice(GPT2Config(**base, scan_layers=False))
