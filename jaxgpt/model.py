@@ -139,9 +139,8 @@ class Attention(nnx.Module):
         qkv = x @ self.c_attn_kernel[...].astype(dt).reshape(e, 3 * h * d) + self.c_attn_bias[...].astype(dt).reshape(-1)
         qkv = constrain(qkv.reshape(b, t, 3, h, d), "batch", "seq", None, "heads", "head_dim")
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, D]
-        if layer_cache is None:
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        else:
+        k_axes = v_axes = "bkhd"
+        if layer_cache is not None:
             # The cache keeps keys as [B, H, D, S] and values as [B, H, S, D]: the layouts both
             # attention matmuls read directly. Stored as [B, S, H, D], XLA:CPU transposed the
             # whole cache of every layer at every decoded token (a quarter of the step at batch 8).
@@ -150,15 +149,13 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], kt, cache_index, axis=3)
             v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], vt, cache_index, axis=2)
             layer_cache = {"k": k, "v": v}
-            scores = jnp.einsum("bqhd,bhdk->bhqk", q, k.astype(dt), preferred_element_type=jnp.float32)
+            k_axes, v_axes = "bhdk", "bhkd"
+        scores = jnp.einsum(f"bqhd,{k_axes}->bhqk", q, k.astype(dt), preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(self.head_dim)
         scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         probs = self.dropout(probs)
-        if layer_cache is None:
-            out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dt), v)
-        else:
-            out = jnp.einsum("bhqk,bhkd->bqhd", probs.astype(dt), v.astype(dt))
+        out = jnp.einsum(f"bhqk,{v_axes}->bqhd", probs.astype(dt), v.astype(dt))
         out = out.reshape(b, t, h * d) @ self.c_proj_kernel[...].astype(dt).reshape(h * d, e)
         out = self.dropout(out + self.c_proj_bias[...].astype(dt))
         return out, layer_cache

@@ -180,7 +180,7 @@ def make_train_step(graphdef, rest, tx, *, mesh=None, dropout: bool = False,
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         n_micro = batch["input_ids"].shape[0]
-        if n_micro == 1:  # no accumulation loop (and no zero-filled accumulator) for one micro-batch
+        if n_micro == 1:  # no accumulation loop for one micro-batch (XLA folds the zero accumulator away)
             first = jax.tree.map(lambda a: a[0], batch)
             (g_sum, l_sum, n_sum), _ = micro((zeros, jnp.float32(0), jnp.float32(0)), (first, 0))
         else:
