@@ -57,6 +57,7 @@ class ModelConfig:
     vocab_multiple: int = _f(1, "pad the embedding rows to a multiple (128 on TPU/GPU, and for tensor parallelism)")
     remat: bool = _f(False, "recompute each block's activations in the backward pass (saves memory)")
     scan_layers: bool = _f(True, "run the blocks as one lax.scan: compile time independent of depth, faster steps on CPU")
+    attention: str = _f("auto", "auto (cudnn on a GPU in bf16/fp16 without dropout, else einsum) | einsum (jaxgpt's own) | cudnn (fused flash attention) | xla")
     dropout: float = _f(0.0, "dropout rate on embeddings, attention and residuals (0 = off)")
 
 
@@ -355,6 +356,11 @@ def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> tuple[int
             raise ConfigError(f"model.{key}={getattr(cfg.model, key)!r}: choose from float32, bfloat16, float16")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"model.dropout={cfg.model.dropout}: must be in [0, 1)")
+    if cfg.model.attention not in ("auto", "einsum", "xla", "cudnn"):
+        raise ConfigError(f"model.attention={cfg.model.attention!r}: choose from auto, einsum, xla, cudnn")
+    if cfg.model.attention == "cudnn" and (cfg.model.dtype == "float32" or cfg.model.dropout):
+        raise ConfigError("model.attention=cudnn needs model.dtype bfloat16 or float16 and model.dropout=0 "
+                          "(attention=auto picks it only where it applies)")
     if cfg.optimizer.lr < 0:
         raise ConfigError(f"optimizer.lr={cfg.optimizer.lr}: must be >= 0")
     if cfg.checkpoint.save_every < 1:

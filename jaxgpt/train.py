@@ -129,7 +129,8 @@ def loss_terms(graphdef, params, rest, batch, *, mesh=None, train: bool = True, 
     if not train:
         model.eval()
     constrain = None if mesh is None else (lambda x, *axes: sharding.constrain(x, mesh, *axes))
-    logits = model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+    # segment_ids (packing) are optional: without them attention is causal only.
+    logits = model(batch["input_ids"], positions=batch["positions"], segment_ids=batch.get("segment_ids"),
                    constrain=constrain)
     if mesh is not None:  # the largest activation: keep it split on batch and vocab
         logits = sharding.constrain(logits, mesh, "batch", "seq", "vocab")
@@ -233,7 +234,11 @@ def model_config(cfg: Config, vocab_size: int) -> GPT2Config:
     """The architecture to train (from the HF config.json, or the from-scratch keys), before any weights."""
     m = cfg.model
     numerics = dict(dtype=m.dtype, param_dtype=m.param_dtype, vocab_multiple=m.vocab_multiple,
-                    dropout=m.dropout, remat=m.remat, scan_layers=m.scan_layers)
+                    dropout=m.dropout, remat=m.remat, scan_layers=m.scan_layers, attention=m.attention)
+    try:
+        GPT2Config(**numerics)  # the numeric knobs alone, so their mistakes name the config keys
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
     if m.name_or_path is None:
         try:
             return GPT2Config(vocab_size=m.vocab_size or vocab_size, n_positions=m.n_positions, n_embd=m.n_embd,
@@ -267,7 +272,7 @@ def build_model(cfg: Config, vocab_size: int, mesh, gcfg: GPT2Config | None = No
         model, gcfg = weights.load_pretrained(weights.resolve(m.name_or_path), place=place, dtype=gcfg.dtype,
                                               param_dtype=gcfg.param_dtype, vocab_multiple=gcfg.vocab_multiple,
                                               dropout=gcfg.dropout, remat=gcfg.remat,
-                                              scan_layers=gcfg.scan_layers)
+                                              scan_layers=gcfg.scan_layers, attention=gcfg.attention)
         graphdef, params, _ = nnx.split(model, nnx.Param, ...)
         # The non-parameter state (dropout RNG streams) must be one replicated array on the whole
         # mesh (load_pretrained's copy lives on one local device); jit drops the unused parameter init.

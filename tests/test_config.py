@@ -69,6 +69,17 @@ def test_wrong_type(override, message):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["model.attention=flash"], r"model.attention='flash': choose from auto, einsum, xla, cudnn"),
+    (["model.attention=cudnn"], r"model.attention=cudnn needs model.dtype bfloat16"),
+    (["model.attention=cudnn", "model.dtype=bfloat16", "model.dropout=0.1"], r"and model.dropout=0"),
+])
+def test_attention_setting(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(load_config(None, overrides), num_devices=1)
+    validate(load_config(None, ["model.attention=cudnn", "model.dtype=bfloat16"]), num_devices=1)
+
+
 def test_data_section_checked_by_its_owner():
     with pytest.raises(ConfigError, match=r"data.seq_len must be an integer >= 2"):
         load_config(None, ["data.seq_len=1"])

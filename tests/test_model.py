@@ -1,10 +1,12 @@
-"""The model's two ways of running its blocks compute the same thing.
+"""The model's alternative code paths compute the same thing.
 
 ``scan_layers=True`` (the default) runs the blocks as one ``lax.scan`` over their
 stacked states; ``False`` unrolls them (the KV-cache path always does). Both must give
 the same loss, the same gradients and the same dropout masks, and leave the dropout
-RNG streams in the same state. The reference for the unrolled model itself is
-transformers' PyTorch GPT-2 (tests/test_weights.py, tests/test_train.py).
+RNG streams in the same state. Likewise ``attention="xla"`` (``jax.nn.dot_product_attention``,
+the call ``attention="cudnn"`` makes on a GPU with another implementation) must match
+jaxgpt's own einsum attention, packed segments included. The reference for the default
+model itself is transformers' PyTorch GPT-2 (tests/test_weights.py, tests/test_train.py).
 """
 
 from __future__ import annotations
@@ -47,3 +49,53 @@ def test_scanned_blocks_match_unrolled(dropout, remat):
     worst = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(flat_s, flat_u))
     assert worst <= 1e-5 * scale, f"max gradient difference {worst:.2e} (largest gradient {scale:.2e})"
     assert np.isfinite(scale) and scale > 0
+
+
+def _assert_grads_close(a, b):
+    flat_a, flat_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(flat_a) == len(flat_b)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in flat_b)
+    worst = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(flat_a, flat_b))
+    assert worst <= 1e-5 * scale, f"max gradient difference {worst:.2e} (largest gradient {scale:.2e})"
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_library_attention_matches_einsum(scan):
+    """jax.nn.dot_product_attention with jaxgpt's mask (causal & same segment): loss to 1e-6
+    relative, gradients within 1e-5 of the largest, float32."""
+    base = dict(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4, scan_layers=scan)
+    x_val, _, x_grads = _loss_grads_twice(GPT2Config(**base, attention="xla"))
+    e_val, _, e_grads = _loss_grads_twice(GPT2Config(**base, attention="einsum"))
+    assert x_val == pytest.approx(e_val, rel=1e-6)
+    _assert_grads_close(x_grads, e_grads)
+
+
+def test_library_attention_keeps_segments_apart():
+    """Changing the first packed segment's tokens leaves the second segment's logits alone."""
+    cfg = GPT2Config(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4, attention="xla")
+    model = GPT2(cfg, rngs=nnx.Rngs(0))
+    seg = jnp.array([[1] * 10 + [2] * 6])
+    ids = (jnp.arange(16)[None] * 7) % cfg.vocab_size
+    other = ids.at[0, :10].set(5)
+    a, b = model(ids, segment_ids=seg), model(other, segment_ids=seg)
+    np.testing.assert_allclose(a[0, 10:], b[0, 10:], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(a[0, :10], b[0, :10], atol=1e-3)
+
+
+@pytest.mark.parametrize("kw,needle", [(dict(attention="flash"), "attention='flash'"),
+                                       (dict(attention="cudnn", dtype="float32"), "needs dtype bfloat16"),
+                                       (dict(attention="cudnn", dtype="bfloat16", dropout=0.1), "no attention-probability dropout")])
+def test_attention_setting_is_checked(kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        GPT2Config(**kw)
+
+
+def test_auto_attention_picks_cudnn_only_where_it_applies(monkeypatch):
+    from jaxgpt import model as model_lib
+
+    assert model_lib.attention_implementation(GPT2Config(dtype="bfloat16")) == "einsum"  # this CPU
+    monkeypatch.setattr(model_lib.jax, "default_backend", lambda: "gpu")
+    assert model_lib.attention_implementation(GPT2Config(dtype="bfloat16")) == "cudnn"
+    assert model_lib.attention_implementation(GPT2Config(dtype="float32")) == "einsum"
+    assert model_lib.attention_implementation(GPT2Config(dtype="bfloat16", dropout=0.1)) == "einsum"
+    assert model_lib.attention_implementation(GPT2Config(dtype="bfloat16", attention="einsum")) == "einsum"
