@@ -15,10 +15,13 @@ weights from one safetensors folder and the same batches from one seed):
             -> import -> load weights -> compile -> first step done); first-step
             loss of both (same weights + batch => same number).
   finetune  one epoch SFT on N oasst threads (../shared) at seq 512: jaxgpt
-            (`jaxgpt.train.train`, packing) vs TRL SFTTrainer with its defaults and
-            with packing; assistant-only loss, same ChatML template / tokenizer;
-            wall time, trained tokens, final losses.
+            (`jaxgpt.train.train`, packing; and with model.remat, as TRL's default
+            gradient checkpointing) vs TRL SFTTrainer with its defaults and with
+            packing; assistant-only loss, same ChatML template / tokenizer; wall
+            time, peak RSS, trained tokens, final losses.
   generate  tools/bench_generate.py (jaxgpt generate vs transformers generate).
+  --gpu     tools/bench_gpu.sh: jaxgpt's train step on one GPU, GPT-2 124M, seq 1024,
+            bf16, each of GPU_VARIANTS, vs torch eager + autocast; tokens/s and MFU.
 
 Results are printed as a table and written to --out (JSON); docs/benchmarks.md
 holds the recorded numbers.
@@ -87,6 +90,9 @@ def worker_train_jax(a: dict) -> dict:
     cfg = Config()
     cfg.model.name_or_path = a["model"]
     cfg.model.dtype = a.get("dtype", "float32")
+    cfg.model.attention = a.get("attention", "auto")
+    cfg.model.vocab_multiple = a.get("vocab_multiple", 1)
+    cfg.model.scan_layers = a.get("scan_layers", True)
     cfg.train.steps = a["warmup"] + a["steps"]
     cfg.schedule.name = "constant"
     for k, v in optimizer_hparams().items():
@@ -107,6 +113,8 @@ def worker_train_jax(a: dict) -> dict:
     batches = [{"input_ids": x[None, :, :-1], "targets": x[None, :, 1:], "loss_mask": np.ones((1, b, t), np.int32),
                 "segment_ids": np.ones((1, b, t), np.int32), "positions": pos[None]}
                for x in make_batches(gcfg.vocab_size, b, t, a["warmup"] + a["steps"])]
+    if not a.get("segments", True):  # no packing: causal attention only
+        batches = [{k: v for k, v in x.items() if k != "segment_ids"} for x in batches]
     batches = [jax.device_put(x) for x in batches]
     rng = jax.random.key_data(jax.random.key(0))
     losses, t_first = [], None
@@ -126,9 +134,12 @@ def worker_train_jax(a: dict) -> dict:
            "rss_after_load_mb": rss_loaded, "backend": jax.default_backend(), "n_devices": len(jax.devices()),
            "device_kind": jax.devices()[0].device_kind}
     if a.get("peak_flops"):
+        # The model's own FLOPs: padding rows of the embedding (vocab_multiple) do not count.
         n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+        n_params -= (gcfg.padded_vocab_size - gcfg.vocab_size) * gcfg.n_embd
         fpt = flops_per_token(gcfg, n_params, t)
-        out.update(flops_per_token=fpt, mfu=tps * fpt / (a["peak_flops"] * len(jax.devices())))
+        out.update(flops_per_token=fpt, n_params=n_params,
+                   mfu=out["tokens_per_s"] * fpt / (a["peak_flops"] * len(jax.devices())))
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         out["peak_device_mb"] = stats["peak_bytes_in_use"] / 2**20
@@ -140,7 +151,7 @@ def worker_train_torch(a: dict) -> dict:
     import torch.nn.functional as F
     from transformers import GPT2LMHeadModel
 
-    device = a.get("device", "cpu")
+    device = a.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     model = GPT2LMHeadModel.from_pretrained(a["model"], dtype=torch.float32).to(device)
     model.train()  # dropout is 0 in the exported config, as in jaxgpt
     h = optimizer_hparams()
@@ -202,7 +213,7 @@ def worker_finetune_jax(a: dict) -> dict:
     out = Path(a["out"])
     shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl appends: start clean
     cfg = from_dict({
-        "model": {"name_or_path": a["model"]},
+        "model": {"name_or_path": a["model"], "remat": a.get("remat", False)},
         "data": data,
         "optimizer": {"lr": a["lr"], "weight_decay": 0.0, "grad_clip": 1.0},
         "schedule": {"name": "linear", "warmup_steps": 0, "min_lr_ratio": 0.0},
@@ -330,18 +341,20 @@ def section_finetune(work: Path, quick: bool, threads: int, seq: int, batch: int
     common = {"model": str(folder), "data": str(data), "threads": threads, "seq": seq, "batch": batch, "lr": 2e-5}
     res = {"threads": threads, "seq": seq, "batch": batch,
            "jaxgpt": run_worker("finetune_jax", {**common, "out": str(work / "ft-jax")}),
+           # TRL checkpoints gradients by default: this run makes the memory comparison like for like
+           "jaxgpt_remat": run_worker("finetune_jax", {**common, "remat": True, "out": str(work / "ft-jax-remat")}),
            "trl_defaults": run_worker("finetune_trl", {**common, "packing": False, "out": str(work / "ft-trl")}),
            "trl_packing": run_worker("finetune_trl", {**common, "packing": True, "out": str(work / "ft-trl-pack")})}
-    j = res["jaxgpt"]
-    for name in ("trl_defaults", "trl_packing"):
-        t = res[name]
+    for jname, name in (("jaxgpt", "trl_defaults"), ("jaxgpt", "trl_packing"), ("jaxgpt_remat", "trl_defaults")):
+        j, t = res[jname], res[name]
         if "error" in j or "error" in t:
-            print(f"  finetune vs {name}: jax {j.get('error', 'ok')} | trl {t.get('error', 'ok')}")
+            print(f"  finetune {jname} vs {name}: jax {j.get('error', 'ok')} | trl {t.get('error', 'ok')}")
             continue
-        print(f"  finetune epoch ({threads} threads, seq {seq}): jaxgpt {j['train_wall_s']:.0f}s vs {name} "
-              f"{t['train_wall_s']:.0f}s -> {j['train_wall_s'] / t['train_wall_s']:.2f}x time | trained tokens "
-              f"{j['trained_tokens']:,} vs {t['trained_tokens']:,} | final loss {j['final_loss']:.3f} vs "
-              f"{t['final_loss']:.3f} | steps {j['steps']} vs {t['steps']}")
+        print(f"  finetune epoch ({threads} threads, seq {seq}): {jname} {j['train_wall_s']:.0f}s vs {name} "
+              f"{t['train_wall_s']:.0f}s -> {j['train_wall_s'] / t['train_wall_s']:.2f}x time | peak RSS "
+              f"{j['peak_rss_mb']:,.0f} vs {t['peak_rss_mb']:,.0f} MB | trained tokens {j['trained_tokens']:,} vs "
+              f"{t['trained_tokens']:,} | final loss {j['final_loss']:.3f} vs {t['final_loss']:.3f} | steps "
+              f"{j['steps']} vs {t['steps']}")
     return res
 
 
@@ -356,23 +369,60 @@ def section_generate(work: Path, quick: bool) -> dict:
                    **({"new_tokens": 32, "repeats": 2} if quick else {}))
 
 
+# jaxgpt settings the --gpu run tries, one process each: (label, worker settings)
+GPU_VARIANTS = [
+    ("einsum attention", dict(attention="einsum")),
+    ("cudnn attention", dict(attention="cudnn")),
+    ("cudnn attention, vocab padded to 128", dict(attention="cudnn", vocab_multiple=128)),
+    ("cudnn attention, vocab padded to 128, no packing mask", dict(attention="cudnn", vocab_multiple=128, segments=False)),
+    ("cudnn attention, vocab padded to 128, blocks unrolled", dict(attention="cudnn", vocab_multiple=128, scan_layers=False)),
+]
+
+
 def run_gpu(args, work: Path) -> dict:
-    """GPT-2 124M at seq 1024 in bfloat16 (float32 master weights) on one accelerator."""
-    folder = write_init_model(work / "init-124m", GPT2_124M, chat=False)
-    common = {"model": str(folder), "batch": args.batch, "seq": 1024, "steps": args.steps or 10,
+    """GPT-2 124M at seq 1024 in bfloat16 (float32 master weights) on one accelerator: each
+    jaxgpt variant, then PyTorch eager with bf16 autocast, the same weights and batches.
+    --quick: the tiny model at seq 128 (a dry run of this path on any machine)."""
+    import jax
+
+    # This process only writes the initial weights: on the GPU, jax would take 75% of its memory
+    # for the whole run and leave the measured processes the rest.
+    jax.config.update("jax_platforms", "cpu")
+    arch, seq = (TINY, 128) if args.quick else (GPT2_124M, 1024)
+    folder = write_init_model(work / ("init-tiny" if args.quick else "init-124m"), arch, chat=False)
+    common = {"model": str(folder), "batch": args.batch, "seq": seq, "steps": args.steps or 10,
               "warmup": max(args.warmup, 2), "dtype": "bfloat16"}
-    jax_res = run_worker("train_jax", {**common, "peak_flops": args.peak_flops})
-    torch_res = run_worker("train_torch", {**common, "device": "cuda"})
-    res = {"jaxgpt": jax_res, "torch_eager_autocast": torch_res}
-    if "error" not in jax_res:
-        print(f"  gpu {jax_res['device_kind']}: jaxgpt {jax_res['tokens_per_s']:,.0f} tok/s, "
-              f"MFU {100 * jax_res['mfu']:.1f}% (peak {args.peak_flops / 1e12:.0f} TFLOP/s), "
-              f"step {jax_res['step_s'] * 1e3:.0f} ms, batch {args.batch} x 1024")
-    else:
-        print(f"  gpu jaxgpt: {jax_res['error']}")
-    if "error" not in torch_res and "error" not in jax_res:
-        print(f"  gpu torch eager + autocast bf16: {torch_res['tokens_per_s']:,.0f} tok/s -> jaxgpt "
-              f"{jax_res['tokens_per_s'] / torch_res['tokens_per_s']:.2f}x")
+    res = {"batch": args.batch, "seq": seq, "peak_flops": args.peak_flops, "jaxgpt": {}}
+
+    def save():
+        if args.out:  # after every run: a killed benchmark keeps what it measured
+            args.out.write_text(json.dumps({"gpu": res}, indent=2) + "\n")
+
+    chosen = [GPU_VARIANTS[int(i)] for i in args.gpu_variants.split(",")] if args.gpu_variants else GPU_VARIANTS
+    for label, settings in chosen:
+        r = run_worker("train_jax", {**common, **settings, "peak_flops": args.peak_flops}, timeout=args.worker_timeout)
+        res["jaxgpt"][label] = r
+        save()
+        if "error" in r:
+            print(f"  gpu jaxgpt ({label}): {r['error']}", flush=True)
+            continue
+        print(f"  gpu {r['device_kind']} jaxgpt ({label}): {r['tokens_per_s']:,.0f} tok/s, MFU {100 * r['mfu']:.1f}% "
+              f"(peak {args.peak_flops / 1e12:.0f} TFLOP/s), step {r['step_s'] * 1e3:.1f} ms, batch {args.batch} x "
+              f"{seq}, first step after {r['time_to_first_step_s']:.0f} s, peak device memory "
+              f"{r.get('peak_device_mb', float('nan')):,.0f} MB, loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}",
+              flush=True)
+    t = res["torch_eager_autocast"] = run_worker("train_torch", common, timeout=args.worker_timeout)
+    save()
+    if "error" in t:
+        print(f"  gpu torch: {t['error']}", flush=True)
+        return res
+    print(f"  gpu torch eager + bf16 autocast: {t['tokens_per_s']:,.0f} tok/s, step {t['step_s'] * 1e3:.1f} ms, "
+          f"first step after {t['time_to_first_step_s']:.0f} s, peak device memory "
+          f"{t.get('peak_device_mb') or float('nan'):,.0f} MB, loss {t['first_loss']:.4f} -> {t['last_loss']:.4f}",
+          flush=True)
+    for label, r in res["jaxgpt"].items():
+        if "error" not in r:
+            print(f"  jaxgpt ({label}) / torch: {r['tokens_per_s'] / t['tokens_per_s']:.2f}x", flush=True)
     return res
 
 
@@ -388,6 +438,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="oasst threads for the fine-tuning epoch (64; quick 8)")
     p.add_argument("--batch", type=int, default=None, help="batch rows: fine-tuning (8) / --gpu (16)")
     p.add_argument("--peak-flops", type=float, default=H200_BF16_PEAK, help="--gpu: peak FLOP/s for MFU")
+    p.add_argument("--gpu-variants", default=None, help="--gpu: which jaxgpt variants, as indices into GPU_VARIANTS (default all)")
+    p.add_argument("--worker-timeout", type=float, default=None, help="--gpu: seconds one run may take")
     p.add_argument("--work-dir", type=Path, default=None, help="scratch folder (default: a temp dir)")
     p.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -410,7 +462,7 @@ def main(argv=None) -> int:
     if args.gpu:
         args.batch = args.batch or 16
         results["gpu"] = run_gpu(args, work)
-        sections = []
+        sections = []  # the GPU run writes --out as it goes; the whole record follows below
     if "train" in sections:
         results["train"] = section_train(work, args.quick, steps, args.warmup)
     if "finetune" in sections:

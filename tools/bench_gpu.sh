@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # GPU benchmark: tokens/s and MFU of jaxgpt's train step, GPT-2 124M, seq 1024, bfloat16 compute
-# (float32 master weights), one GPU, plus the same step in PyTorch eager for the ratio.
+# (float32 master weights), one GPU, plus the same step in PyTorch eager (bf16 autocast) for the ratio.
 #
 #   bash tools/bench_gpu.sh                 # uses .venv if present, else python3
 #   BATCH=32 STEPS=20 bash tools/bench_gpu.sh
 #
 # Needs a CUDA build of jax (pip install "jaxgpt[cuda]") and, for the PyTorch side, a CUDA torch.
+# First tools/check_gpu.py (versions; cuDNN attention against jaxgpt's own on the device), then
+# tools/bench.py --gpu: each jaxgpt variant (attention einsum / cudnn, vocab padding, with and
+# without a packing mask) in its own process, then torch.
 # MFU = tokens/s x training FLOPs per token (6N + attention, as jaxgpt.train logs it) / peak bf16
 # FLOP/s of the device (989 TFLOP/s dense for H100/H200 SXM; override with PEAK_FLOPS).
-# Results: printed, and written to bench_gpu.json; record them in docs/benchmarks.md.
+# Results: printed, and written to $RESULTS (default bench_gpu.json); record them in docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-"$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
-exec "$PY" tools/bench.py --gpu --batch "${BATCH:-16}" --steps "${STEPS:-10}" \
-  ${PEAK_FLOPS:+--peak-flops "$PEAK_FLOPS"} --out "${OUT:-bench_gpu.json}"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
+"$PY" tools/check_gpu.py
+exec "$PY" tools/bench.py --gpu --batch "${BATCH:-16}" --steps "${STEPS:-10}" --worker-timeout "${WORKER_TIMEOUT:-300}" \
+  ${PEAK_FLOPS:+--peak-flops "$PEAK_FLOPS"} --out "${RESULTS:-bench_gpu.json}"
