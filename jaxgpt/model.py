@@ -92,8 +92,8 @@ class GPT2Config:
 # "einsum": two einsums around a float32 softmax, laid out for XLA:CPU (and the only path
 # that reads a KV cache). "xla" / "cudnn": ``jax.nn.dot_product_attention`` with that
 # implementation; "cudnn" is cuDNN's fused flash attention (NVIDIA GPUs, bf16/fp16 compute):
-# the [B, H, T, T] scores are never stored (GPT-2 124M, seq 1024 on an H200: 1.6x the
-# einsum step's tokens/s, 40% less memory; docs/benchmarks.md). "auto": "cudnn" where it
+# the [B, H, T, T] scores are never stored (GPT-2 124M, seq 1024 on an H200: 1.65x the
+# einsum step's tokens/s, 42% less memory; docs/benchmarks.md). "auto": "cudnn" where it
 # applies (a GPU, bf16/fp16, no dropout), else "einsum".
 ATTENTION = ("auto", "einsum", "xla", "cudnn")
 
@@ -104,6 +104,7 @@ def attention_implementation(cfg: "GPT2Config") -> str:
         return cfg.attention
     fused = jax.default_backend() == "gpu" and cfg.dtype != "float32" and not cfg.dropout
     return "cudnn" if fused else "einsum"
+
 
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -252,7 +253,7 @@ class GPT2(nnx.Module):
             start = 0 if cache is None else cache["index"]
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         # jax.nn.dot_product_attention applies causality itself: a mask only for packed segments.
-        library_causal_only = segment_ids is None and cache is None and attention_implementation(cfg) != "einsum"
+        library_causal_only = segment_ids is None and cache is None and self.h[0].attn.implementation != "einsum"
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
 
