@@ -93,6 +93,7 @@ def worker_train_jax(a: dict) -> dict:
     cfg.model.attention = a.get("attention", "auto")
     cfg.model.vocab_multiple = a.get("vocab_multiple", 1)
     cfg.model.scan_layers = a.get("scan_layers", True)
+    cfg.model.remat = a.get("remat", False)
     cfg.train.steps = a["warmup"] + a["steps"]
     cfg.schedule.name = "constant"
     for k, v in optimizer_hparams().items():
