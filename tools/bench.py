@@ -437,7 +437,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed train steps (default 5); tokens/s from the median step")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (the first one compiles)")
     p.add_argument("--threads", type=int, default=None, help="oasst threads for the fine-tuning epoch (64; quick 8)")
-    p.add_argument("--batch", type=int, default=None, help="batch rows: fine-tuning (8) / --gpu (16)")
+    p.add_argument("--batch", type=int, default=None, help="batch rows: fine-tuning (8) / --gpu (32)")
     p.add_argument("--peak-flops", type=float, default=H200_BF16_PEAK, help="--gpu: peak FLOP/s for MFU")
     p.add_argument("--gpu-variants", default=None, help="--gpu: which jaxgpt variants, as indices into GPU_VARIANTS (default all)")
     p.add_argument("--worker-timeout", type=float, default=None, help="--gpu: seconds one run may take")
@@ -461,7 +461,7 @@ def main(argv=None) -> int:
     print(f"jaxgpt bench ({'quick' if args.quick else 'full'}) on {results['machine']['cpu']} "
           f"({results['machine']['cores']} cores); scratch {work}")
     if args.gpu:
-        args.batch = args.batch or 16
+        args.batch = args.batch or 32  # as configs/gpt2-chat.yaml
         results["gpu"] = run_gpu(args, work)
         sections = []  # the GPU run writes --out as it goes; the whole record follows below
     if "train" in sections:

@@ -3,7 +3,7 @@
 # (float32 master weights), one GPU, plus the same step in PyTorch eager (bf16 autocast) for the ratio.
 #
 #   bash tools/bench_gpu.sh                 # uses .venv if present, else python3
-#   BATCH=32 STEPS=20 bash tools/bench_gpu.sh
+#   BATCH=16 STEPS=20 bash tools/bench_gpu.sh   # batch rows of 1024 tokens (default 32, as gpt2-chat.yaml)
 #
 # Needs a CUDA build of jax (pip install "jaxgpt[cuda]") and, for the PyTorch side, a CUDA torch.
 # First tools/check_gpu.py (versions; cuDNN attention against jaxgpt's own on the device), then
@@ -18,5 +18,5 @@ PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
 "$PY" tools/check_gpu.py
-exec "$PY" tools/bench.py --gpu --batch "${BATCH:-16}" --steps "${STEPS:-10}" --worker-timeout "${WORKER_TIMEOUT:-300}" \
+exec "$PY" tools/bench.py --gpu --batch "${BATCH:-32}" --steps "${STEPS:-10}" --worker-timeout "${WORKER_TIMEOUT:-300}" \
   ${PEAK_FLOPS:+--peak-flops "$PEAK_FLOPS"} --out "${RESULTS:-bench_gpu.json}"
