@@ -56,7 +56,7 @@ class ModelConfig:
     param_dtype: str = _f("float32", "parameter / optimizer-state dtype")
     vocab_multiple: int = _f(1, "pad the embedding rows to a multiple (128 on TPU/GPU, and for tensor parallelism)")
     remat: bool = _f(False, "recompute each block's activations in the backward pass (saves memory)")
-    scan_layers: bool = _f(True, "run the blocks as one lax.scan: compile time independent of depth, faster steps on CPU (on a GPU, off is faster)")
+    scan_layers: bool | None = _f(None, "run the blocks as one lax.scan: compile time independent of depth, faster on CPU; null = on, except on a GPU (unrolled is faster there)")
     attention: str = _f("auto", "auto (cudnn on a GPU in bf16/fp16 without dropout, else einsum) | einsum (jaxgpt's own) | cudnn (fused flash attention) | xla")
     dropout: float = _f(0.0, "dropout rate on embeddings, attention and residuals (0 = off)")
 

@@ -51,7 +51,7 @@ class GPT2Config:
     vocab_multiple: int = 1  # pad the embedding to a multiple (128 on TPU/GPU)
     dropout: float = 0.0
     remat: bool = False
-    scan_layers: bool = True  # run the blocks as one lax.scan (training / full forward; not decoding)
+    scan_layers: bool | None = None  # blocks as one lax.scan (full forward only); None: see scan_blocks()
     attention: str = "auto"  # full-sequence attention: see ATTENTION
 
     def __post_init__(self):
@@ -104,6 +104,13 @@ def attention_implementation(cfg: "GPT2Config") -> str:
         return cfg.attention
     fused = jax.default_backend() == "gpu" and cfg.dtype != "float32" and not cfg.dropout
     return "cudnn" if fused else "einsum"
+
+
+def scan_blocks(cfg: "GPT2Config") -> bool:
+    """Whether the full forward runs the blocks as one ``lax.scan``. By default (None) yes,
+    except on a GPU: on an H200 the unrolled blocks ran 1.27x faster in 30% less memory,
+    while on XLA:CPU the scan is the faster one (docs/benchmarks.md)."""
+    return cfg.scan_layers if cfg.scan_layers is not None else jax.default_backend() != "gpu"
 
 
 ACTIVATIONS = {
@@ -278,7 +285,7 @@ class GPT2(nnx.Module):
         x = constrain(self.drop(x), "batch", "seq", None)
 
         new_layers = []
-        if cache is None and cfg.scan_layers and len(self.h) > 1:
+        if cache is None and scan_blocks(cfg) and len(self.h) > 1:
             x = self._scan_blocks(x, mask, constrain)
         else:
             for i, block in enumerate(self.h):

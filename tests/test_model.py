@@ -1,6 +1,6 @@
 """The model's alternative code paths compute the same thing.
 
-``scan_layers=True`` (the default) runs the blocks as one ``lax.scan`` over their
+``scan_layers=True`` (the default off a GPU) runs the blocks as one ``lax.scan`` over their
 stacked states; ``False`` unrolls them (the KV-cache path always does). Both must give
 the same loss, the same gradients and the same dropout masks, and leave the dropout
 RNG streams in the same state. Likewise ``attention="xla"`` (``jax.nn.dot_product_attention``,
@@ -90,11 +90,15 @@ def test_attention_setting_is_checked(kw, needle):
         GPT2Config(**kw)
 
 
-def test_auto_attention_picks_cudnn_only_where_it_applies(monkeypatch):
+def test_backend_defaults(monkeypatch):
+    """attention="auto" is cuDNN only where it applies; scan_layers=None scans except on a GPU."""
     from jaxgpt import model as model_lib
 
     assert model_lib.attention_implementation(GPT2Config(dtype="bfloat16")) == "einsum"  # this CPU
+    assert model_lib.scan_blocks(GPT2Config()) is True
     monkeypatch.setattr(model_lib.jax, "default_backend", lambda: "gpu")
+    assert model_lib.scan_blocks(GPT2Config()) is False
+    assert model_lib.scan_blocks(GPT2Config(scan_layers=True)) is True
     assert model_lib.attention_implementation(GPT2Config(dtype="bfloat16")) == "cudnn"
     assert model_lib.attention_implementation(GPT2Config(dtype="float32")) == "einsum"
     assert model_lib.attention_implementation(GPT2Config(dtype="bfloat16", dropout=0.1)) == "einsum"

@@ -229,3 +229,23 @@ def test_train_step_compiles_once(tmp_path, caplog):
         jax.config.update("jax_log_compiles", False)
     compiles = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling jit(step)")]
     assert len(compiles) == 1, f"the train step compiled {len(compiles)} times"
+
+
+def test_model_settings_reach_the_model(tmp_path):
+    """model.attention and model.scan_layers reach the blocks on both paths: from scratch and loaded weights."""
+    import jax
+    from flax import nnx
+
+    from jaxgpt import sharding
+    from jaxgpt.model import GPT2, GPT2Config
+    from jaxgpt.train import build_model
+    from jaxgpt.weights import save_pretrained
+
+    mesh = sharding.make_mesh((1, len(jax.devices()), 1))
+    arch = dict(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    folder = save_pretrained(GPT2(GPT2Config(**arch), rngs=nnx.Rngs(0)), tmp_path / "hf")
+    for name in (None, str(folder)):
+        cfg = tiny_config(tmp_path, model={"name_or_path": name, "attention": "xla", "scan_layers": False})
+        graphdef, params, rest, gcfg = build_model(cfg, 300, mesh)
+        assert (gcfg.attention, gcfg.scan_layers) == ("xla", False)
+        assert nnx.merge(graphdef, params, rest).h[0].attn.implementation == "xla"

@@ -92,7 +92,7 @@ def worker_train_jax(a: dict) -> dict:
     cfg.model.dtype = a.get("dtype", "float32")
     cfg.model.attention = a.get("attention", "auto")
     cfg.model.vocab_multiple = a.get("vocab_multiple", 1)
-    cfg.model.scan_layers = a.get("scan_layers", True)
+    cfg.model.scan_layers = a.get("scan_layers")  # None: jaxgpt's default for the backend
     cfg.model.remat = a.get("remat", False)
     cfg.train.steps = a["warmup"] + a["steps"]
     cfg.schedule.name = "constant"
@@ -372,11 +372,13 @@ def section_generate(work: Path, quick: bool) -> dict:
 
 # jaxgpt settings the --gpu run tries, one process each: (label, worker settings)
 GPU_VARIANTS = [
-    ("einsum attention", dict(attention="einsum")),
-    ("cudnn attention", dict(attention="cudnn")),
-    ("cudnn attention, vocab padded to 128", dict(attention="cudnn", vocab_multiple=128)),
-    ("cudnn attention, vocab padded to 128, no packing mask", dict(attention="cudnn", vocab_multiple=128, segments=False)),
-    ("cudnn attention, vocab padded to 128, blocks unrolled", dict(attention="cudnn", vocab_multiple=128, scan_layers=False)),
+    ("einsum attention, blocks scanned", dict(attention="einsum", scan_layers=True)),
+    ("cudnn attention, blocks scanned", dict(attention="cudnn", scan_layers=True)),
+    ("cudnn attention, vocab padded to 128, blocks scanned", dict(attention="cudnn", vocab_multiple=128, scan_layers=True)),
+    ("cudnn attention, vocab padded to 128, blocks scanned, no packing mask",
+     dict(attention="cudnn", vocab_multiple=128, scan_layers=True, segments=False)),
+    ("cudnn attention, vocab padded to 128, blocks unrolled (the GPU defaults)",
+     dict(attention="cudnn", vocab_multiple=128, scan_layers=False)),
 ]
 
 
