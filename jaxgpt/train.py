@@ -235,10 +235,6 @@ def model_config(cfg: Config, vocab_size: int) -> GPT2Config:
     m = cfg.model
     numerics = dict(dtype=m.dtype, param_dtype=m.param_dtype, vocab_multiple=m.vocab_multiple,
                     dropout=m.dropout, remat=m.remat, scan_layers=m.scan_layers, attention=m.attention)
-    try:
-        GPT2Config(**numerics)  # the numeric knobs alone, so their mistakes name the config keys
-    except ValueError as e:
-        raise ConfigError(f"model: {e}") from None
     if m.name_or_path is None:
         try:
             return GPT2Config(vocab_size=m.vocab_size or vocab_size, n_positions=m.n_positions, n_embd=m.n_embd,
