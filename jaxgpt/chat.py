@@ -20,6 +20,7 @@ import argparse
 import sys
 from typing import Callable
 
+from jaxgpt import compile_cache
 from jaxgpt.sample import SampleError, load_model, stop_ids_for, stream
 from jaxgpt.tokenizer import add_chat_template
 
@@ -96,6 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     ap.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
     args = ap.parse_args(argv)
+    compile_cache.enable()  # a second chat session starts without compiling
     try:
         model, tokenizer = load_model(args.model, dtype=args.dtype, param_dtype=args.param_dtype)
         session = ChatSession(model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

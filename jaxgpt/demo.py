@@ -114,13 +114,14 @@ def run(args) -> int:
     import jax
     from flax import nnx
 
-    from jaxgpt import sharding
+    from jaxgpt import compile_cache, sharding
     from jaxgpt.checkpoint import checkpoint_dir, load_for_inference
     from jaxgpt.config import load_config, validate
     from jaxgpt.export import export
     from jaxgpt.tokenizer import add_chat_template
     from jaxgpt.train import build_model, load_tokenizer_for, train
 
+    compile_cache.enable()  # before the first compilation: a second `make demo` compiles nothing
     cfg = load_config(args.config, args.overrides)
     out = Path(cfg.train.output_dir)
     if args.fresh and out.exists():

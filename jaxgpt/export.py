@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxgpt import compile_cache
 from jaxgpt.model import GPT2
 from jaxgpt.tokenizer import end_of_turn_id, load_tokenizer
 from jaxgpt.weights import WEIGHT_FILES, load_pretrained, save_pretrained
@@ -212,6 +213,7 @@ def main(argv=None) -> None:
     p.add_argument("--atol", type=float, default=1e-3)
     p.add_argument("--rtol", type=float, default=1e-5)
     args = p.parse_args(argv)
+    compile_cache.enable()
     try:
         export(args.checkpoint, args.out, dtype=args.dtype, verify_logits=not args.no_verify, overwrite=args.overwrite,
                push_to_hub=args.push_to_hub, atol=args.atol, rtol=args.rtol)

@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxgpt import compile_cache
 from jaxgpt.model import DTYPES, GPT2, init_cache
 from jaxgpt.tokenizer import load_tokenizer, stop_token_ids
 
@@ -283,6 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="weights dtype; bfloat16 halves the memory read per decoded token")
     args = ap.parse_args(argv)
+    compile_cache.enable()
     try:
         model, tokenizer = load_model(args.model, dtype=args.dtype, param_dtype=args.param_dtype)
         ids = tokenizer.encode(args.prompt) if args.prompt else [model.config.bos_token_id]

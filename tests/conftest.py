@@ -1,8 +1,13 @@
 """Shared fixtures. Tests that need ../shared/data skip with a clear reason when it is absent."""
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Tests compile into no persistent cache (jaxgpt's commands default to ~/.cache/jaxgpt/xla), and
+# the subprocesses they start inherit this; test_compile_cache.py and test_resume.py set their own.
+os.environ["JAXGPT_COMPILE_CACHE"] = "off"
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
