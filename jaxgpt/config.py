@@ -59,6 +59,7 @@ class ModelConfig:
     scan_layers: bool | None = _f(None, "run the blocks as one lax.scan: compile time independent of depth, faster on CPU; null = on, except on a GPU (unrolled is faster there)")
     attention: str = _f("auto", "auto (cudnn on a GPU in bf16/fp16 without dropout, else einsum) | einsum (jaxgpt's own) | cudnn (fused flash attention) | xla")
     dropout: float = _f(0.0, "dropout rate on embeddings, attention and residuals (0 = off)")
+    loss_chunks: int = _f(1, "compute the LM head + cross-entropy in this many sequence chunks, never holding the whole [batch, seq, vocab] logits (saves memory; data.seq_len must divide by it)")
 
 
 @dataclass
@@ -361,6 +362,9 @@ def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> tuple[int
     if cfg.model.attention == "cudnn" and (cfg.model.dtype == "float32" or cfg.model.dropout):
         raise ConfigError("model.attention=cudnn needs model.dtype bfloat16 or float16 and model.dropout=0 "
                           "(attention=auto picks it only where it applies)")
+    if cfg.model.loss_chunks < 1 or cfg.data.seq_len % cfg.model.loss_chunks:
+        raise ConfigError(f"model.loss_chunks={cfg.model.loss_chunks}: must be at least 1 and divide "
+                          f"data.seq_len={cfg.data.seq_len}")
     if cfg.optimizer.lr < 0:
         raise ConfigError(f"optimizer.lr={cfg.optimizer.lr}: must be >= 0")
     if cfg.checkpoint.save_every < 1:

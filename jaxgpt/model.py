@@ -16,6 +16,8 @@ Forward inputs beyond ``input_ids``:
                mesh (``jaxgpt.sharding.constrain``); the model itself knows no mesh.
   last_only    compute logits for the last position only ([B, 1, V]); a prefill
                needs no more, and the full [B, T, V] head is the largest buffer.
+  hidden_only  return the final hidden states [B, T, E] instead of logits (the chunked
+               training loss, ``jaxgpt.loss``, applies the tied head itself).
 """
 
 from __future__ import annotations
@@ -53,6 +55,11 @@ class GPT2Config:
     remat: bool = False
     scan_layers: bool | None = None  # blocks as one lax.scan (full forward only); None: see scan_blocks()
     attention: str = "auto"  # full-sequence attention: see ATTENTION
+    loss_chunks: int = 1  # training loss: the head + cross-entropy in this many sequence chunks (jaxgpt.loss)
+
+    def settings(self) -> dict[str, Any]:
+        """jaxgpt's knobs (everything after ``eos_token_id``), as keyword arguments."""
+        return {k: getattr(self, k) for k in SETTINGS}
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -67,6 +74,8 @@ class GPT2Config:
                 raise ValueError(f"{key}={getattr(self, key)!r}: choose from {sorted(DTYPES)}")
         if self.attention not in ATTENTION:
             raise ValueError(f"attention={self.attention!r}: choose from {list(ATTENTION)}")
+        if self.loss_chunks < 1:
+            raise ValueError(f"loss_chunks={self.loss_chunks}: must be at least 1")
         if self.attention == "cudnn" and self.dropout:
             raise ValueError("attention='cudnn' has no attention-probability dropout: use dropout=0 or attention='einsum'")
         if self.attention == "cudnn" and self.dtype == "float32":
@@ -88,6 +97,9 @@ class GPT2Config:
     def replace(self, **kw) -> "GPT2Config":
         return dataclasses.replace(self, **kw)
 
+
+# jaxgpt's own settings in GPT2Config (model.* keys of the run config of the same names).
+SETTINGS = ("dtype", "param_dtype", "vocab_multiple", "dropout", "remat", "scan_layers", "attention", "loss_chunks")
 
 # "einsum": two einsums around a float32 softmax, laid out for XLA:CPU (and the only path
 # that reads a KV cache). "xla" / "cudnn": ``jax.nn.dot_product_attention`` with that
@@ -252,7 +264,7 @@ class GPT2(nnx.Module):
         self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, pd, rngs)
 
     def __call__(self, input_ids, *, positions=None, segment_ids=None, cache=None, last_only=False,
-                 constrain=None):
+                 hidden_only=False, constrain=None):
         cfg = self.config
         dt = DTYPES[cfg.dtype]
         b, t = input_ids.shape
@@ -299,6 +311,8 @@ class GPT2(nnx.Module):
         if last_only:
             x = x[:, -1:]
         x = self.ln_f(x)
+        if hidden_only:  # the final hidden states [B, T, E], for a loss that applies the head itself
+            return x
         logits = jnp.einsum("bte,ve->btv", x, self.wte[...].astype(dt), preferred_element_type=jnp.float32)
         logits = logits[..., : cfg.vocab_size]  # padded rows never get probability
         if cache is None:

@@ -36,9 +36,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxgpt import sharding
+from jaxgpt import compile_cache, sharding
 from jaxgpt.config import Config, ConfigError, help_text, load_config, validate
-from jaxgpt.model import GPT2, GPT2Config, num_params, resize_token_embeddings
+from jaxgpt.loss import chunked_cross_entropy
+from jaxgpt.model import SETTINGS, GPT2, GPT2Config, num_params, resize_token_embeddings
 
 log = logging.getLogger("jaxgpt.train")
 
@@ -130,12 +131,18 @@ def loss_terms(graphdef, params, rest, batch, *, mesh=None, train: bool = True, 
         model.eval()
     constrain = None if mesh is None else (lambda x, *axes: sharding.constrain(x, mesh, *axes))
     # segment_ids (packing) are optional: without them attention is causal only.
-    logits = model(batch["input_ids"], positions=batch["positions"], segment_ids=batch.get("segment_ids"),
-                   constrain=constrain)
+    inputs = dict(positions=batch["positions"], segment_ids=batch.get("segment_ids"), constrain=constrain)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    chunks = model.config.loss_chunks
+    if chunks > 1:  # the head one sequence chunk at a time (config.validate: seq_len divides by it)
+        h = model(batch["input_ids"], hidden_only=True, **inputs)
+        ce_sum = chunked_cross_entropy(h, model.wte[...].astype(h.dtype), batch["targets"], mask,
+                                       model.config.vocab_size, chunks)
+        return ce_sum, jnp.sum(mask)
+    logits = model(batch["input_ids"], **inputs)
     if mesh is not None:  # the largest activation: keep it split on batch and vocab
         logits = sharding.constrain(logits, mesh, "batch", "seq", "vocab")
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
-    mask = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(ce * mask), jnp.sum(mask)
 
 
@@ -233,8 +240,7 @@ def load_tokenizer_for(cfg: Config):
 def model_config(cfg: Config, vocab_size: int) -> GPT2Config:
     """The architecture to train (from the HF config.json, or the from-scratch keys), before any weights."""
     m = cfg.model
-    numerics = dict(dtype=m.dtype, param_dtype=m.param_dtype, vocab_multiple=m.vocab_multiple,
-                    dropout=m.dropout, remat=m.remat, scan_layers=m.scan_layers, attention=m.attention)
+    numerics = {k: getattr(m, k) for k in SETTINGS}
     if m.name_or_path is None:
         try:
             return GPT2Config(vocab_size=m.vocab_size or vocab_size, n_positions=m.n_positions, n_embd=m.n_embd,
@@ -265,10 +271,7 @@ def build_model(cfg: Config, vocab_size: int, mesh, gcfg: GPT2Config | None = No
         abstract = nnx.eval_shape(lambda: GPT2(gcfg, rngs=nnx.Rngs(0)))
         _, abs_params, _ = nnx.split(abstract, nnx.Param, ...)
         place = sharding.make_place(abs_params, mesh)
-        model, gcfg = weights.load_pretrained(weights.resolve(m.name_or_path), place=place, dtype=gcfg.dtype,
-                                              param_dtype=gcfg.param_dtype, vocab_multiple=gcfg.vocab_multiple,
-                                              dropout=gcfg.dropout, remat=gcfg.remat,
-                                              scan_layers=gcfg.scan_layers, attention=gcfg.attention)
+        model, gcfg = weights.load_pretrained(weights.resolve(m.name_or_path), place=place, **gcfg.settings())
         graphdef, params, _ = nnx.split(model, nnx.Param, ...)
         # The non-parameter state (dropout RNG streams) must be one replicated array on the whole
         # mesh (load_pretrained's copy lives on one local device); jit drops the unused parameter init.
@@ -436,6 +439,7 @@ def run_config(cfg: Config, gcfg: GPT2Config) -> dict:
 
 def train(cfg: Config) -> TrainResult:
     """Run (or resume) the training described by ``cfg``; see the module docstring."""
+    cache_dir = compile_cache.enable()  # before anything compiles: a rerun loads the compiled step
     init_distributed(cfg.distributed)
     mesh_shape = validate(cfg, jax.device_count(), jax.process_count())
     mesh = sharding.make_mesh(mesh_shape)
@@ -479,7 +483,7 @@ def train(cfg: Config) -> TrainResult:
     logger = MetricsLog(cfg, out, start)
     logger.print(f"jaxgpt: {n_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}, {jax.process_count()} process(es), "
                  f"global batch {t.batch_size} x {cfg.data.seq_len} tokens ({t.grad_accum} micro-batches), "
-                 f"steps {start}->{t.steps}, output {out}")
+                 f"steps {start}->{t.steps}, output {out}, compilation cache {cache_dir or 'off'}")
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(run_config(cfg, gcfg), indent=2) + "\n")

@@ -80,6 +80,14 @@ def test_attention_setting(overrides, message):
     validate(load_config(None, ["model.attention=cudnn", "model.dtype=bfloat16"]), num_devices=1)
 
 
+def test_loss_chunks_must_divide_seq_len():
+    with pytest.raises(ConfigError, match=r"model.loss_chunks=3: must be at least 1 and divide data.seq_len=128"):
+        validate(load_config(None, ["model.loss_chunks=3"]), num_devices=1)
+    with pytest.raises(ConfigError, match=r"model.loss_chunks=0"):
+        validate(load_config(None, ["model.loss_chunks=0"]), num_devices=1)
+    validate(load_config(None, ["model.loss_chunks=4"]), num_devices=1)
+
+
 def test_data_section_checked_by_its_owner():
     with pytest.raises(ConfigError, match=r"data.seq_len must be an integer >= 2"):
         load_config(None, ["data.seq_len=1"])
