@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 
 def _chunk_terms(h, w, targets, weights, vocab_size):
-    """Loss sum, d loss / d logits and the logits' float32 log-sum-exp for one chunk."""
+    """One chunk's float32 logits, their log-sum-exp, and its weighted loss sum."""
     logits = jnp.einsum("bte,ve->btv", h, w, preferred_element_type=jnp.float32)
     if vocab_size < w.shape[0]:  # padded embedding rows never get probability
         logits = jnp.where(jnp.arange(w.shape[0]) < vocab_size, logits, -jnp.inf)
@@ -37,7 +37,13 @@ def _split(x, chunks):
 
 
 def _merge(x):
+    """The inverse of ``_split``."""
     return jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:])
+
+
+def _chunked(h, targets, weights, chunks):
+    """The scan's inputs: hidden states, targets and float32 weights, chunk by chunk."""
+    return _split(h, chunks), _split(targets, chunks), _split(weights.astype(jnp.float32), chunks)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -49,12 +55,12 @@ def chunked_cross_entropy(h, w, targets, weights, vocab_size: int, chunks: int):
         hc, tc, wc = xs
         return total + _chunk_terms(hc, w, tc, wc, vocab_size)[2], None
 
-    xs = (_split(h, chunks), _split(targets, chunks), _split(weights.astype(jnp.float32), chunks))
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), _chunked(h, targets, weights, chunks))
     return total
 
 
 def _forward(h, w, targets, weights, vocab_size, chunks):
+    """The loss, with the gradients for h and w (accumulated over chunks in float32) as residuals."""
     def body(carry, xs):
         total, dw = carry
         hc, tc, wc = xs
@@ -67,9 +73,8 @@ def _forward(h, w, targets, weights, vocab_size, chunks):
         dw = dw + jnp.einsum("btv,bte->ve", g, hc, preferred_element_type=jnp.float32)
         return (total + loss, dw), dh
 
-    xs = (_split(h, chunks), _split(targets, chunks), _split(weights.astype(jnp.float32), chunks))
     init = (jnp.zeros((), jnp.float32), jnp.zeros(w.shape, jnp.float32))
-    (total, dw), dh = jax.lax.scan(body, init, xs)
+    (total, dw), dh = jax.lax.scan(body, init, _chunked(h, targets, weights, chunks))
     return total, (_merge(dh), dw.astype(w.dtype))
 
 
