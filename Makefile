@@ -16,8 +16,8 @@ demo: $(STAMP)
 	$(BIN)/python -m jaxgpt.demo
 
 # Two pytest workers, one test file each at a time (--dist loadfile keeps a file's fixtures in one
-# process): most tests are bound by single-threaded XLA compilation, so on 2 cores this takes
-# ~11 min instead of ~14. TEST_WORKERS=0 runs them in this process.
+# process): most tests are bound by single-threaded XLA compilation, so on 2 cores the tests take
+# ~9 min instead of ~14 (clean clone, 171 tests). TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
