@@ -98,8 +98,10 @@ class GPT2Config:
         return dataclasses.replace(self, **kw)
 
 
-# jaxgpt's own settings in GPT2Config (model.* keys of the run config of the same names).
-SETTINGS = ("dtype", "param_dtype", "vocab_multiple", "dropout", "remat", "scan_layers", "attention", "loss_chunks")
+# jaxgpt's own settings: the GPT2Config fields after the architecture (also the model.* keys of
+# the run config of the same names). Derived, so a new knob reaches loaded models too.
+_FIELDS = [f.name for f in dataclasses.fields(GPT2Config)]
+SETTINGS = tuple(_FIELDS[_FIELDS.index("eos_token_id") + 1:])
 
 # "einsum": two einsums around a float32 softmax, laid out for XLA:CPU (and the only path
 # that reads a KV cache). "xla" / "cudnn": ``jax.nn.dot_product_attention`` with that
