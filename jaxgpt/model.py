@@ -144,6 +144,32 @@ def _no_constraint(x, *_logical_axes):
     return x
 
 
+def linear(x, kernel, bias, *, out_in: bool = False):
+    """``x @ kernel + bias`` over the last axis of ``x``, in ``x``'s dtype.
+
+    ``kernel`` is stored [in, ...] (HF Conv1D's layout, the one jaxgpt trains in), or, with
+    ``out_in``, as a 2-D [out, in] matrix in a narrower dtype: the decoding layout of
+    ``for_decoding``. Its two products are the ones XLA:CPU runs at the speed of the bytes
+    they read (measured on GPT-2 124M's shapes, docs/benchmarks.md):
+    - one row on a CPU (batch-1 decoding): a float32 product with the converted weights,
+      which XLA rewrites into a multiply-reduce that converts each weight as it reads it
+      (inside a loop, only when compiled without loop-invariant code motion, which would
+      hoist the conversion and read float32 copies: ``sample.decode`` does that);
+    - otherwise: a ``kernel.dtype`` x ``kernel.dtype`` product accumulated in float32.
+    """
+    dt = x.dtype
+    if not out_in:
+        return x @ kernel.astype(dt).reshape(x.shape[-1], -1) + bias.astype(dt).reshape(-1)
+    rows = math.prod(x.shape[:-1])
+    x2 = x.reshape(rows, x.shape[-1])
+    if rows == 1 and jax.default_backend() == "cpu":
+        y = jnp.dot(x2[0].astype(jnp.float32), kernel.T.astype(jnp.float32))[None]
+    else:
+        y = jax.lax.dot_general(x2.astype(kernel.dtype), kernel, (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+    return (y + bias.astype(jnp.float32).reshape(-1)).astype(dt).reshape(*x.shape[:-1], kernel.shape[0])
+
+
 class LayerNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, param_dtype, rngs: nnx.Rngs):
         self.eps = eps
@@ -169,6 +195,7 @@ class Attention(nnx.Module):
         proj = nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layer))
         zeros = nnx.initializers.zeros
         self.n_head, self.head_dim, self.implementation = h, d, attention_implementation(cfg)
+        self.out_in = False  # kernels in the decoding layout (for_decoding)
         self.c_attn_kernel = _param(rngs, normal, (e, 3, h, d), ("embed", None, "heads", "head_dim"), pd)
         self.c_attn_bias = _param(rngs, zeros, (3, h, d), (None, "heads", "head_dim"), pd)
         self.c_proj_kernel = _param(rngs, proj, (h, d, e), ("heads", "head_dim", "embed"), pd)
@@ -181,7 +208,7 @@ class Attention(nnx.Module):
         h, d = self.n_head, self.head_dim
         # Plain 2-D matmuls with heads folded into columns: XLA:CPU runs 4-D dots such as
         # "bte,ekhd->kbthd" up to 13x slower than the same GEMM (measured for one-token decoding).
-        qkv = x @ self.c_attn_kernel[...].astype(dt).reshape(e, 3 * h * d) + self.c_attn_bias[...].astype(dt).reshape(-1)
+        qkv = linear(x, self.c_attn_kernel[...], self.c_attn_bias[...], out_in=self.out_in)
         qkv = constrain(qkv.reshape(b, t, 3, h, d), "batch", "seq", None, "heads", "head_dim")
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, D]
         if layer_cache is None and self.implementation != "einsum":
@@ -211,9 +238,9 @@ class Attention(nnx.Module):
 
     def _project(self, out, x):
         """[B, T, H, D] attention output -> [B, T, E] (HF ``c_proj``), with residual dropout."""
-        dt, (b, t, e) = x.dtype, x.shape
-        out = out.reshape(b, t, -1) @ self.c_proj_kernel[...].astype(dt).reshape(-1, e)
-        return self.dropout(out + self.c_proj_bias[...].astype(dt))
+        b, t, _ = x.shape
+        out = linear(out.reshape(b, t, -1), self.c_proj_kernel[...], self.c_proj_bias[...], out_in=self.out_in)
+        return self.dropout(out)
 
 
 class MLP(nnx.Module):
@@ -223,6 +250,7 @@ class MLP(nnx.Module):
         proj = nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layer))
         zeros = nnx.initializers.zeros
         self.act = ACTIVATIONS[cfg.activation_function]
+        self.out_in = False  # kernels in the decoding layout (for_decoding)
         self.c_fc_kernel = _param(rngs, normal, (e, i), ("embed", "mlp"), pd)
         self.c_fc_bias = _param(rngs, zeros, (i,), ("mlp",), pd)
         self.c_proj_kernel = _param(rngs, proj, (i, e), ("mlp", "embed"), pd)
@@ -230,10 +258,9 @@ class MLP(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
     def __call__(self, x, constrain=_no_constraint):
-        dt = x.dtype
-        h = self.act(x @ self.c_fc_kernel[...].astype(dt) + self.c_fc_bias[...].astype(dt))
+        h = self.act(linear(x, self.c_fc_kernel[...], self.c_fc_bias[...], out_in=self.out_in))
         h = constrain(h, "batch", "seq", "mlp")
-        return self.dropout(h @ self.c_proj_kernel[...].astype(dt) + self.c_proj_bias[...].astype(dt))
+        return self.dropout(linear(h, self.c_proj_kernel[...], self.c_proj_bias[...], out_in=self.out_in))
 
 
 class Block(nnx.Module):
@@ -264,6 +291,7 @@ class GPT2(nnx.Module):
         self.drop = nnx.Dropout(cfg.dropout, rngs=rngs)
         self.h = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
         self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, pd, rngs)
+        self.decoding_layout = False  # set by for_decoding()
 
     def __call__(self, input_ids, *, positions=None, segment_ids=None, cache=None, last_only=False,
                  hidden_only=False, constrain=None):
@@ -315,7 +343,10 @@ class GPT2(nnx.Module):
         x = self.ln_f(x)
         if hidden_only:  # the final hidden states [B, T, E], for a loss that applies the head itself
             return x
-        logits = jnp.einsum("bte,ve->btv", x, self.wte[...].astype(dt), preferred_element_type=jnp.float32)
+        if self.decoding_layout:  # wte [V, E] is already [out, in]
+            logits = linear(x.astype(jnp.float32), self.wte[...], jnp.zeros((), jnp.float32), out_in=True)
+        else:
+            logits = jnp.einsum("bte,ve->btv", x, self.wte[...].astype(dt), preferred_element_type=jnp.float32)
         logits = logits[..., : cfg.vocab_size]  # padded rows never get probability
         if cache is None:
             return logits
@@ -348,6 +379,44 @@ class GPT2(nnx.Module):
         for i, block in enumerate(self.h):
             nnx.update(block, jax.tree.map(lambda a, i=i: a[i], new_rest))
         return x
+
+
+def for_decoding(model: GPT2, dtype: str = "bfloat16") -> GPT2:
+    """A copy of ``model`` with its matrices stored for fast decoding: ``dtype`` and [out, in].
+
+    The block kernels become 2-D [out, in] matrices and the tied embedding ``wte`` (already
+    [vocab, embed]) is cast; biases, LayerNorms and ``wpe`` stay as they are. Decoding reads
+    every weight once per token, so half the bytes is up to half the time: on a 2-core
+    Cascade Lake, GPT-2 124M decoded ~1.5x faster at batch 1 and 8 than with float32 weights
+    (docs/benchmarks.md, which also measures the token agreement with float32). The
+    activations and the KV cache keep ``model.config.dtype``; products with several rows run
+    in ``dtype`` with float32 accumulation (see ``linear``). For sampling and evaluation
+    only: the copy cannot be trained, saved or exported (``jaxgpt.weights`` refuses it).
+    """
+    if model.decoding_layout:
+        raise ValueError("the model is already in the decoding layout")
+    dt = DTYPES[dtype]
+    graphdef, state = nnx.split(model)
+    # Every floating parameter in ``dtype``: with float32 LayerNorms, biases and ``wpe`` next to
+    # bfloat16 kernels, XLA:CPU chose other fusions and batch-1 decoding ran 3x slower.
+    state = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+    new = nnx.merge(graphdef, state)
+
+    def out_in(module, name):
+        param = getattr(module, name)
+        w = param[...]
+        w = w.reshape(-1, w.shape[-1]) if name == "c_proj_kernel" and w.ndim == 3 else w.reshape(w.shape[0], -1)
+        setattr(module, name, nnx.Param(w.T, axes=(None, None)))
+
+    for block in new.h:
+        for name in ("c_attn_kernel", "c_proj_kernel"):
+            out_in(block.attn, name)
+        for name in ("c_fc_kernel", "c_proj_kernel"):
+            out_in(block.mlp, name)
+        block.attn.out_in = block.mlp.out_in = True
+    new.decoding_layout = True
+    new.config = model.config.replace(param_dtype=dtype)
+    return new
 
 
 def init_cache(cfg: GPT2Config, batch: int, max_len: int, dtype=None) -> dict[str, Any]:

@@ -59,7 +59,7 @@ import numpy as np
 from flax import nnx
 
 from jaxgpt import compile_cache
-from jaxgpt.model import DTYPES, GPT2, init_cache
+from jaxgpt.model import GPT2, for_decoding, init_cache
 from jaxgpt.tokenizer import load_tokenizer, stop_token_ids
 
 MAX_STOP_IDS = 8  # stop ids are padded to a fixed count so the set never changes the compiled shape
@@ -121,9 +121,8 @@ def prefill(graphdef, state, prompt_ids, prompt_mask, *, cache_len: int, max_new
     }
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "top_k", "use_top_p"), donate_argnames=("carry",))
-def decode(graphdef, state, carry, key, limit, temperature, top_p, stop_ids, *, greedy: bool, top_k: int,
-           use_top_p: bool):
+def _decode(graphdef, state, carry, key, limit, temperature, top_p, stop_ids, *, greedy: bool, top_k: int,
+            use_top_p: bool):
     """Sample until ``carry["step"] == limit`` or every row has hit a stop id; returns the new carry."""
     model = nnx.merge(graphdef, state)
     last_position = model.config.n_positions - 1
@@ -147,6 +146,15 @@ def decode(graphdef, state, carry, key, limit, temperature, top_p, stop_ids, *, 
                 "num": c["num"] + live.astype(jnp.int32), "step": step + 1}
 
     return jax.lax.while_loop(cond, body, carry)
+
+
+_DECODE_JIT = dict(static_argnames=("graphdef", "greedy", "top_k", "use_top_p"), donate_argnames=("carry",))
+decode = jax.jit(_decode, **_DECODE_JIT)
+# For a model in the decoding layout (jaxgpt.model.for_decoding): XLA's loop-invariant code motion
+# would hoist the weights' bfloat16 -> float32 conversion out of the loop and read float32 copies
+# at every token, undoing the halved reads.
+decode_no_hoisting = jax.jit(_decode, **_DECODE_JIT,
+                             compiler_options={"xla_disable_hlo_passes": "while-loop-invariant-code-motion"})
 
 
 # ----------------------------------------------------------------------------- python API
@@ -210,11 +218,12 @@ def stream(model: GPT2, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     use_top_p = bool(top_p < 1.0) and not greedy
     top_k = 0 if greedy else int(top_k)
     chunk = chunk or max_new_tokens
+    decode_fn = decode_no_hoisting if model.decoding_layout else decode
     step = 0
     while True:
         step = min(step + chunk, max_new_tokens)
-        carry = decode(graphdef, state, carry, key, np.int32(step), temperature, top_p, stops,
-                       greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+        carry = decode_fn(graphdef, state, carry, key, np.int32(step), temperature, top_p, stops,
+                          greedy=greedy, top_k=top_k, use_top_p=use_top_p)
         tokens, num, done = jax.device_get((carry["tokens"], carry["num"], carry["done"]))
         yield [tokens[i, : num[i]].tolist() for i in range(len(prompts))]
         if step >= max_new_tokens or done.all():
@@ -237,29 +246,26 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
 def load_model(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str = "float32"):
-    """(model, tokenizer) from an HF folder / hub id, or from a jaxgpt training checkpoint."""
+    """(model, tokenizer) from an HF folder / hub id, or from a jaxgpt training checkpoint.
+
+    ``param_dtype`` other than float32 gives the model in the decoding layout
+    (``jaxgpt.model.for_decoding``): weights in that dtype, read at half the bytes per token.
+    """
     path = Path(path_or_hub_id)
     if path.is_dir() and not (path / "config.json").exists():
         from jaxgpt.checkpoint import load_for_inference  # only needed for training checkpoints
 
-        return load_for_inference(str(path), dtype=dtype, param_dtype=param_dtype)
-    from jaxgpt.weights import load_pretrained, resolve
+        model, tokenizer = load_for_inference(str(path), dtype=dtype, param_dtype=param_dtype)
+    else:
+        from jaxgpt.weights import load_pretrained, resolve
 
-    folder = resolve(path_or_hub_id)
-    model, _ = load_pretrained(folder, dtype=dtype, param_dtype=param_dtype)
-    # The folder's own tokenizer (it may carry a chat template), else the vendored GPT-2 one.
-    tokenizer = load_tokenizer(folder if any((folder / f).exists() for f in TOKENIZER_FILES) else None)
+        folder = resolve(path_or_hub_id)
+        model, _ = load_pretrained(folder, dtype=dtype, param_dtype=param_dtype)
+        # The folder's own tokenizer (it may carry a chat template), else the vendored GPT-2 one.
+        tokenizer = load_tokenizer(folder if any((folder / f).exists() for f in TOKENIZER_FILES) else None)
+    if param_dtype != "float32":
+        model = for_decoding(model, param_dtype)
     return model, tokenizer
-
-
-def cast_params(model: GPT2, param_dtype: str) -> GPT2:
-    """A copy of ``model`` whose floating parameters are stored in ``param_dtype`` (e.g. bfloat16 for decoding)."""
-    graphdef, state = nnx.split(model)
-    dt = DTYPES[param_dtype]
-    state = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
-    new = nnx.merge(graphdef, state)
-    new.config = model.config.replace(param_dtype=param_dtype)
-    return new
 
 
 def stop_ids_for(tokenizer, model: GPT2) -> list[int]:
@@ -282,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--num-samples", type=int, default=1, help="samples drawn in one batch")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     ap.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="weights dtype; bfloat16 halves the memory read per decoded token")
+                    help="weights dtype; bfloat16 halves the memory read per decoded token (~1.5x faster on a CPU)")
     args = ap.parse_args(argv)
     compile_cache.enable()
     try:

@@ -9,9 +9,9 @@ import pytest
 from flax import nnx
 
 from conftest import shared_path
-from jaxgpt.model import GPT2, GPT2Config
-from jaxgpt.sample import (SampleError, bucket, decode, generate, load_model, prefill, sample_logits,
-                           split_for_inference, stream)
+from jaxgpt.model import GPT2, GPT2Config, for_decoding
+from jaxgpt.sample import (SampleError, bucket, decode, decode_no_hoisting, generate, load_model, prefill,
+                           sample_logits, split_for_inference, stream)
 from jaxgpt.weights import save_pretrained
 
 # vocab 300 padded to 384 rows: every test also checks that padded rows change nothing
@@ -198,10 +198,8 @@ def test_bucketed_shapes_do_not_recompile(model):
 
 
 def test_bfloat16_close_to_float32(model):
-    """bfloat16 compute (cfg.dtype, KV cache in bf16) on bfloat16-stored weights (cast_params)."""
-    from jaxgpt.sample import cast_params
-
-    bf16 = cast_params(model, "bfloat16")
+    """bfloat16 compute (cfg.dtype, KV cache in bf16) on bfloat16 weights in the decoding layout."""
+    bf16 = for_decoding(model)
     bf16.config = bf16.config.replace(dtype="bfloat16")
     assert bf16.wte[...].dtype == jnp.bfloat16 and model.wte[...].dtype == jnp.float32
     ref = generate(model, PROMPTS, max_new_tokens=20)
@@ -222,6 +220,74 @@ def test_bad_arguments(model, kw, match):
         generate(model, PROMPTS, **kw)
     with pytest.raises(SampleError, match="outside the vocabulary"):
         generate(model, [[CFG.vocab_size]], max_new_tokens=2)
+
+
+# ----------------------------------------------------------------------------- the decoding layout
+
+@pytest.fixture(scope="module")
+def decoding(model):
+    return for_decoding(model)
+
+
+def test_for_decoding_layout(model, decoding):
+    """bfloat16 [out, in] kernels; the float32 model is left as it was."""
+    e, i = CFG.n_embd, CFG.inner_dim
+    blk, ref = decoding.h[0], model.h[0]
+    assert blk.attn.c_attn_kernel.shape == (3 * e, e) and blk.mlp.c_fc_kernel.shape == (i, e)
+    assert blk.mlp.c_proj_kernel.shape == (e, i) and blk.attn.c_proj_kernel.shape == (e, e)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(nnx.state(decoding, nnx.Param)))
+    np.testing.assert_array_equal(np.asarray(blk.mlp.c_fc_kernel[...]),
+                                  np.asarray(ref.mlp.c_fc_kernel[...].T.astype(jnp.bfloat16)))
+    assert ref.mlp.c_fc_kernel[...].dtype == jnp.float32 and not model.decoding_layout
+    with pytest.raises(ValueError, match="already in the decoding layout"):
+        for_decoding(decoding)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_for_decoding_logits_close_to_float32(model, decoding, rows):
+    """Both products of ``linear`` (one row; several rows): bf16 weights cost ~2^-8 relative."""
+    ids = jnp.asarray(np.random.default_rng(rows).integers(0, CFG.vocab_size, (rows, 1)))
+    ref, got = model(ids), decoding(ids)
+    assert got.dtype == jnp.float32 and got.shape == ref.shape
+    scale = float(jnp.abs(ref).max())
+    assert float(jnp.abs(got - ref).max()) < 0.03 * scale
+
+
+def test_for_decoding_generates_like_float32(model, decoding):
+    """Greedy decoding with bf16 weights follows float32's tokens (a near-tie may flip late ones);
+    the loop is compiled without hoisting, and reads the weights in bfloat16 (nothing converts
+    them to float32 outside the loop)."""
+    ref = generate(model, PROMPTS, max_new_tokens=16)
+    before = decode_no_hoisting._cache_size()
+    got = generate(decoding, PROMPTS, max_new_tokens=16)
+    one = generate(decoding, PROMPTS[:1], max_new_tokens=16)
+    assert decode_no_hoisting._cache_size() == before + 2  # batch 4 and batch 1
+    assert one[0] == got[0]
+    agree = np.mean([np.mean(np.array(r[:8]) == np.array(g[:8])) for r, g in zip(ref, got)])
+    assert agree >= 0.9, (ref, got)
+
+    graphdef, state = split_for_inference(decoding)
+    carry = prefill(graphdef, state, np.ones((1, 16), np.int32), np.ones((1, 16), np.int32), cache_len=32, max_new=16)
+    hlo = decode_no_hoisting.lower(graphdef, state, carry, jax.random.key(0), np.int32(16), np.float32(1),
+                                   np.float32(1), np.full((8,), -1, np.int32), greedy=True, top_k=0,
+                                   use_top_p=False).compile().as_text()
+    entry = hlo[hlo.index("\nENTRY"):]
+    e, i = CFG.n_embd, CFG.inner_dim
+    assert f"f32[{i},{e}]" not in entry and f"f32[{e},{i}]" not in entry, "a float32 copy of the MLP weights was hoisted"
+
+
+def test_decoding_layout_cannot_be_saved(decoding, tmp_path):
+    with pytest.raises(ValueError, match="decoding layout"):
+        save_pretrained(decoding, tmp_path / "x")
+
+
+def test_load_model_bfloat16_gives_the_decoding_layout(model, tmp_path):
+    folder = save_pretrained(model, tmp_path / "hf")
+    loaded, _ = load_model(str(folder), param_dtype="bfloat16")
+    assert loaded.decoding_layout and loaded.config.param_dtype == "bfloat16"
+    assert loaded.h[0].mlp.c_fc_kernel.shape == (CFG.inner_dim, CFG.n_embd)
+    plain, _ = load_model(str(folder))
+    assert not plain.decoding_layout
 
 
 # ----------------------------------------------------------------------------- sharded parameters

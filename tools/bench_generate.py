@@ -2,7 +2,7 @@
 
     python tools/bench_generate.py                # GPT-2 124M random init, CPU, batch 1 and 8, 128 new tokens
     python tools/bench_generate.py --quick        # tiny model, a smoke run
-    python tools/bench_generate.py --bf16-weights # also jaxgpt with bfloat16-stored weights
+    python tools/bench_generate.py --bf16-weights # also both sides with bfloat16 weights
 
 Both sides load the same weights: a random-init jaxgpt GPT-2 (config only, no
 download) written once with ``save_pretrained`` and read by
@@ -15,9 +15,11 @@ tokens/s = batch * new tokens / wall time of one ``generate`` call, prefill
 included, end to end from host token ids to host token ids.
 
 The greedy tokens of both sides are compared too (same weights -> same tokens,
-up to float near-ties), and the bfloat16-weights run is scored against the
-float32 one: free-running token agreement, and teacher-forced top-1 agreement
-(bf16 argmax at every generated position of the float32 sequence).
+up to float near-ties). With ``--bf16-weights`` jaxgpt also runs with
+``param_dtype="bfloat16"`` (the decoding layout, ``jaxgpt.model.for_decoding``),
+scored against its float32 run: free-running token agreement, and teacher-forced
+top-1 agreement (bf16 argmax at every generated position of the float32
+sequence); and transformers runs with its model in ``torch.bfloat16``.
 
 ``tools/bench.py`` calls ``run(work_dir, quick=...)``.
 """
@@ -100,7 +102,7 @@ def side_torch(a: dict) -> dict:
     import torch
     from transformers import GenerationConfig, GPT2LMHeadModel
 
-    model = GPT2LMHeadModel.from_pretrained(a["model"], dtype=torch.float32).eval()
+    model = GPT2LMHeadModel.from_pretrained(a["model"], dtype=getattr(torch, a.get("torch_dtype", "float32"))).eval()
     # greedy, no stop token: every row makes exactly new_tokens, like the jaxgpt side
     model.generation_config = GenerationConfig(do_sample=False, max_new_tokens=a["new_tokens"], eos_token_id=None,
                                                pad_token_id=0)
@@ -156,9 +158,12 @@ def run(work_dir: Path, *, quick: bool = False, batches=(1, 8), new_tokens: int 
                "torch_threads": torch_res["torch_threads"]}
         if bf16_weights:
             bf = run_side("jax", {**args, "param_dtype": "bfloat16", "reference_tokens": jax_res["tokens"]})
+            torch_bf = run_side("torch", {**args, "torch_dtype": "bfloat16"})  # the same trick on the PyTorch side
             row.update({"jaxgpt_bf16w_tok_s": bf["tokens_per_s"],
                         "bf16w_vs_f32_free_running_agreement": agreement(bf["tokens"], jax_res["tokens"]),
-                        "bf16w_teacher_forced_top1": bf["teacher_forced_top1"]})
+                        "bf16w_teacher_forced_top1": bf["teacher_forced_top1"],
+                        "torch_bf16_tok_s": torch_bf["tokens_per_s"],
+                        "torch_bf16_vs_f32_free_running_agreement": agreement(torch_bf["tokens"], torch_res["tokens"])})
         rows.append(row)
         log(format_row(row))
     return {"config": {"arch": arch, "new_tokens": new_tokens, "prompt_len": prompt_len, "repeats": repeats,
@@ -172,7 +177,8 @@ def format_row(r: dict) -> str:
     if "jaxgpt_bf16w_tok_s" in r:
         s += (f" | bf16 weights {r['jaxgpt_bf16w_tok_s']:.1f} tok/s "
               f"({r['jaxgpt_bf16w_tok_s'] / r['torch_tok_s']:.2f}x), top-1 agreement teacher-forced "
-              f"{r['bf16w_teacher_forced_top1']:.1%}, free-running {r['bf16w_vs_f32_free_running_agreement']:.1%}")
+              f"{r['bf16w_teacher_forced_top1']:.1%}, free-running {r['bf16w_vs_f32_free_running_agreement']:.1%}"
+              f" | transformers in bf16 {r['torch_bf16_tok_s']:.1f} tok/s")
     return s
 
 
@@ -183,7 +189,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--bf16-weights", action="store_true", help="also time jaxgpt with bfloat16-stored weights")
+    p.add_argument("--bf16-weights", action="store_true", help="also time both sides with bfloat16 weights")
     p.add_argument("--work-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--side", help=argparse.SUPPRESS)
