@@ -95,7 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--system", default=None, help="system message (kept when old turns are dropped)")
     ap.add_argument("--chunk", type=int, default=8, help="tokens decoded between screen updates")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    ap.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
+    ap.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="weights dtype; bfloat16 stores them in the decoding layout: half the bytes read per token")
     args = ap.parse_args(argv)
     compile_cache.enable()  # a second chat session starts without compiling
     try:
