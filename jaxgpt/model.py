@@ -18,6 +18,9 @@ Forward inputs beyond ``input_ids``:
                needs no more, and the full [B, T, V] head is the largest buffer.
   hidden_only  return the final hidden states [B, T, E] instead of logits (the chunked
                training loss, ``jaxgpt.loss``, applies the tied head itself).
+
+``for_decoding(model)`` returns a copy for sampling with bfloat16 weights stored
+[out, in] (the decoding layout), which decodes faster on a CPU.
 """
 
 from __future__ import annotations
@@ -149,13 +152,15 @@ def linear(x, kernel, bias, *, out_in: bool = False):
 
     ``kernel`` is stored [in, ...] (HF Conv1D's layout, the one jaxgpt trains in), or, with
     ``out_in``, as a 2-D [out, in] matrix in a narrower dtype: the decoding layout of
-    ``for_decoding``. Its two products are the ones XLA:CPU runs at the speed of the bytes
-    they read (measured on GPT-2 124M's shapes, docs/benchmarks.md):
-    - one row on a CPU (batch-1 decoding): a float32 product with the converted weights,
-      which XLA rewrites into a multiply-reduce that converts each weight as it reads it
-      (inside a loop, only when compiled without loop-invariant code motion, which would
-      hoist the conversion and read float32 copies: ``sample.decode`` does that);
-    - otherwise: a ``kernel.dtype`` x ``kernel.dtype`` product accumulated in float32.
+    ``for_decoding``. For it, the two products that XLA:CPU ran fastest with bfloat16 weights
+    on GPT-2 124M's shapes (docs/benchmarks.md):
+    - one row on a CPU (batch-1 decoding): a float32 vector-matrix product with the
+      converted weights, which XLA emits as one loop that converts each weight as it reads
+      it. In a loop this needs a compilation without loop-invariant code motion, which
+      would hoist the conversion and read float32 copies (``sample.decode_no_hoisting``).
+      A bfloat16 x bfloat16 product of one row ran 5-10x slower (a slow fallback kernel);
+    - otherwise: a ``kernel.dtype`` x ``kernel.dtype`` product accumulated in float32
+      (1.6x faster than float32 for the 768 x 50257 head at 8 rows).
     """
     dt = x.dtype
     if not out_in:
@@ -382,16 +387,16 @@ class GPT2(nnx.Module):
 
 
 def for_decoding(model: GPT2, dtype: str = "bfloat16") -> GPT2:
-    """A copy of ``model`` with its matrices stored for fast decoding: ``dtype`` and [out, in].
+    """A copy of ``model`` stored for decoding: every parameter in ``dtype``, kernels [out, in].
 
-    The block kernels become 2-D [out, in] matrices and the tied embedding ``wte`` (already
-    [vocab, embed]) is cast; biases, LayerNorms and ``wpe`` stay as they are. Decoding reads
-    every weight once per token, so half the bytes is up to half the time: on a 2-core
-    Cascade Lake, GPT-2 124M decoded ~1.5x faster at batch 1 and 8 than with float32 weights
-    (docs/benchmarks.md, which also measures the token agreement with float32). The
-    activations and the KV cache keep ``model.config.dtype``; products with several rows run
-    in ``dtype`` with float32 accumulation (see ``linear``). For sampling and evaluation
-    only: the copy cannot be trained, saved or exported (``jaxgpt.weights`` refuses it).
+    The block kernels become 2-D [out, in] matrices (the tied embedding ``wte`` already is
+    one); ``linear`` then runs the products XLA:CPU does fastest with such weights. Decoding
+    reads every weight once per token, and this reads half the bytes. Measured on a 2-core
+    Cascade Lake with GPT-2 124M (docs/benchmarks.md): 1.27x the float32 tokens/s at batch 8
+    and ~1.05x at batch 1, where XLA:CPU's one-row products do not reach the memory bound
+    either way; ``tools/decode_quality.py`` compares the outputs with float32. Activations
+    and the KV cache keep ``model.config.dtype``. For sampling and evaluation only: the copy
+    cannot be trained, saved or exported (``jaxgpt.weights`` refuses it).
     """
     if model.decoding_layout:
         raise ValueError("the model is already in the decoding layout")
