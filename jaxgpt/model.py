@@ -222,24 +222,39 @@ class Attention(nnx.Module):
             out = jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None],
                                                is_causal=True, implementation=self.implementation)
             return self._project(out, x), None
-        k_axes = v_axes = "bkhd"
         if layer_cache is not None:
-            # The cache keeps keys as [B, H, D, S] and values as [B, H, S, D]: the layouts both
-            # attention matmuls read directly. Stored as [B, S, H, D], XLA:CPU transposed the
-            # whole cache of every layer at every decoded token (a quarter of the step at batch 8).
-            kt = jnp.transpose(k, (0, 2, 3, 1)).astype(layer_cache["k"].dtype)
-            vt = jnp.transpose(v, (0, 2, 1, 3)).astype(layer_cache["v"].dtype)
-            k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], kt, cache_index, axis=3)
-            v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], vt, cache_index, axis=2)
-            layer_cache = {"k": k, "v": v}
-            k_axes, v_axes = "bhdk", "bhkd"
-        scores = jnp.einsum(f"bqhd,{k_axes}->bhqk", q, k.astype(dt), preferred_element_type=jnp.float32)
+            return self._attend_cached(q, k, v, x, mask, layer_cache, cache_index)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(self.head_dim)
         scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         probs = self.dropout(probs)
-        out = jnp.einsum(f"bhqk,{v_axes}->bqhd", probs.astype(dt), v.astype(dt))
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dt), v)
         return self._project(out, x), layer_cache
+
+    def _attend_cached(self, q, k, v, x, mask, layer_cache, cache_index):
+        """Write the new keys/values into the cache at ``cache_index`` and attend to it.
+
+        The cache keeps batch and heads as one axis: keys [B*H, D, S], values [B*H, S, D],
+        the layouts both attention matmuls read as stored. Stored as [B, S, H, D], XLA:CPU
+        transposed the whole cache of every layer at every decoded token (a quarter of the
+        step at batch 8); with a separate batch axis of size 1, it copied every layer's cache
+        four times per token at batch 1 (the squeezed axis made the update two fusions).
+        """
+        dt = x.dtype
+        (b, t, h, d), bh = q.shape, q.shape[0] * q.shape[2]
+        kt = jnp.transpose(k, (0, 2, 3, 1)).reshape(bh, d, t).astype(layer_cache["k"].dtype)
+        vt = jnp.transpose(v, (0, 2, 1, 3)).reshape(bh, t, d).astype(layer_cache["v"].dtype)
+        k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], kt, cache_index, axis=2)
+        v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], vt, cache_index, axis=1)
+        q = jnp.transpose(q, (0, 2, 1, 3)).reshape(bh, t, d)
+        scores = jnp.einsum("xqd,xdk->xqk", q, k.astype(dt), preferred_element_type=jnp.float32)
+        scores = scores.reshape(b, h, t, -1) / math.sqrt(self.head_dim)
+        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).reshape(bh, t, -1)
+        out = jnp.einsum("xqk,xkd->xqd", probs.astype(dt), v.astype(dt))
+        out = jnp.transpose(out.reshape(b, h, t, d), (0, 2, 1, 3))
+        return self._project(out, x), {"k": k, "v": v}
 
     def _project(self, out, x):
         """[B, T, H, D] attention output -> [B, T, E] (HF ``c_proj``), with residual dropout."""
@@ -427,8 +442,9 @@ def for_decoding(model: GPT2, dtype: str = "bfloat16") -> GPT2:
 def init_cache(cfg: GPT2Config, batch: int, max_len: int, dtype=None) -> dict[str, Any]:
     """An empty KV cache of ``max_len`` slots (at most ``n_positions``)."""
     dtype = DTYPES[cfg.dtype] if dtype is None else dtype
-    k_shape = (batch, cfg.n_head, cfg.head_dim, max_len)  # keys transposed: q @ k reads them as stored
-    v_shape = (batch, cfg.n_head, max_len, cfg.head_dim)
+    # batch and heads as one axis, keys transposed: the layouts attention reads (Attention._attend_cached)
+    k_shape = (batch * cfg.n_head, cfg.head_dim, max_len)
+    v_shape = (batch * cfg.n_head, max_len, cfg.head_dim)
     layers = [{"k": jnp.zeros(k_shape, dtype), "v": jnp.zeros(v_shape, dtype)} for _ in range(cfg.n_layer)]
     return {"layers": layers, "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.array(0, jnp.int32)}
 
