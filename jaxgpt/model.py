@@ -407,9 +407,9 @@ def for_decoding(model: GPT2, dtype: str = "bfloat16") -> GPT2:
     The block kernels become 2-D [out, in] matrices (the tied embedding ``wte`` already is
     one); ``linear`` then runs the products XLA:CPU does fastest with such weights. Decoding
     reads every weight once per token, and this reads half the bytes. Measured on a 2-core
-    Cascade Lake with GPT-2 124M (docs/benchmarks.md): 1.27x the float32 tokens/s at batch 8
-    and ~1.05x at batch 1, where XLA:CPU's one-row products do not reach the memory bound
-    either way; ``tools/decode_quality.py`` compares the outputs with float32. Activations
+    Cascade Lake with GPT-2 124M (docs/benchmarks.md): 1.3-1.45x the float32 tokens/s at
+    batch 8, about even at batch 1 (XLA:CPU's one-row products do not reach the memory
+    bound); ``tools/decode_quality.py`` compares the outputs with float32. Activations
     and the KV cache keep ``model.config.dtype``. For sampling and evaluation only: the copy
     cannot be trained, saved or exported (``jaxgpt.weights`` refuses it).
     """
