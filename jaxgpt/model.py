@@ -418,7 +418,7 @@ def for_decoding(model: GPT2, dtype: str = "bfloat16") -> GPT2:
     dt = DTYPES[dtype]
     graphdef, state = nnx.split(model)
     # Every floating parameter in ``dtype``: with float32 LayerNorms, biases and ``wpe`` next to
-    # bfloat16 kernels, XLA:CPU chose other fusions and batch-1 decoding ran 3x slower.
+    # bfloat16 kernels, XLA:CPU chose other fusions and batch-1 decoding ran ~2.5x slower.
     state = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
     new = nnx.merge(graphdef, state)
 

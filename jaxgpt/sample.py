@@ -29,7 +29,9 @@ greedy, top_k, use_top_p)``: the two jitted functions underneath, pure over
 ``nnx.split(model)`` state (``graphdef`` static). ``decode`` donates its
 ``carry`` (KV cache, next-token logits, per-row positions/done flags, the token
 buffer), runs until ``carry["step"] == limit`` or every row is done, and can be
-called again on its output to continue.
+called again on its output to continue. ``decode_no_hoisting`` is the same loop
+compiled without XLA's loop-invariant code motion; ``stream`` uses it for a model in
+the decoding layout (``jaxgpt.model.for_decoding``, ``load_model(param_dtype="bfloat16")``).
 
 ``sample_logits(logits, key, *, greedy, temperature, top_k, top_p, use_top_p)``
     One sampling step on [B, V] float32 logits.

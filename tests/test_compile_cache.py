@@ -59,6 +59,6 @@ def test_second_run_loads_the_compiled_programs(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
     assert "Persistent compilation cache hit" not in runs[0].stderr
     assert len(list(cache.iterdir())) >= 2, "the first run wrote no cache entries"
-    for name in ("jit_prefill", "jit_decode"):
+    for name in ("jit_prefill", "jit__decode"):
         assert f"Persistent compilation cache hit for '{name}'" in runs[1].stderr, runs[1].stderr[-2000:]
     assert runs[0].stdout == runs[1].stdout  # the cached programs compute the same tokens
