@@ -147,8 +147,8 @@ def _no_constraint(x, *_logical_axes):
     return x
 
 
-def linear(x, kernel, bias, *, out_in: bool = False):
-    """``x @ kernel + bias`` over the last axis of ``x``, in ``x``'s dtype.
+def linear(x, kernel, bias=None, *, out_in: bool = False):
+    """``x @ kernel + bias`` over the last axis of ``x``, in ``x``'s dtype (no bias: None).
 
     ``kernel`` is stored [in, ...] (HF Conv1D's layout, the one jaxgpt trains in), or, with
     ``out_in``, as a 2-D [out, in] matrix in a narrower dtype: the decoding layout of
@@ -164,7 +164,8 @@ def linear(x, kernel, bias, *, out_in: bool = False):
     """
     dt = x.dtype
     if not out_in:
-        return x @ kernel.astype(dt).reshape(x.shape[-1], -1) + bias.astype(dt).reshape(-1)
+        y = x @ kernel.astype(dt).reshape(x.shape[-1], -1)
+        return y if bias is None else y + bias.astype(dt).reshape(-1)
     rows = math.prod(x.shape[:-1])
     x2 = x.reshape(rows, x.shape[-1])
     if rows == 1 and jax.default_backend() == "cpu":
@@ -172,7 +173,9 @@ def linear(x, kernel, bias, *, out_in: bool = False):
     else:
         y = jax.lax.dot_general(x2.astype(kernel.dtype), kernel, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)
-    return (y + bias.astype(jnp.float32).reshape(-1)).astype(dt).reshape(*x.shape[:-1], kernel.shape[0])
+    if bias is not None:
+        y = y + bias.astype(jnp.float32).reshape(-1)
+    return y.astype(dt).reshape(*x.shape[:-1], kernel.shape[0])
 
 
 class LayerNorm(nnx.Module):
@@ -364,7 +367,7 @@ class GPT2(nnx.Module):
         if hidden_only:  # the final hidden states [B, T, E], for a loss that applies the head itself
             return x
         if self.decoding_layout:  # wte [V, E] is already [out, in]
-            logits = linear(x.astype(jnp.float32), self.wte[...], jnp.zeros((), jnp.float32), out_in=True)
+            logits = linear(x.astype(jnp.float32), self.wte[...], out_in=True)
         else:
             logits = jnp.einsum("bte,ve->btv", x, self.wte[...].astype(dt), preferred_element_type=jnp.float32)
         logits = logits[..., : cfg.vocab_size]  # padded rows never get probability
@@ -422,20 +425,18 @@ def for_decoding(model: GPT2, dtype: str = "bfloat16") -> GPT2:
     state = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
     new = nnx.merge(graphdef, state)
 
-    def out_in(module, name):
-        param = getattr(module, name)
-        w = param[...]
-        w = w.reshape(-1, w.shape[-1]) if name == "c_proj_kernel" and w.ndim == 3 else w.reshape(w.shape[0], -1)
-        setattr(module, name, nnx.Param(w.T, axes=(None, None)))
+    def out_in(module, name, n_in):  # [in, ...] as linear() reads it -> [out, in]
+        setattr(module, name, nnx.Param(getattr(module, name)[...].reshape(n_in, -1).T, axes=(None, None)))
 
+    cfg = model.config
     for block in new.h:
-        for name in ("c_attn_kernel", "c_proj_kernel"):
-            out_in(block.attn, name)
-        for name in ("c_fc_kernel", "c_proj_kernel"):
-            out_in(block.mlp, name)
+        out_in(block.attn, "c_attn_kernel", cfg.n_embd)
+        out_in(block.attn, "c_proj_kernel", cfg.n_head * cfg.head_dim)
+        out_in(block.mlp, "c_fc_kernel", cfg.n_embd)
+        out_in(block.mlp, "c_proj_kernel", cfg.inner_dim)
         block.attn.out_in = block.mlp.out_in = True
     new.decoding_layout = True
-    new.config = model.config.replace(param_dtype=dtype)
+    new.config = cfg.replace(param_dtype=dtype)
     return new
 
 
