@@ -189,16 +189,19 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", v
 
 
 def push(folder: Path, repo_id: str, log=print) -> None:
+    """Upload ``folder`` to the hub repo ``repo_id`` (created if missing); the token is the hub's usual
+    (``HF_TOKEN`` or ``huggingface-cli login``). Any failure is an ExportError; the folder stays."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi()
     try:
         api.create_repo(repo_id, exist_ok=True)
         api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload from jaxgpt.export")
-    except (HfHubHTTPError, OSError) as e:
+    # Not only HTTP errors: without a network, huggingface_hub 1.x+ raises httpx's ConnectError,
+    # which is no OSError. Whatever it is, the user gets one line and keeps the verified folder.
+    except Exception as e:  # noqa: BLE001
         raise ExportError(f"--push-to-hub {repo_id}: upload failed ({type(e).__name__}: {e}); "
-                          f"the folder is saved at {folder}") from None
+                          f"the folder is saved at {folder}") from e
     log(f"pushed {folder} to https://huggingface.co/{repo_id}")
 
 

@@ -146,3 +146,43 @@ def test_refuses_to_overwrite_and_names_missing_dir(exported, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nope: no such checkpoint directory" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_push_to_hub_uploads_the_verified_folder(exported, tmp_path, monkeypatch):
+    """--push-to-hub creates the repo and uploads the final folder (not the staging one), with
+    everything transformers needs. The hub is faked: this machine has no network."""
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                        lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.append(
+        ("upload", kw["repo_id"], sorted(p.name for p in Path(kw["folder_path"]).iterdir()), kw["folder_path"])))
+    run, hf = exported
+    out = export(hf, tmp_path / "pushed", push_to_hub="me/tiny-chat", log=lambda *_: None)
+    assert calls[0] == ("create", "me/tiny-chat", {"exist_ok": True})
+    (_, repo, files, folder), = calls[1:]
+    assert repo == "me/tiny-chat" and folder == str(out)
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json"} <= set(files)
+
+
+def test_push_to_hub_failure_keeps_the_folder(exported, tmp_path, monkeypatch, capsys):
+    """Found on this offline machine: huggingface_hub raises httpx's ConnectError (not an OSError),
+    which escaped as a traceback. Any upload failure is one line naming the saved folder."""
+    import huggingface_hub
+
+    class ConnectError(Exception):  # what huggingface_hub >= 1 raises without a network
+        pass
+
+    def offline(self, *a, **kw):
+        raise ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", offline)
+    run, hf = exported
+    with pytest.raises(SystemExit) as e:
+        export_main(["--checkpoint", str(hf), "--out", str(tmp_path / "o"), "--push-to-hub", "me/x", "--no-verify"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "upload failed (ConnectError" in err and f"saved at {tmp_path / 'o'}" in err and "Traceback" not in err
+    assert (tmp_path / "o" / "model.safetensors").exists()
