@@ -147,7 +147,7 @@ def _no_constraint(x, *_logical_axes):
     return x
 
 
-def linear(x, kernel, bias=None, *, out_in: bool = False):
+def linear(x, kernel, bias=None, *, out_in: bool = False, scale=None):
     """``x @ kernel + bias`` over the last axis of ``x``, in ``x``'s dtype (no bias: None).
 
     ``kernel`` is stored [in, ...] (HF Conv1D's layout, the one jaxgpt trains in), or, with
@@ -161,6 +161,11 @@ def linear(x, kernel, bias=None, *, out_in: bool = False):
       A bfloat16 x bfloat16 product of one row ran 5-10x slower (a slow fallback kernel);
     - otherwise: a ``kernel.dtype`` x ``kernel.dtype`` product accumulated in float32
       (1.6x faster than float32 for the 768 x 50257 head at 8 rows).
+    An int8 ``kernel`` comes with ``scale``, one float32 per output row (``quantize_int8``).
+    One row runs the same converting product on the int8 weights, read at a quarter of
+    float32's bytes (the head at one row: 4.0 ms against 8.9 ms in float32 and 6.1 ms in
+    bfloat16); several rows dequantise the weights to bfloat16 first (XLA:CPU has no fast
+    int8 x float product; the head at 8 rows: 27 ms against 22 ms in float32, 12 ms in bfloat16).
     """
     dt = x.dtype
     if not out_in:
@@ -171,11 +176,23 @@ def linear(x, kernel, bias=None, *, out_in: bool = False):
     if rows == 1 and jax.default_backend() == "cpu":
         y = jnp.dot(x2[0].astype(jnp.float32), kernel.T.astype(jnp.float32))[None]
     else:
+        if scale is not None:
+            kernel, scale = (kernel.astype(jnp.float32) * scale[:, None]).astype(jnp.bfloat16), None
         y = jax.lax.dot_general(x2.astype(kernel.dtype), kernel, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)
+    if scale is not None:
+        y = y * scale
     if bias is not None:
         y = y + bias.astype(jnp.float32).reshape(-1)
     return y.astype(dt).reshape(*x.shape[:-1], kernel.shape[0])
+
+
+def _dense(module, name: str, x):
+    """``linear`` with ``module``'s ``{name}_kernel`` and ``{name}_bias`` (and, for int8
+    decoding weights, ``{name}_scale``)."""
+    scale = getattr(module, f"{name}_scale", None)
+    return linear(x, getattr(module, f"{name}_kernel")[...], getattr(module, f"{name}_bias")[...],
+                  out_in=module.out_in, scale=None if scale is None else scale[...])
 
 
 class LayerNorm(nnx.Module):
@@ -216,7 +233,7 @@ class Attention(nnx.Module):
         h, d = self.n_head, self.head_dim
         # Plain 2-D matmuls with heads folded into columns: XLA:CPU runs 4-D dots such as
         # "bte,ekhd->kbthd" up to 13x slower than the same GEMM (measured for one-token decoding).
-        qkv = linear(x, self.c_attn_kernel[...], self.c_attn_bias[...], out_in=self.out_in)
+        qkv = _dense(self, "c_attn", x)
         qkv = constrain(qkv.reshape(b, t, 3, h, d), "batch", "seq", None, "heads", "head_dim")
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, D]
         if layer_cache is None and self.implementation != "einsum":
@@ -262,7 +279,7 @@ class Attention(nnx.Module):
     def _project(self, out, x):
         """[B, T, H, D] attention output -> [B, T, E] (HF ``c_proj``), with residual dropout."""
         b, t, _ = x.shape
-        out = linear(out.reshape(b, t, -1), self.c_proj_kernel[...], self.c_proj_bias[...], out_in=self.out_in)
+        out = _dense(self, "c_proj", out.reshape(b, t, -1))
         return self.dropout(out)
 
 
@@ -281,9 +298,9 @@ class MLP(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
     def __call__(self, x, constrain=_no_constraint):
-        h = self.act(linear(x, self.c_fc_kernel[...], self.c_fc_bias[...], out_in=self.out_in))
+        h = self.act(_dense(self, "c_fc", x))
         h = constrain(h, "batch", "seq", "mlp")
-        return self.dropout(linear(h, self.c_proj_kernel[...], self.c_proj_bias[...], out_in=self.out_in))
+        return self.dropout(_dense(self, "c_proj", h))
 
 
 class Block(nnx.Module):
@@ -314,7 +331,7 @@ class GPT2(nnx.Module):
         self.drop = nnx.Dropout(cfg.dropout, rngs=rngs)
         self.h = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
         self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, pd, rngs)
-        self.decoding_layout = False  # set by for_decoding()
+        self.decoding_layout = None  # "bfloat16" or "int8": set by for_decoding()
 
     def __call__(self, input_ids, *, positions=None, segment_ids=None, cache=None, last_only=False,
                  hidden_only=False, constrain=None):
@@ -346,7 +363,10 @@ class GPT2(nnx.Module):
         constrain = constrain or _no_constraint
         # The lookup reads whole rows: gather the (FSDP/vocab-sharded) tables first, as FSDP does for every weight.
         wte, wpe = constrain(self.wte[...], None, None), constrain(self.wpe[...], None, None)
-        x = wte[input_ids].astype(dt) + wpe[positions].astype(dt)
+        tok = wte[input_ids].astype(dt)
+        if self.decoding_layout == "int8":  # one scale per token row
+            tok = tok * self.wte_scale[...][input_ids][..., None].astype(dt)
+        x = tok + wpe[positions].astype(dt)
         x = constrain(self.drop(x), "batch", "seq", None)
 
         new_layers = []
@@ -367,7 +387,8 @@ class GPT2(nnx.Module):
         if hidden_only:  # the final hidden states [B, T, E], for a loss that applies the head itself
             return x
         if self.decoding_layout:  # wte [V, E] is already [out, in]
-            logits = linear(x.astype(jnp.float32), self.wte[...], out_in=True)
+            scale = self.wte_scale[...] if self.decoding_layout == "int8" else None
+            logits = linear(x.astype(jnp.float32), self.wte[...], out_in=True, scale=scale)
         else:
             logits = jnp.einsum("bte,ve->btv", x, self.wte[...].astype(dt), preferred_element_type=jnp.float32)
         logits = logits[..., : cfg.vocab_size]  # padded rows never get probability
@@ -404,39 +425,61 @@ class GPT2(nnx.Module):
         return x
 
 
-def for_decoding(model: GPT2, dtype: str = "bfloat16") -> GPT2:
-    """A copy of ``model`` stored for decoding: every parameter in ``dtype``, kernels [out, in].
+DECODING_DTYPES = ("bfloat16", "int8")
 
-    The block kernels become 2-D [out, in] matrices (the tied embedding ``wte`` already is
-    one); ``linear`` then runs the products XLA:CPU does fastest with such weights. Decoding
-    reads every weight once per token, and this reads half the bytes. Measured on a 2-core
-    Cascade Lake with GPT-2 124M (docs/benchmarks.md): 1.3-1.45x the float32 tokens/s at
-    batch 8, about even at batch 1 (XLA:CPU's one-row products do not reach the memory
-    bound); ``tools/decode_quality.py`` compares the outputs with float32. Activations
-    and the KV cache keep ``model.config.dtype``. For sampling and evaluation only: the copy
-    cannot be trained, saved or exported (``jaxgpt.weights`` refuses it).
+
+def quantize_int8(w):
+    """[out, in] weights -> (int8 [out, in], float32 [out]): symmetric, one scale per output row."""
+    w = w.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(w), axis=1) / 127
+    scale = jnp.where(scale > 0, scale, 1.0)  # all-zero rows (vocabulary padding)
+    return jnp.clip(jnp.round(w / scale[:, None]), -127, 127).astype(jnp.int8), scale
+
+
+def for_decoding(model: GPT2, dtype: str = "bfloat16") -> GPT2:
+    """A copy of ``model`` stored for decoding, with kernels [out, in] in a narrower dtype.
+
+    ``dtype="bfloat16"``: every parameter in bfloat16. ``dtype="int8"``: the kernels and the
+    tied embedding ``wte`` in int8 with one float32 scale per output row (``quantize_int8``,
+    weight-only: activations stay in ``config.dtype``), the rest in bfloat16.
+    The block kernels become 2-D [out, in] matrices (``wte`` already is one); ``linear`` then
+    runs the products XLA:CPU does fastest with such weights. Decoding reads every weight
+    once per token, and this reads a half (a quarter) of float32's bytes. Measured on a
+    2-core Cascade Lake with GPT-2 124M (docs/benchmarks.md): bfloat16 1.3-1.45x the float32
+    tokens/s at batch 8, about even at batch 1; int8 is the batch-1 (chat) layout and slower
+    than float32 at batch 8. ``tools/decode_quality.py`` compares the outputs with float32.
+    Activations and the KV cache keep ``model.config.dtype``. For sampling and evaluation only:
+    the copy cannot be trained, saved or exported (``jaxgpt.weights`` refuses it).
     """
     if model.decoding_layout:
         raise ValueError("the model is already in the decoding layout")
-    dt = DTYPES[dtype]
+    if dtype not in DECODING_DTYPES:
+        raise ValueError(f"decoding dtype {dtype!r}: choose from {list(DECODING_DTYPES)}")
+    cfg = model.config
+    # Every other floating parameter in bfloat16: with float32 LayerNorms, biases and ``wpe``
+    # next to bfloat16 kernels, XLA:CPU chose other fusions and batch-1 decoding ran ~2.5x slower.
     graphdef, state = nnx.split(model)
-    # Every floating parameter in ``dtype``: with float32 LayerNorms, biases and ``wpe`` next to
-    # bfloat16 kernels, XLA:CPU chose other fusions and batch-1 decoding ran ~2.5x slower.
-    state = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+    state = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
     new = nnx.merge(graphdef, state)
 
-    def out_in(module, name, n_in):  # [in, ...] as linear() reads it -> [out, in]
-        setattr(module, name, nnx.Param(getattr(module, name)[...].reshape(n_in, -1).T, axes=(None, None)))
+    def store(module, name, w, scale_name):  # w: [out, in], from the original weights
+        if dtype == "int8":
+            w, scale = quantize_int8(w)
+            setattr(module, scale_name, nnx.Param(scale, axes=(None,)))
+        else:
+            w = w.astype(jnp.bfloat16)
+        setattr(module, name, nnx.Param(w, axes=(None, None)))
 
-    cfg = model.config
-    for block in new.h:
-        out_in(block.attn, "c_attn_kernel", cfg.n_embd)
-        out_in(block.attn, "c_proj_kernel", cfg.n_head * cfg.head_dim)
-        out_in(block.mlp, "c_fc_kernel", cfg.n_embd)
-        out_in(block.mlp, "c_proj_kernel", cfg.inner_dim)
+    for old, block in zip(model.h, new.h):
+        for part, name, n_in in (("attn", "c_attn", cfg.n_embd), ("attn", "c_proj", cfg.n_head * cfg.head_dim),
+                                 ("mlp", "c_fc", cfg.n_embd), ("mlp", "c_proj", cfg.inner_dim)):
+            kernel = getattr(getattr(old, part), f"{name}_kernel")[...]  # [in, ...] as linear() reads it
+            store(getattr(block, part), f"{name}_kernel", kernel.reshape(n_in, -1).T, f"{name}_scale")
         block.attn.out_in = block.mlp.out_in = True
-    new.decoding_layout = True
-    new.config = cfg.replace(param_dtype=dtype)
+    if dtype == "int8":
+        store(new, "wte", model.wte[...], "wte_scale")
+    new.decoding_layout = dtype
+    new.config = cfg.replace(param_dtype="bfloat16")
     return new
 
 

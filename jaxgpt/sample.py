@@ -31,7 +31,8 @@ greedy, top_k, use_top_p)``: the two jitted functions underneath, pure over
 buffer), runs until ``carry["step"] == limit`` or every row is done, and can be
 called again on its output to continue. ``decode_no_hoisting`` is the same loop
 compiled without XLA's loop-invariant code motion; ``stream`` uses it for a model in
-the decoding layout (``jaxgpt.model.for_decoding``, ``load_model(param_dtype="bfloat16")``).
+the decoding layout (``jaxgpt.model.for_decoding``, ``load_model(param_dtype="bfloat16"`` or
+``"int8")``).
 
 ``sample_logits(logits, key, *, greedy, temperature, top_k, top_p, use_top_p)``
     One sampling step on [B, V] float32 logits.
@@ -61,7 +62,7 @@ import numpy as np
 from flax import nnx
 
 from jaxgpt import compile_cache
-from jaxgpt.model import GPT2, for_decoding, init_cache
+from jaxgpt.model import DECODING_DTYPES, GPT2, for_decoding, init_cache
 from jaxgpt.tokenizer import load_tokenizer, stop_token_ids
 
 MAX_STOP_IDS = 8  # stop ids are padded to a fixed count so the set never changes the compiled shape
@@ -247,12 +248,22 @@ def generate(model: GPT2, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
+PARAM_DTYPE_HELP = ("weights dtype. bfloat16 and int8 store them in the decoding layout, read at a half / a quarter "
+                    "of float32's bytes per token: int8 for batch-1 decoding (chat) on a CPU, bfloat16 for batches")
+
+
 def load_model(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str = "float32"):
     """(model, tokenizer) from an HF folder / hub id, or from a jaxgpt training checkpoint.
 
-    ``param_dtype`` other than float32 gives the model in the decoding layout
-    (``jaxgpt.model.for_decoding``): weights in that dtype, read at half the bytes per token.
+    ``param_dtype`` "bfloat16" or "int8" gives the model in the decoding layout
+    (``jaxgpt.model.for_decoding``): weights read at a half or a quarter of float32's bytes
+    per token. int8 is quantised from the float32 weights.
     """
+    if param_dtype not in ("float32", *DECODING_DTYPES):
+        raise SampleError(f"param_dtype {param_dtype!r}: choose from float32, {', '.join(DECODING_DTYPES)}")
+    decoding = None if param_dtype == "float32" else param_dtype
+    if decoding == "int8":
+        param_dtype = "float32"  # quantised from the float32 weights
     path = Path(path_or_hub_id)
     if path.is_dir() and not (path / "config.json").exists():
         from jaxgpt.checkpoint import load_for_inference  # only needed for training checkpoints
@@ -265,8 +276,8 @@ def load_model(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str 
         model, _ = load_pretrained(folder, dtype=dtype, param_dtype=param_dtype)
         # The folder's own tokenizer (it may carry a chat template), else the vendored GPT-2 one.
         tokenizer = load_tokenizer(folder if any((folder / f).exists() for f in TOKENIZER_FILES) else None)
-    if param_dtype != "float32":
-        model = for_decoding(model, param_dtype)
+    if decoding:
+        model = for_decoding(model, decoding)
     return model, tokenizer
 
 
@@ -289,8 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-samples", type=int, default=1, help="samples drawn in one batch")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    ap.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="weights dtype; bfloat16 stores them in the decoding layout: half the bytes read per token")
+    ap.add_argument("--param-dtype", default="float32", choices=["float32", *DECODING_DTYPES], help=PARAM_DTYPE_HELP)
     args = ap.parse_args(argv)
     compile_cache.enable()
     try:

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from conftest import shared_path
-from jaxgpt.model import GPT2, GPT2Config, for_decoding
+from jaxgpt.model import DECODING_DTYPES, GPT2, GPT2Config, for_decoding, quantize_int8
 from jaxgpt.sample import (SampleError, bucket, decode, decode_no_hoisting, generate, load_model, prefill,
                            sample_logits, split_for_inference, stream)
 from jaxgpt.weights import save_pretrained
@@ -240,28 +240,50 @@ def test_bad_arguments(model, kw, match):
 
 # ----------------------------------------------------------------------------- the decoding layout
 
-@pytest.fixture(scope="module")
-def decoding(model):
-    return for_decoding(model)
+@pytest.fixture(scope="module", params=DECODING_DTYPES)
+def decoding(model, request):
+    return for_decoding(model, request.param)
 
 
 def test_for_decoding_layout(model, decoding):
-    """bfloat16 [out, in] kernels; the float32 model is left as it was."""
+    """[out, in] kernels in bfloat16, or int8 with a scale per output row (the tied ``wte`` too);
+    the other parameters in bfloat16; the float32 model is left as it was."""
     e, i = CFG.n_embd, CFG.inner_dim
     blk, ref = decoding.h[0], model.h[0]
     assert blk.attn.c_attn_kernel.shape == (3 * e, e) and blk.mlp.c_fc_kernel.shape == (i, e)
     assert blk.mlp.c_proj_kernel.shape == (e, i) and blk.attn.c_proj_kernel.shape == (e, e)
-    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(nnx.state(decoding, nnx.Param)))
-    np.testing.assert_array_equal(np.asarray(blk.mlp.c_fc_kernel[...]),
-                                  np.asarray(ref.mlp.c_fc_kernel[...].T.astype(jnp.bfloat16)))
+    want = ref.mlp.c_fc_kernel[...].T
+    if decoding.decoding_layout == "bfloat16":
+        assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(nnx.state(decoding, nnx.Param)))
+        np.testing.assert_array_equal(np.asarray(blk.mlp.c_fc_kernel[...]), np.asarray(want.astype(jnp.bfloat16)))
+    else:
+        assert blk.mlp.c_fc_kernel.dtype == decoding.wte.dtype == jnp.int8
+        assert blk.mlp.c_fc_scale.shape == (i,) and decoding.wte_scale.shape == (CFG.padded_vocab_size,)
+        assert blk.ln_1.scale.dtype == decoding.wpe.dtype == blk.mlp.c_fc_bias.dtype == jnp.bfloat16
+        back = np.asarray(blk.mlp.c_fc_kernel[...], np.float32) * np.asarray(blk.mlp.c_fc_scale[...])[:, None]
+        assert np.abs(back - np.asarray(want)).max() <= np.asarray(blk.mlp.c_fc_scale[...]).max() / 2 + 1e-7
     assert ref.mlp.c_fc_kernel[...].dtype == jnp.float32 and not model.decoding_layout
     with pytest.raises(ValueError, match="already in the decoding layout"):
         for_decoding(decoding)
+    with pytest.raises(ValueError, match="choose from"):
+        for_decoding(model, "float16")
+
+
+def test_quantize_int8():
+    """Symmetric per-row int8: the largest weight of each row maps to +-127, every weight is
+    within half a step, and an all-zero row (vocabulary padding) gets a usable scale."""
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(5, 64)), jnp.float32).at[3].set(0.0)
+    q, scale = quantize_int8(w)
+    assert q.dtype == jnp.int8 and scale.dtype == jnp.float32 and scale.shape == (5,)
+    assert np.all(np.abs(np.asarray(q)).max(1)[[0, 1, 2, 4]] == 127) and not np.asarray(q[3]).any()
+    err = np.abs(np.asarray(q, np.float32) * np.asarray(scale)[:, None] - np.asarray(w))
+    assert np.all(err <= np.asarray(scale)[:, None] / 2 + 1e-7) and np.isfinite(np.asarray(scale)).all()
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5])
 def test_for_decoding_logits_close_to_float32(model, decoding, rows):
-    """Both products of ``linear`` (one row; several rows): bf16 weights cost ~2^-8 relative."""
+    """Both products of ``linear`` (one row; several rows): bf16 weights cost ~2^-8 relative,
+    int8 ones (a step of 1/127 of each row's largest weight) about as much on these logits."""
     ids = jnp.asarray(np.random.default_rng(rows).integers(0, CFG.vocab_size, (rows, 1)))
     ref, got = model(ids), decoding(ids)
     assert got.dtype == jnp.float32 and got.shape == ref.shape
@@ -270,9 +292,9 @@ def test_for_decoding_logits_close_to_float32(model, decoding, rows):
 
 
 def test_for_decoding_generates_like_float32(model, decoding):
-    """Greedy decoding with bf16 weights follows float32's tokens (a near-tie may flip late ones);
-    the loop is compiled without hoisting, and reads the weights in bfloat16 (nothing converts
-    them to float32 outside the loop)."""
+    """Greedy decoding with bf16 / int8 weights follows float32's tokens (a near-tie may flip
+    late ones); the loop is compiled without hoisting, and reads the weights as stored (nothing
+    converts them to float32 outside the loop)."""
     ref = generate(model, PROMPTS, max_new_tokens=16)
     before = decode_no_hoisting._cache_size()
     got = generate(decoding, PROMPTS, max_new_tokens=16)
@@ -297,13 +319,20 @@ def test_decoding_layout_cannot_be_saved(decoding, tmp_path):
         save_pretrained(decoding, tmp_path / "x")
 
 
-def test_load_model_bfloat16_gives_the_decoding_layout(model, tmp_path):
+def test_load_model_gives_the_decoding_layout(model, tmp_path):
     folder = save_pretrained(model, tmp_path / "hf")
     loaded, _ = load_model(str(folder), param_dtype="bfloat16")
-    assert loaded.decoding_layout and loaded.config.param_dtype == "bfloat16"
+    assert loaded.decoding_layout == "bfloat16" and loaded.config.param_dtype == "bfloat16"
     assert loaded.h[0].mlp.c_fc_kernel.shape == (CFG.inner_dim, CFG.n_embd)
+    # int8 is quantised from the float32 weights, not from a bfloat16 copy
+    q, _ = load_model(str(folder), param_dtype="int8")
+    assert q.decoding_layout == "int8"
+    v = CFG.vocab_size  # the saved folder has no vocabulary padding
+    np.testing.assert_array_equal(np.asarray(q.wte[...][:v]), np.asarray(quantize_int8(model.wte[...])[0][:v]))
     plain, _ = load_model(str(folder))
     assert not plain.decoding_layout
+    with pytest.raises(SampleError, match="param_dtype 'int4'"):
+        load_model(str(folder), param_dtype="int4")
 
 
 # ----------------------------------------------------------------------------- sharded parameters

@@ -382,7 +382,7 @@ def section_generate(work: Path, quick: bool) -> dict:
     spec = importlib.util.spec_from_file_location("bench_generate", Path(__file__).with_name("bench_generate.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.run(work, quick=quick, bf16_weights=True,
+    return mod.run(work, quick=quick, decoding_dtypes=("bfloat16", "int8"),
                    **({"new_tokens": 32, "repeats": 2} if quick else {}))
 
 

@@ -2,7 +2,8 @@
 
     python tools/bench_generate.py                # GPT-2 124M random init, CPU, batch 1 and 8, 128 new tokens
     python tools/bench_generate.py --quick        # tiny model, a smoke run
-    python tools/bench_generate.py --bf16-weights # also both sides with bfloat16 weights
+    python tools/bench_generate.py --decoding-dtypes bfloat16,int8
+                                                  # also jaxgpt's decoding layouts (and transformers in bf16)
 
 Both sides load the same weights: a random-init jaxgpt GPT-2 (config only, no
 download) written once with ``save_pretrained`` and read by
@@ -15,11 +16,13 @@ tokens/s = batch * new tokens / wall time of one ``generate`` call, prefill
 included, end to end from host token ids to host token ids.
 
 The greedy tokens of both sides are compared too (same weights -> same tokens,
-up to float near-ties). With ``--bf16-weights`` jaxgpt also runs with
-``param_dtype="bfloat16"`` (the decoding layout, ``jaxgpt.model.for_decoding``),
+up to float near-ties). With ``--decoding-dtypes`` jaxgpt also runs with each
+``param_dtype`` given (bfloat16, int8: the decoding layouts, ``jaxgpt.model.for_decoding``),
 scored against its float32 run: free-running token agreement, and teacher-forced
-top-1 agreement (bf16 argmax at every generated position of the float32
-sequence); and transformers runs with its model in ``torch.bfloat16``.
+top-1 agreement (argmax at every generated position of the float32 sequence); with
+bfloat16, transformers also runs with its model in ``torch.bfloat16``. (transformers has
+no int8 peer here: ``torch.ao.quantization.quantize_dynamic`` quantises ``nn.Linear``,
+and GPT-2's projections are ``Conv1D``.)
 
 ``tools/bench.py`` calls ``run(work_dir, quick=...)``.
 """
@@ -141,7 +144,7 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 def run(work_dir: Path, *, quick: bool = False, batches=(1, 8), new_tokens: int = 128, prompt_len: int = 32,
-        repeats: int = 3, bf16_weights: bool = False, log=print) -> dict:
+        repeats: int = 3, decoding_dtypes=(), log=print) -> dict:
     """Run every measurement; returns {"config": ..., "rows": [one dict per batch size]}."""
     arch = TINY if quick else GPT2_124M
     folder = write_model(Path(work_dir) / ("gen-tiny" if quick else "gen-124m"), arch)
@@ -156,13 +159,14 @@ def run(work_dir: Path, *, quick: bool = False, batches=(1, 8), new_tokens: int 
                "jaxgpt_first_call_s": jax_res["first_call_s"], "torch_first_call_s": torch_res["first_call_s"],
                "greedy_token_agreement": agreement(jax_res["tokens"], torch_res["tokens"]),
                "torch_threads": torch_res["torch_threads"]}
-        if bf16_weights:
-            bf = run_side("jax", {**args, "param_dtype": "bfloat16", "reference_tokens": jax_res["tokens"]})
+        for dt in decoding_dtypes:
+            res = run_side("jax", {**args, "param_dtype": dt, "reference_tokens": jax_res["tokens"]})
+            row[f"{dt}_weights"] = {"jaxgpt_tok_s": res["tokens_per_s"], "ratio": res["tokens_per_s"] / torch_res["tokens_per_s"],
+                                    "vs_f32_free_running_agreement": agreement(res["tokens"], jax_res["tokens"]),
+                                    "vs_f32_teacher_forced_top1": res["teacher_forced_top1"]}
+        if "bfloat16" in decoding_dtypes:
             torch_bf = run_side("torch", {**args, "torch_dtype": "bfloat16"})  # the same trick on the PyTorch side
-            row.update({"jaxgpt_bf16w_tok_s": bf["tokens_per_s"],
-                        "bf16w_vs_f32_free_running_agreement": agreement(bf["tokens"], jax_res["tokens"]),
-                        "bf16w_teacher_forced_top1": bf["teacher_forced_top1"],
-                        "torch_bf16_tok_s": torch_bf["tokens_per_s"],
+            row.update({"torch_bf16_tok_s": torch_bf["tokens_per_s"],
                         "torch_bf16_vs_f32_free_running_agreement": agreement(torch_bf["tokens"], torch_res["tokens"])})
         rows.append(row)
         log(format_row(row))
@@ -174,11 +178,14 @@ def format_row(r: dict) -> str:
     s = (f"  generate batch {r['batch']}: jaxgpt {r['jaxgpt_tok_s']:.1f} tok/s, transformers {r['torch_tok_s']:.1f} "
          f"tok/s -> {r['ratio']:.2f}x | first call {r['jaxgpt_first_call_s']:.1f}s vs {r['torch_first_call_s']:.1f}s"
          f" | same greedy tokens {r['greedy_token_agreement']:.1%}")
-    if "jaxgpt_bf16w_tok_s" in r:
-        s += (f" | bf16 weights {r['jaxgpt_bf16w_tok_s']:.1f} tok/s "
-              f"({r['jaxgpt_bf16w_tok_s'] / r['torch_tok_s']:.2f}x), top-1 agreement teacher-forced "
-              f"{r['bf16w_teacher_forced_top1']:.1%}, free-running {r['bf16w_vs_f32_free_running_agreement']:.1%}"
-              f" | transformers in bf16 {r['torch_bf16_tok_s']:.1f} tok/s")
+    for dt in ("bfloat16", "int8"):
+        if f"{dt}_weights" in r:
+            d = r[f"{dt}_weights"]
+            s += (f"\n    jaxgpt {dt} weights {d['jaxgpt_tok_s']:.1f} tok/s -> {d['ratio']:.2f}x | against float32: "
+                  f"top-1 teacher-forced {d['vs_f32_teacher_forced_top1']:.1%}, free-running "
+                  f"{d['vs_f32_free_running_agreement']:.1%}")
+    if "torch_bf16_tok_s" in r:
+        s += f"\n    transformers in bf16 {r['torch_bf16_tok_s']:.1f} tok/s"
     return s
 
 
@@ -189,7 +196,8 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--bf16-weights", action="store_true", help="also time both sides with bfloat16 weights")
+    p.add_argument("--decoding-dtypes", default="", metavar="bfloat16,int8",
+                   help="also time jaxgpt with these decoding layouts (and transformers in bf16 with bfloat16)")
     p.add_argument("--work-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--side", help=argparse.SUPPRESS)
@@ -201,7 +209,7 @@ def main(argv=None) -> int:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="jaxgpt-bench-gen-"))
     res = run(work, quick=args.quick, batches=[int(b) for b in args.batches.split(",")],
               new_tokens=args.new_tokens, prompt_len=args.prompt_len, repeats=args.repeats,
-              bf16_weights=args.bf16_weights)
+              decoding_dtypes=[d for d in args.decoding_dtypes.split(",") if d])
     if args.out:
         args.out.write_text(json.dumps(res, indent=2) + "\n")
     return 0

@@ -1,14 +1,15 @@
-"""bfloat16 decoding weights against float32, on a trained model and real conversations.
+"""bfloat16 / int8 decoding weights against float32, on a trained model and real conversations.
 
     make demo && python tools/decode_quality.py     # the demo's model, its held-out chats
     python tools/decode_quality.py --model HF_DIR_OR_RUN --data chats.jsonl --limit 100
 
-Loads the model twice: float32, and with ``param_dtype="bfloat16"`` (the decoding
-layout of ``jaxgpt.model.for_decoding``, what ``--param-dtype bfloat16`` gives
-``jaxgpt.sample`` and ``jaxgpt.chat``). For every conversation of ``--data``
-(any format jaxgpt trains on, rendered with the model's chat template):
+Loads the model in float32, and with each ``--param-dtypes`` (default bfloat16 and
+int8: the decoding layouts of ``jaxgpt.model.for_decoding``, what ``--param-dtype``
+gives ``jaxgpt.sample`` and ``jaxgpt.chat``). For every conversation of ``--data``
+(any format jaxgpt trains on, rendered with the model's chat template), each
+against float32:
 - teacher-forced, at every assistant token: top-1 agreement of the two, KL(f32 ||
-  bf16) of their next-token distributions, the largest logit difference, and the
+  other) of their next-token distributions, the largest log-prob difference, and the
   loss of each;
 - free-running: the greedy reply of each to the conversation's first user turn
   (identical replies, and agreeing tokens up to where they part).
@@ -51,19 +52,19 @@ def forward(model, x):
     return model(x)
 
 
-def teacher_forced(f32, bf16, ids: np.ndarray, mask: np.ndarray) -> dict:
+def teacher_forced(f32, low, ids: np.ndarray, mask: np.ndarray) -> dict:
     """Per-token comparisons at the positions whose next token is a trained (assistant) token."""
     n = f32.config.n_positions  # one padded shape: one compilation (causal: padding changes nothing before it)
     x = jnp.asarray(np.pad(ids[:-1], (0, n - len(ids) + 1))[None])
     at = np.flatnonzero(mask[1:])  # predicting token j+1 from position j
     a = jax.nn.log_softmax(forward(f32, x)[0])[at]
-    b = jax.nn.log_softmax(forward(bf16, x)[0])[at]
+    b = jax.nn.log_softmax(forward(low, x)[0])[at]
     target = jnp.asarray(ids[1:][at])
     return {"top1": np.asarray(a.argmax(-1) == b.argmax(-1)),
             "kl": np.asarray((jnp.exp(a) * (a - b)).sum(-1)),
             "max_logit_diff": float(jnp.abs(a - b).max()),
             "loss_f32": np.asarray(-jnp.take_along_axis(a, target[:, None], -1)[:, 0]),
-            "loss_bf16": np.asarray(-jnp.take_along_axis(b, target[:, None], -1)[:, 0])}
+            "loss_other": np.asarray(-jnp.take_along_axis(b, target[:, None], -1)[:, 0])}
 
 
 def main(argv=None) -> int:
@@ -72,19 +73,15 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(ROOT / "jaxgpt/assets/demo_chat_heldout.jsonl"))
     ap.add_argument("--limit", type=int, default=200, help="at most this many conversations")
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--param-dtypes", default="bfloat16,int8", help="decoding layouts to compare with float32")
     ap.add_argument("--out", type=Path, help="write the numbers as JSON here")
     args = ap.parse_args(argv)
     if not Path(args.model).exists():
         raise SystemExit(f"{args.model}: not found (run `make demo` first, or pass --model)")
     f32, tok = load_model(args.model)
-    bf16, _ = load_model(args.model, param_dtype="bfloat16")
     n_pos = f32.config.n_positions
     exs = conversations(args.data, args.limit)
-
-    rows = [teacher_forced(f32, bf16, ids[:n_pos], mask[:n_pos])
-            for ids, mask in tokenize_chats(exs, tok, "assistant") if mask[1:n_pos].any()]
-    cat = {k: np.concatenate([r[k] for r in rows]) for k in ("top1", "kl", "loss_f32", "loss_bf16")}
-
+    chats = [(ids[:n_pos], mask[:n_pos]) for ids, mask in tokenize_chats(exs, tok, "assistant") if mask[1:n_pos].any()]
     prompts = []
     for ex in exs:
         first_user = next(i for i, m in enumerate(ex.messages) if m["role"] == "user")
@@ -92,24 +89,30 @@ def main(argv=None) -> int:
         prompts.append(tok.encode(text, add_special_tokens=False)[-(n_pos - args.max_new_tokens):])
     stops = stop_ids_for(tok, f32)
     ref = generate(f32, prompts, max_new_tokens=args.max_new_tokens, stop_ids=stops)
-    got = generate(bf16, prompts, max_new_tokens=args.max_new_tokens, stop_ids=stops)
-    same = [r == g for r, g in zip(ref, got)]
-    prefix = [next((i for i, (x, y) in enumerate(zip(r, g)) if x != y), min(len(r), len(g))) for r, g in zip(ref, got)]
+    print(f"{len(chats)} conversations with assistant tokens in the first {n_pos} positions, model {args.model}")
 
-    res = {"model": args.model, "data": args.data, "conversations": len(rows), "assistant_tokens": int(cat["top1"].size),
-           "teacher_forced_top1_agreement": float(cat["top1"].mean()), "mean_kl": float(cat["kl"].mean()),
-           "max_kl": float(cat["kl"].max()), "max_logprob_diff": max(r["max_logit_diff"] for r in rows),
-           "loss_f32": float(cat["loss_f32"].mean()), "loss_bf16": float(cat["loss_bf16"].mean()),
-           "identical_greedy_replies": float(np.mean(same)),
-           "greedy_tokens_before_first_difference": float(np.sum(prefix) / max(1, sum(map(len, ref))))}
-    print(f"{res['conversations']} conversations with assistant tokens in the first {n_pos} positions, "
-          f"{res['assistant_tokens']} assistant tokens, model {args.model}")
-    print(f"  teacher-forced top-1 agreement {res['teacher_forced_top1_agreement']:.2%}, "
-          f"KL(f32||bf16) mean {res['mean_kl']:.2e} max {res['max_kl']:.2e}, "
-          f"largest log-prob difference {res['max_logprob_diff']:.3f}")
-    print(f"  loss on assistant tokens: float32 {res['loss_f32']:.4f}, bfloat16 weights {res['loss_bf16']:.4f}")
-    print(f"  greedy replies identical: {res['identical_greedy_replies']:.1%} "
-          f"({res['greedy_tokens_before_first_difference']:.1%} of float32's tokens before the first difference)")
+    res = {"model": args.model, "data": args.data, "conversations": len(chats)}
+    for dt in args.param_dtypes.split(","):
+        low, _ = load_model(args.model, param_dtype=dt)
+        rows = [teacher_forced(f32, low, ids, mask) for ids, mask in chats]
+        cat = {k: np.concatenate([r[k] for r in rows]) for k in ("top1", "kl", "loss_f32", "loss_other")}
+        got = generate(low, prompts, max_new_tokens=args.max_new_tokens, stop_ids=stops)
+        same = [r == g for r, g in zip(ref, got)]
+        prefix = [next((i for i, (x, y) in enumerate(zip(r, g)) if x != y), min(len(r), len(g))) for r, g in zip(ref, got)]
+        r = res[dt] = {
+            "assistant_tokens": int(cat["top1"].size), "teacher_forced_top1_agreement": float(cat["top1"].mean()),
+            "mean_kl": float(cat["kl"].mean()), "max_kl": float(cat["kl"].max()),
+            "max_logprob_diff": max(r["max_logit_diff"] for r in rows),
+            "loss_f32": float(cat["loss_f32"].mean()), "loss": float(cat["loss_other"].mean()),
+            "identical_greedy_replies": float(np.mean(same)),
+            "greedy_tokens_before_first_difference": float(np.sum(prefix) / max(1, sum(map(len, ref))))}
+        print(f"{dt} weights against float32, {r['assistant_tokens']} assistant tokens:")
+        print(f"  teacher-forced top-1 agreement {r['teacher_forced_top1_agreement']:.2%}, "
+              f"KL(f32||{dt}) mean {r['mean_kl']:.2e} max {r['max_kl']:.2e}, "
+              f"largest log-prob difference {r['max_logprob_diff']:.3f}")
+        print(f"  loss on assistant tokens: float32 {r['loss_f32']:.4f}, {dt} weights {r['loss']:.4f}")
+        print(f"  greedy replies identical: {r['identical_greedy_replies']:.1%} "
+              f"({r['greedy_tokens_before_first_difference']:.1%} of float32's tokens before the first difference)")
     if args.out:
         args.out.write_text(json.dumps(res, indent=2) + "\n")
     return 0
