@@ -4,7 +4,8 @@ Each turn renders the whole conversation with the tokenizer's chat template
 (``apply_chat_template(..., add_generation_prompt=True)``), generates the reply
 with ``jaxgpt.sample.stream`` and prints it in chunks as it is decoded. The
 oldest turns are dropped when the conversation no longer fits the context
-window together with ``--max-new-tokens``. A tokenizer without a chat template
+window together with ``--max-new-tokens`` (at most half the context, so that a
+message always has room). A tokenizer without a chat template
 gets jaxgpt's ``plain`` one (``User:`` / ``Assistant:``, end of turn =
 ``<|endoftext|>``), which needs no new tokens; the CLI says so when it starts.
 
@@ -21,7 +22,8 @@ import sys
 from typing import Callable
 
 from jaxgpt import compile_cache
-from jaxgpt.sample import SampleError, load_model, stop_ids_for, stream
+from jaxgpt.model import DECODING_DTYPES
+from jaxgpt.sample import PARAM_DTYPE_HELP, SampleError, load_model, stop_ids_for, stream
 from jaxgpt.tokenizer import add_chat_template
 
 
@@ -35,7 +37,9 @@ class ChatSession:
         if not tokenizer.chat_template:
             add_chat_template(tokenizer, "plain")
             self.template_note = "the tokenizer has no chat template: using jaxgpt's plain 'User:/Assistant:' format"
-        self.max_new_tokens = min(max_new_tokens, model.config.n_positions - 1)
+        # At most half the context: the default 128 would leave a 128-position model (the demo's)
+        # no room for the message.
+        self.max_new_tokens = min(max_new_tokens, model.config.n_positions // 2)
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.seed, self.system, self.chunk = seed, system, chunk
         self.stop_ids = set(stop_ids_for(tokenizer, model))
@@ -60,7 +64,7 @@ class ChatSession:
                 return head + body, ids
             if len(body) <= 1:
                 raise SampleError(f"the message is too long: {len(ids)} tokens, but at most {budget} fit "
-                                  f"beside --max-new-tokens={self.max_new_tokens}")
+                                  f"beside --max-new-tokens={self.max_new_tokens} (a shorter message, or lower it)")
             body = body[2:] if body[0]["role"] == "user" and len(body) > 2 else body[1:]
 
     def reply(self, text: str, on_text: Callable[[str], None] = lambda s: None) -> str:
@@ -95,8 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--system", default=None, help="system message (kept when old turns are dropped)")
     ap.add_argument("--chunk", type=int, default=8, help="tokens decoded between screen updates")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    ap.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="weights dtype; bfloat16 stores them in the decoding layout: half the bytes read per token")
+    ap.add_argument("--param-dtype", default="float32", choices=["float32", *DECODING_DTYPES], help=PARAM_DTYPE_HELP)
     args = ap.parse_args(argv)
     compile_cache.enable()  # a second chat session starts without compiling
     try:

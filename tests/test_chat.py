@@ -69,6 +69,9 @@ def test_history_is_trimmed_to_the_context(chat_folder):
     assert all(not m["content"].startswith("0 ") for m in session.messages)  # ... the oldest went
     with pytest.raises(SampleError, match="too long"):
         session.reply(long * 6)
+    # The reply budget is at most half the context: the default 128 on this 64-position model
+    # once left a single position for the message.
+    assert ChatSession(model, tok).max_new_tokens == model.config.n_positions // 2
 
 
 def test_plain_fallback_without_chat_template(shared_data):
