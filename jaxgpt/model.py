@@ -446,8 +446,8 @@ def for_decoding(model: GPT2, dtype: str = "bfloat16") -> GPT2:
     runs the products XLA:CPU does fastest with such weights. Decoding reads every weight
     once per token, and this reads a half (a quarter) of float32's bytes. Measured on a
     2-core Cascade Lake with GPT-2 124M (docs/benchmarks.md): bfloat16 1.3-1.45x the float32
-    tokens/s at batch 8, about even at batch 1; int8 is the batch-1 (chat) layout and slower
-    than float32 at batch 8. ``tools/decode_quality.py`` compares the outputs with float32.
+    tokens/s at batch 8, about even at batch 1; int8 1.28x float32 at batch 1 (the chat
+    layout), about float32's speed at batch 8. ``tools/decode_quality.py`` compares the outputs with float32.
     Activations and the KV cache keep ``model.config.dtype``. For sampling and evaluation only:
     the copy cannot be trained, saved or exported (``jaxgpt.weights`` refuses it).
     """
