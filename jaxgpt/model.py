@@ -19,8 +19,8 @@ Forward inputs beyond ``input_ids``:
   hidden_only  return the final hidden states [B, T, E] instead of logits (the chunked
                training loss, ``jaxgpt.loss``, applies the tied head itself).
 
-``for_decoding(model)`` returns a copy for sampling with bfloat16 weights stored
-[out, in] (the decoding layout), which decodes faster on a CPU.
+``for_decoding(model, "bfloat16" | "int8")`` returns a copy for sampling with its weights
+stored [out, in] in that dtype (the decoding layout), which decodes faster on a CPU.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def linear(x, kernel, bias=None, *, out_in: bool = False, scale=None):
     if rows == 1 and jax.default_backend() == "cpu":
         y = jnp.dot(x2[0].astype(jnp.float32), kernel.T.astype(jnp.float32))[None]
     else:
-        if scale is not None:
+        if scale is not None:  # scaled before the product: a bare int8 -> bf16 cast fused into it ran 4x slower
             kernel, scale = (kernel.astype(jnp.float32) * scale[:, None]).astype(jnp.bfloat16), None
         y = jax.lax.dot_general(x2.astype(kernel.dtype), kernel, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)

@@ -178,9 +178,9 @@ def format_row(r: dict) -> str:
     s = (f"  generate batch {r['batch']}: jaxgpt {r['jaxgpt_tok_s']:.1f} tok/s, transformers {r['torch_tok_s']:.1f} "
          f"tok/s -> {r['ratio']:.2f}x | first call {r['jaxgpt_first_call_s']:.1f}s vs {r['torch_first_call_s']:.1f}s"
          f" | same greedy tokens {r['greedy_token_agreement']:.1%}")
-    for dt in ("bfloat16", "int8"):
-        if f"{dt}_weights" in r:
-            d = r[f"{dt}_weights"]
+    for key, d in r.items():
+        if key.endswith("_weights"):  # one per --decoding-dtypes entry
+            dt = key[: -len("_weights")]
             s += (f"\n    jaxgpt {dt} weights {d['jaxgpt_tok_s']:.1f} tok/s -> {d['ratio']:.2f}x | against float32: "
                   f"top-1 teacher-forced {d['vs_f32_teacher_forced_top1']:.1%}, free-running "
                   f"{d['vs_f32_free_running_agreement']:.1%}")

@@ -95,14 +95,14 @@ def main(argv=None) -> int:
     for dt in args.param_dtypes.split(","):
         low, _ = load_model(args.model, param_dtype=dt)
         rows = [teacher_forced(f32, low, ids, mask) for ids, mask in chats]
-        cat = {k: np.concatenate([r[k] for r in rows]) for k in ("top1", "kl", "loss_f32", "loss_other")}
+        cat = {k: np.concatenate([row[k] for row in rows]) for k in ("top1", "kl", "loss_f32", "loss_other")}
         got = generate(low, prompts, max_new_tokens=args.max_new_tokens, stop_ids=stops)
         same = [r == g for r, g in zip(ref, got)]
         prefix = [next((i for i, (x, y) in enumerate(zip(r, g)) if x != y), min(len(r), len(g))) for r, g in zip(ref, got)]
         r = res[dt] = {
             "assistant_tokens": int(cat["top1"].size), "teacher_forced_top1_agreement": float(cat["top1"].mean()),
             "mean_kl": float(cat["kl"].mean()), "max_kl": float(cat["kl"].max()),
-            "max_logprob_diff": max(r["max_logit_diff"] for r in rows),
+            "max_logprob_diff": max(row["max_logit_diff"] for row in rows),
             "loss_f32": float(cat["loss_f32"].mean()), "loss": float(cat["loss_other"].mean()),
             "identical_greedy_replies": float(np.mean(same)),
             "greedy_tokens_before_first_difference": float(np.sum(prefix) / max(1, sum(map(len, ref))))}
