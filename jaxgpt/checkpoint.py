@@ -584,7 +584,7 @@ def load_for_inference(path: str | os.PathLike, *, dtype: str = "float32", param
     """(GPT2, tokenizer) from a training output_dir (latest complete step) or a step dir.
 
     Restores the parameters only (no optimizer state) onto one device, cast to
-    ``param_dtype`` (default: ``dtype``); dropout off, no remat, attention
+    ``param_dtype`` (default: ``dtype``); dropout off, remat and attention
     "auto" (whatever this device and dtype run; training may have used cuDNN's). For an
     output_dir, an incomplete or corrupt latest step is reported and the
     previous one used.
@@ -610,7 +610,7 @@ def _load_step(step_dir: Path, dtype: str, param_dtype: str):
     except Exception as e:
         raise CheckpointError(f"{step_dir}: cannot read the saved config: {_short(e)}") from None
     cfg = model_config_from(config, str(step_dir / "config"))
-    cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype, dropout=0.0, remat=False, attention="auto")
+    cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype, dropout=0.0, remat="auto", attention="auto")
     graphdef, abs_params, _ = nnx.split(nnx.eval_shape(lambda: GPT2(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abs_pure = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),

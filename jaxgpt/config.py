@@ -55,7 +55,7 @@ class ModelConfig:
     dtype: str = _f("float32", "compute dtype (float32 | bfloat16); master weights stay in param_dtype")
     param_dtype: str = _f("float32", "parameter / optimizer-state dtype")
     vocab_multiple: int = _f(1, "pad the embedding rows to a multiple (128 on TPU/GPU, and for tensor parallelism)")
-    remat: bool = _f(False, "recompute each block's activations in the backward pass (saves memory)")
+    remat: bool | str = _f("auto", "what the backward pass recomputes: none | minimal (keep the weight matmuls' outputs, recompute LayerNorm, GELU, attention softmax) | full (each block from its input) | auto (minimal on a CPU, where it is faster and smaller; none elsewhere). true / false = full / none")
     scan_layers: bool | None = _f(None, "run the blocks as one lax.scan: compile time independent of depth, faster on CPU; null = on, except on a GPU (unrolled is faster there)")
     attention: str = _f("auto", "auto (cudnn on a GPU in bf16/fp16 without dropout, else einsum) | einsum (jaxgpt's own) | cudnn (fused flash attention) | xla")
     dropout: float = _f(0.0, "dropout rate on embeddings, attention and residuals (0 = off)")
@@ -362,6 +362,8 @@ def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> tuple[int
     if cfg.model.attention == "cudnn" and (cfg.model.dtype == "float32" or cfg.model.dropout):
         raise ConfigError("model.attention=cudnn needs model.dtype bfloat16 or float16 and model.dropout=0 "
                           "(attention=auto picks it only where it applies)")
+    if cfg.model.remat not in (True, False, "auto", "none", "minimal", "full"):
+        raise ConfigError(f"model.remat={cfg.model.remat!r}: choose from auto, none, minimal, full (or true / false)")
     if cfg.model.loss_chunks < 1 or cfg.data.seq_len % cfg.model.loss_chunks:
         raise ConfigError(f"model.loss_chunks={cfg.model.loss_chunks}: must be at least 1 and divide "
                           f"data.seq_len={cfg.data.seq_len}")

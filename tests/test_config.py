@@ -80,6 +80,16 @@ def test_attention_setting(overrides, message):
     validate(load_config(None, ["model.attention=cudnn", "model.dtype=bfloat16"]), num_devices=1)
 
 
+def test_remat_setting():
+    with pytest.raises(ConfigError, match=r"model.remat='some': choose from auto, none, minimal, full \(or true / false\)"):
+        validate(load_config(None, ["model.remat=some"]), num_devices=1)
+    for value, want in (("true", True), ("minimal", "minimal"), ("none", "none")):
+        cfg = load_config(None, [f"model.remat={value}"])
+        validate(cfg, num_devices=1)
+        assert cfg.model.remat == want
+    assert load_config(None).model.remat == "auto"
+
+
 def test_loss_chunks_must_divide_seq_len():
     with pytest.raises(ConfigError, match=r"model.loss_chunks=3: must be at least 1 and divide data.seq_len=128"):
         validate(load_config(None, ["model.loss_chunks=3"]), num_devices=1)

@@ -11,13 +11,19 @@ model itself is transformers' PyTorch GPT-2 (tests/test_weights.py, tests/test_t
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
+
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgpt.model import GPT2, GPT2Config
+from jaxgpt.model import GPT2, GPT2Config, remat_policy
+from jaxgpt.train import reseeded
 
 
 def _loss_grads_twice(cfg: GPT2Config):
@@ -33,9 +39,11 @@ def _loss_grads_twice(cfg: GPT2Config):
     return float(value), float(again), nnx.state(grads, nnx.Param)
 
 
-@pytest.mark.parametrize("dropout,remat", [(0.0, False), (0.1, True)])
+@pytest.mark.parametrize("dropout,remat", [(0.0, "none"), (0.1, "full"), (0.1, "minimal")])
 def test_scanned_blocks_match_unrolled(dropout, remat):
-    """Loss equal to 1e-6 relative, gradients within 1e-5 of the largest gradient (float32 reassociation only)."""
+    """Loss equal to 1e-6 relative, gradients within 1e-5 of the largest gradient (float32 reassociation only).
+    With remat, both also match the scanned blocks without it: recomputing changes no number, and
+    the dropout masks are drawn again identically."""
     base = dict(vocab_size=300, n_positions=64, n_embd=64, n_layer=3, n_head=4, dropout=dropout, remat=remat)
     s_val, s_again, s_grads = _loss_grads_twice(GPT2Config(**base, scan_layers=True))
     u_val, u_again, u_grads = _loss_grads_twice(GPT2Config(**base, scan_layers=False))
@@ -45,6 +53,42 @@ def test_scanned_blocks_match_unrolled(dropout, remat):
         assert s_again != pytest.approx(s_val, rel=1e-6)  # dropout really drew new masks
     assert len(jax.tree.leaves(s_grads)) == 4 + 12 * 3
     _assert_grads_close(s_grads, u_grads)
+    if remat != "none":
+        n_val, n_again, n_grads = _loss_grads_twice(GPT2Config(**{**base, "remat": "none"}, scan_layers=True))
+        assert s_val == pytest.approx(n_val, rel=1e-6) and s_again == pytest.approx(n_again, rel=1e-6)
+        _assert_grads_close(s_grads, n_grads)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_remat_policies_keep_what_they_say(scan):
+    """What the backward pass keeps: everything with "none", the [B, H, T, T] attention
+    probabilities included; with "minimal" the weight matmuls' outputs but no [B, H, T, T]
+    array; with "full" neither (only each block's input). "auto" is minimal on the CPU."""
+    b, t, h = 2, 16, 4
+    base = dict(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=h, scan_layers=scan)
+    ids = jnp.zeros((b, t), jnp.int32)
+
+    def residual_shapes(remat):
+        graphdef, params, rest = nnx.split(GPT2(GPT2Config(**base, remat=remat), rngs=nnx.Rngs(0)), nnx.Param, ...)
+        f = lambda p: jnp.sum(nnx.merge(graphdef, p, reseeded(rest))(ids))  # as jaxgpt.train's loss
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):  # one line per residual: "f32[2,4,16,16] from ..."
+            jax.ad_checkpoint.print_saved_residuals(f, params)
+        lines = out.getvalue().splitlines()
+        return [tuple(int(d) for d in re.match(r"\w+\[([\d,]*)\]", x).group(1).split(",") if d) for x in lines]
+
+    def kept(shapes, tail):
+        return any(s[-len(tail):] == tail for s in shapes)
+
+    scores = (h, t, t)
+    none, minimal, full = (residual_shapes(r) for r in ("none", "minimal", "full"))
+    assert kept(none, scores) and not kept(minimal, scores) and not kept(full, scores)
+    assert kept(minimal, (t, 3 * 64)) and not kept(full, (t, 3 * 64))
+    assert len(full) < len(minimal) < len(none)
+    assert GPT2Config(**base).remat == "auto" and remat_policy(GPT2Config(**base)) == "minimal"
+    assert GPT2Config(**base, remat=True).remat == "full" and GPT2Config(**base, remat=False).remat == "none"
+    with pytest.raises(ValueError, match="remat='some'"):
+        GPT2Config(**base, remat="some")
 
 
 def _assert_grads_close(a, b):
