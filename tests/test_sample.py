@@ -342,12 +342,12 @@ import json, os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax
 from flax import nnx
-from jaxgpt.model import GPT2
+from jaxgpt.model import GPT2, for_decoding
 from jaxgpt.sample import generate
 from jaxgpt.sharding import make_mesh, make_place
 from jaxgpt.weights import config_from_hf, load_pretrained
 
-folder, prompts, kw, expected = sys.argv[1], *map(json.loads, sys.argv[2:])
+folder, prompts, kw, expected, expected_int8 = sys.argv[1], *map(json.loads, sys.argv[2:])
 cfg = config_from_hf(folder + "/config.json")
 mesh = make_mesh((1, 2, 4))  # fsdp 2 x tensor 4
 abstract = nnx.state(nnx.eval_shape(lambda: GPT2(cfg, rngs=nnx.Rngs(0))), nnx.Param)
@@ -356,13 +356,18 @@ assert len(sharded.wte[...].sharding.device_set) == 8
 assert sharded.h[0].attn.c_attn_kernel[...].sharding.spec != jax.sharding.PartitionSpec()
 got = generate(sharded, prompts, **kw)
 assert got == expected, (got, expected)
+int8 = for_decoding(sharded, "int8")  # quantised where the weights lie, kept sharded
+assert int8.h[0].mlp.c_fc_kernel[...].sharding.spec != jax.sharding.PartitionSpec()
+got = generate(int8, prompts, max_new_tokens=12)
+assert got == expected_int8, (got, expected_int8)
 print("SHARDED_OK")
 """
 
 
 def test_sharded_params_generate_the_same(model, tmp_path):
     """Parameters sharded over an 8-device CPU mesh (fsdp x tensor) give the unsharded tokens,
-    sampling with top-k and top-p (a sort over vocab-sharded logits)."""
+    sampling with top-k and top-p (a sort over vocab-sharded logits); so do int8 decoding
+    weights made from the sharded parameters (greedy)."""
     import subprocess
     import sys
 
@@ -370,7 +375,8 @@ def test_sharded_params_generate_the_same(model, tmp_path):
 
     kw = dict(max_new_tokens=20, temperature=1.2, top_k=40, top_p=0.95, seed=7)
     expected = generate(model, PROMPTS, **kw)
+    expected_int8 = generate(for_decoding(model, "int8"), PROMPTS, max_new_tokens=12)
     folder = save_pretrained(model, tmp_path / "hf")  # vocab padding is a load-time choice: 384 -> 300 rows
-    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(folder), *map(json.dumps, (PROMPTS, kw, expected))],
+    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(folder), *map(json.dumps, (PROMPTS, kw, expected, expected_int8))],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0 and "SHARDED_OK" in proc.stdout, proc.stderr[-3000:]
