@@ -39,7 +39,8 @@ from flax import nnx
 from jaxgpt import compile_cache, sharding
 from jaxgpt.config import Config, ConfigError, help_text, load_config, validate
 from jaxgpt.loss import chunked_cross_entropy
-from jaxgpt.model import SETTINGS, GPT2, GPT2Config, num_params, resize_token_embeddings
+from jaxgpt.model import (SETTINGS, GPT2, GPT2Config, attention_implementation, num_params, remat_policy,
+                          resize_token_embeddings, scan_blocks)
 
 log = logging.getLogger("jaxgpt.train")
 
@@ -484,6 +485,9 @@ def train(cfg: Config) -> TrainResult:
     logger.print(f"jaxgpt: {n_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}, {jax.process_count()} process(es), "
                  f"global batch {t.batch_size} x {cfg.data.seq_len} tokens ({t.grad_accum} micro-batches), "
                  f"steps {start}->{t.steps}, output {out}, compilation cache {cache_dir or 'off'}")
+    logger.print(f"model: {gcfg.dtype} compute, {gcfg.param_dtype} weights, attention {attention_implementation(gcfg)}, "
+                 f"blocks {'scanned' if scan_blocks(gcfg) else 'unrolled'}, remat {remat_policy(gcfg)}, "
+                 f"loss in {gcfg.loss_chunks} chunk(s)")
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(run_config(cfg, gcfg), indent=2) + "\n")

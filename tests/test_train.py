@@ -232,7 +232,7 @@ def test_train_step_compiles_once(tmp_path, caplog):
 
 
 def test_model_settings_reach_the_model(tmp_path):
-    """model.attention, scan_layers and loss_chunks reach the model on both paths: from scratch and loaded weights."""
+    """model.attention, scan_layers, loss_chunks and remat reach the model on both paths: from scratch and loaded weights."""
     import jax
     from flax import nnx
 
@@ -246,8 +246,8 @@ def test_model_settings_reach_the_model(tmp_path):
     folder = save_pretrained(GPT2(GPT2Config(**arch), rngs=nnx.Rngs(0)), tmp_path / "hf")
     for name in (None, str(folder)):
         cfg = tiny_config(tmp_path, model={"name_or_path": name, "attention": "xla", "scan_layers": False,
-                                           "loss_chunks": 2})
+                                           "loss_chunks": 2, "remat": "full"})
         graphdef, params, rest, gcfg = build_model(cfg, 300, mesh)
-        assert (gcfg.attention, gcfg.scan_layers, gcfg.loss_chunks) == ("xla", False, 2)
+        assert (gcfg.attention, gcfg.scan_layers, gcfg.loss_chunks, gcfg.remat) == ("xla", False, 2, "full")
         assert nnx.merge(graphdef, params, rest).config.loss_chunks == 2
         assert nnx.merge(graphdef, params, rest).h[0].attn.implementation == "xla"
