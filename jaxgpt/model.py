@@ -168,7 +168,38 @@ def _no_constraint(x, *_logical_axes):
     return x
 
 
-def linear(x, kernel, bias=None, *, out_in: bool = False, scale=None):
+def quantize_rows_uint8(x):
+    """float [rows, n] -> (int8 [rows, n], scale [rows, 1], zero point [rows, 1]): asymmetric,
+    one scale per row, ``x ~ scale * (q - zero)``; each row's range (widened to hold 0) spans
+    all 256 levels."""
+    lo = jnp.minimum(x.min(axis=1, keepdims=True), 0)
+    hi = jnp.maximum(x.max(axis=1, keepdims=True), 0)
+    scale = (hi - lo) / 255
+    scale = jnp.where(scale > 0, scale, 1.0)
+    zero = jnp.round(-lo / scale) - 128  # lo -> -128
+    return jnp.clip(jnp.round(x / scale) + zero, -128, 127).astype(jnp.int8), scale, zero
+
+
+def int8_matmul(x2, kernel, scale, kernel_sum):
+    """float32 [rows, in] x int8 [out, in] (a ``scale`` per output row, ``kernel_sum`` =
+    its int32 row sums) -> float32 [rows, out], through an int8 x int8 -> int32 product.
+
+    The activations are quantised per row on the fly (``quantize_rows_uint8``: asymmetric,
+    "zeropoint vector-wise" in LLM.int8()'s terms), and the zero point is taken out exactly:
+    ``x . w = s_x * s_w * (q . w8 - zero * sum(w8))``. XLA:CPU runs this product on its
+    int8 GEMM kernel (AVX-512 VNNI here); one row is padded to two, as one row falls back to
+    a kernel 5-20x slower.
+    """
+    rows = x2.shape[0]
+    if rows == 1:
+        x2 = jnp.concatenate([x2, jnp.zeros_like(x2)])
+    q, s, zero = quantize_rows_uint8(x2)
+    acc = jax.lax.dot_general(q, kernel, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    acc = acc - zero.astype(jnp.int32) * kernel_sum
+    return (acc.astype(jnp.float32) * s * scale)[:rows]
+
+
+def linear(x, kernel, bias=None, *, out_in: bool = False, scale=None, kernel_sum=None):
     """``x @ kernel + bias`` over the last axis of ``x``, in ``x``'s dtype (no bias: None).
 
     ``kernel`` is stored [in, ...] (HF Conv1D's layout, the one jaxgpt trains in), or, with
@@ -187,6 +218,8 @@ def linear(x, kernel, bias=None, *, out_in: bool = False, scale=None):
     float32's bytes (the head at one row: 4.0 ms against 8.9 ms in float32 and 6.1 ms in
     bfloat16); several rows dequantise the weights to bfloat16 first (XLA:CPU has no fast
     int8 x float product; the head at 8 rows: 27 ms against 22 ms in float32, 12 ms in bfloat16).
+    With ``kernel_sum`` as well (the w8a8 layout), ``x`` is quantised too and every row count
+    runs ``int8_matmul``.
     """
     dt = x.dtype
     if not out_in:
@@ -194,7 +227,9 @@ def linear(x, kernel, bias=None, *, out_in: bool = False, scale=None):
         return y if bias is None else y + bias.astype(dt).reshape(-1)
     rows = math.prod(x.shape[:-1])
     x2 = x.reshape(rows, x.shape[-1])
-    if rows == 1 and jax.default_backend() == "cpu":
+    if kernel_sum is not None:  # int8 weights and activations (for_decoding(..., "w8a8"))
+        y, scale = int8_matmul(x2.astype(jnp.float32), kernel, scale, kernel_sum), None
+    elif rows == 1 and jax.default_backend() == "cpu":
         y = jnp.dot(x2[0].astype(jnp.float32), kernel.T.astype(jnp.float32))[None]
     else:
         if scale is not None:  # scaled before the product: a bare int8 -> bf16 cast fused into it ran 4x slower
@@ -211,9 +246,10 @@ def linear(x, kernel, bias=None, *, out_in: bool = False, scale=None):
 def _dense(module, name: str, x):
     """``linear`` with ``module``'s ``{name}_kernel`` and ``{name}_bias`` (and, for int8
     decoding weights, ``{name}_scale``)."""
-    scale = getattr(module, f"{name}_scale", None)
+    scale, ksum = getattr(module, f"{name}_scale", None), getattr(module, f"{name}_sum", None)
     return linear(x, getattr(module, f"{name}_kernel")[...], getattr(module, f"{name}_bias")[...],
-                  out_in=module.out_in, scale=None if scale is None else scale[...])
+                  out_in=module.out_in, scale=None if scale is None else scale[...],
+                  kernel_sum=None if ksum is None else ksum[...])
 
 
 class LayerNorm(nnx.Module):
@@ -352,7 +388,7 @@ class GPT2(nnx.Module):
         self.drop = nnx.Dropout(cfg.dropout, rngs=rngs)
         self.h = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
         self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, pd, rngs)
-        self.decoding_layout = None  # "bfloat16" or "int8": set by for_decoding()
+        self.decoding_layout = None  # "bfloat16", "int8" or "w8a8": set by for_decoding()
 
     def __call__(self, input_ids, *, positions=None, segment_ids=None, cache=None, last_only=False,
                  hidden_only=False, constrain=None):
@@ -385,7 +421,7 @@ class GPT2(nnx.Module):
         # The lookup reads whole rows: gather the (FSDP/vocab-sharded) tables first, as FSDP does for every weight.
         wte, wpe = constrain(self.wte[...], None, None), constrain(self.wpe[...], None, None)
         tok = wte[input_ids].astype(dt)
-        if self.decoding_layout == "int8":  # one scale per token row
+        if self.decoding_layout in ("int8", "w8a8"):  # one scale per token row
             tok = tok * self.wte_scale[...][input_ids][..., None].astype(dt)
         x = tok + wpe[positions].astype(dt)
         x = constrain(self.drop(x), "batch", "seq", None)
@@ -410,8 +446,9 @@ class GPT2(nnx.Module):
         if hidden_only:  # the final hidden states [B, T, E], for a loss that applies the head itself
             return x
         if self.decoding_layout:  # wte [V, E] is already [out, in]
-            scale = self.wte_scale[...] if self.decoding_layout == "int8" else None
-            logits = linear(x.astype(jnp.float32), self.wte[...], out_in=True, scale=scale)
+            scale = self.wte_scale[...] if self.decoding_layout in ("int8", "w8a8") else None
+            ksum = self.wte_sum[...] if self.decoding_layout == "w8a8" else None
+            logits = linear(x.astype(jnp.float32), self.wte[...], out_in=True, scale=scale, kernel_sum=ksum)
         else:
             logits = jnp.einsum("bte,ve->btv", x, self.wte[...].astype(dt), preferred_element_type=jnp.float32)
         logits = logits[..., : cfg.vocab_size]  # padded rows never get probability
@@ -448,7 +485,7 @@ class GPT2(nnx.Module):
         return x
 
 
-DECODING_DTYPES = ("bfloat16", "int8")
+DECODING_DTYPES = ("bfloat16", "int8", "w8a8")
 
 
 def quantize_int8(w):
@@ -464,13 +501,17 @@ def for_decoding(model: GPT2, dtype: str = "bfloat16") -> GPT2:
 
     ``dtype="bfloat16"``: every parameter in bfloat16. ``dtype="int8"``: the kernels and the
     tied embedding ``wte`` in int8 with one float32 scale per output row (``quantize_int8``,
-    weight-only: activations stay in ``config.dtype``), the rest in bfloat16.
+    weight-only: activations stay in ``config.dtype``), the rest in bfloat16. ``dtype="w8a8"``:
+    the same int8 weights (plus their row sums), and every product quantises its input
+    activations to int8 as well, per row on the fly (``int8_matmul``); the rest stays as it was.
     The block kernels become 2-D [out, in] matrices (``wte`` already is one); ``linear`` then
     runs the products XLA:CPU does fastest with such weights. Decoding reads every weight
     once per token, and this reads a half (a quarter) of float32's bytes. Measured on a
     2-core Cascade Lake with GPT-2 124M (docs/benchmarks.md): bfloat16 1.3-1.45x the float32
-    tokens/s at batch 8, about even at batch 1; int8 1.28x float32 at batch 1 (the chat
-    layout), about float32's speed at batch 8. ``tools/decode_quality.py`` compares the outputs with float32.
+    tokens/s at batch 8, about even at batch 1; int8 1.28x float32 at batch 1, about float32's
+    speed at batch 8; w8a8 about 1.6x float32 at batch 1 and 1.8x at batch 8 (the weight-only
+    layouts' one-row products are XLA loops; w8a8's run on the int8 GEMM kernel).
+    ``tools/decode_quality.py`` compares the outputs with float32.
     Activations and the KV cache keep ``model.config.dtype``. For sampling and evaluation only:
     the copy cannot be trained, saved or exported (``jaxgpt.weights`` refuses it).
     """
@@ -479,16 +520,21 @@ def for_decoding(model: GPT2, dtype: str = "bfloat16") -> GPT2:
     if dtype not in DECODING_DTYPES:
         raise ValueError(f"decoding dtype {dtype!r}: choose from {list(DECODING_DTYPES)}")
     cfg = model.config
-    # Every other floating parameter in bfloat16: with float32 LayerNorms, biases and ``wpe``
-    # next to bfloat16 kernels, XLA:CPU chose other fusions and batch-1 decoding ran ~2.5x slower.
+    # bfloat16 / int8: every other floating parameter in bfloat16. With float32 LayerNorms, biases and
+    # ``wpe`` next to bfloat16 kernels, XLA:CPU fused the one-row products differently and batch-1
+    # decoding ran ~2.5x slower. w8a8's products quantise their input first, and float32 cost nothing.
+    rest = cfg.param_dtype if dtype == "w8a8" else "bfloat16"
     graphdef, state = nnx.split(model)
-    state = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+    state = jax.tree.map(lambda x: x.astype(DTYPES[rest]) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
     new = nnx.merge(graphdef, state)
 
     def store(module, name, w, scale_name):  # w: [out, in], from the original weights
-        if dtype == "int8":
+        if dtype in ("int8", "w8a8"):
             w, scale = quantize_int8(w)
             setattr(module, scale_name, nnx.Param(scale, axes=(None,)))
+            if dtype == "w8a8":  # row sums, to take the activations' zero point out (int8_matmul)
+                setattr(module, scale_name.replace("_scale", "_sum"),
+                        nnx.Param(w.astype(jnp.int32).sum(axis=1), axes=(None,)))
         else:
             w = w.astype(jnp.bfloat16)
         setattr(module, name, nnx.Param(w, axes=(None, None)))
@@ -499,10 +545,10 @@ def for_decoding(model: GPT2, dtype: str = "bfloat16") -> GPT2:
             kernel = getattr(getattr(old, part), f"{name}_kernel")[...]  # [in, ...] as linear() reads it
             store(getattr(block, part), f"{name}_kernel", kernel.reshape(n_in, -1).T, f"{name}_scale")
         block.attn.out_in = block.mlp.out_in = True
-    if dtype == "int8":
+    if dtype in ("int8", "w8a8"):
         store(new, "wte", model.wte[...], "wte_scale")
     new.decoding_layout = dtype
-    new.config = cfg.replace(param_dtype="bfloat16")
+    new.config = cfg.replace(param_dtype=rest)
     return new
 
 

@@ -31,8 +31,8 @@ greedy, top_k, use_top_p)``: the two jitted functions underneath, pure over
 buffer), runs until ``carry["step"] == limit`` or every row is done, and can be
 called again on its output to continue. ``decode_no_hoisting`` is the same loop
 compiled without XLA's loop-invariant code motion; ``stream`` uses it for a model in
-the decoding layout (``jaxgpt.model.for_decoding``, ``load_model(param_dtype="bfloat16"`` or
-``"int8")``).
+the decoding layout (``jaxgpt.model.for_decoding``, ``load_model(param_dtype="bfloat16"``,
+``"int8"`` or ``"w8a8")``).
 
 ``sample_logits(logits, key, *, greedy, temperature, top_k, top_p, use_top_p)``
     One sampling step on [B, V] float32 logits.
@@ -249,20 +249,21 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
 PARAM_DTYPE_HELP = ("weights dtype. bfloat16 and int8 store them in the decoding layout, read at a half / a quarter "
-                    "of float32's bytes per token: int8 for batch-1 decoding (chat) on a CPU, bfloat16 for batches")
+                    "of float32's bytes per token; w8a8 = int8 weights and activations (quantised per token), the "
+                    "fastest on a CPU at any batch size. Check a model's outputs with tools/decode_quality.py")
 
 
 def load_model(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str = "float32"):
     """(model, tokenizer) from an HF folder / hub id, or from a jaxgpt training checkpoint.
 
-    ``param_dtype`` "bfloat16" or "int8" gives the model in the decoding layout
+    ``param_dtype`` "bfloat16", "int8" or "w8a8" gives the model in the decoding layout
     (``jaxgpt.model.for_decoding``): weights read at a half or a quarter of float32's bytes
-    per token. int8 is quantised from the float32 weights.
+    per token (w8a8 quantises the activations too). int8 and w8a8 are quantised from the float32 weights.
     """
     if param_dtype not in ("float32", *DECODING_DTYPES):
         raise SampleError(f"param_dtype {param_dtype!r}: choose from float32, {', '.join(DECODING_DTYPES)}")
     decoding = None if param_dtype == "float32" else param_dtype
-    if decoding == "int8":
+    if decoding in ("int8", "w8a8"):
         param_dtype = "float32"  # quantised from the float32 weights
     path = Path(path_or_hub_id)
     if path.is_dir() and not (path / "config.json").exists():

@@ -309,7 +309,7 @@ def to_hf_tensors(model: GPT2, dtype: str | None = None) -> dict[str, np.ndarray
     """{HF name: numpy array in HF's shape}; padded vocab rows dropped. Gathers shards."""
     if model.decoding_layout:
         raise ValueError("this model is in the decoding layout (jaxgpt.model.for_decoding, e.g. loaded with "
-                         "param_dtype='bfloat16' or 'int8' for sampling): save or export the model it was made from")
+                         "param_dtype='bfloat16', 'int8' or 'w8a8' for sampling): save or export the model it was made from")
     cfg = model.config
     shapes = hf_shapes(cfg)
     params = {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from conftest import shared_path
-from jaxgpt.model import DECODING_DTYPES, GPT2, GPT2Config, for_decoding, quantize_int8
+from jaxgpt.model import DECODING_DTYPES, GPT2, GPT2Config, for_decoding, int8_matmul, quantize_int8
 from jaxgpt.sample import (SampleError, bucket, decode, decode_no_hoisting, generate, load_model, prefill,
                            sample_logits, split_for_inference, stream)
 from jaxgpt.weights import save_pretrained
@@ -246,8 +246,9 @@ def decoding(model, request):
 
 
 def test_for_decoding_layout(model, decoding):
-    """[out, in] kernels in bfloat16, or int8 with a scale per output row (the tied ``wte`` too);
-    the other parameters in bfloat16; the float32 model is left as it was."""
+    """[out, in] kernels in bfloat16, or int8 with a scale per output row (the tied ``wte`` too;
+    w8a8 also keeps their int32 row sums); the other parameters in bfloat16 (w8a8: as they were);
+    the float32 model is left as it was."""
     e, i = CFG.n_embd, CFG.inner_dim
     blk, ref = decoding.h[0], model.h[0]
     assert blk.attn.c_attn_kernel.shape == (3 * e, e) and blk.mlp.c_fc_kernel.shape == (i, e)
@@ -259,7 +260,14 @@ def test_for_decoding_layout(model, decoding):
     else:
         assert blk.mlp.c_fc_kernel.dtype == decoding.wte.dtype == jnp.int8
         assert blk.mlp.c_fc_scale.shape == (i,) and decoding.wte_scale.shape == (CFG.padded_vocab_size,)
-        assert blk.ln_1.scale.dtype == decoding.wpe.dtype == blk.mlp.c_fc_bias.dtype == jnp.bfloat16
+        rest = jnp.float32 if decoding.decoding_layout == "w8a8" else jnp.bfloat16
+        assert blk.ln_1.scale.dtype == decoding.wpe.dtype == blk.mlp.c_fc_bias.dtype == rest
+        if decoding.decoding_layout == "w8a8":
+            np.testing.assert_array_equal(np.asarray(blk.mlp.c_fc_sum[...]),
+                                          np.asarray(blk.mlp.c_fc_kernel[...], np.int64).sum(1))
+            assert decoding.wte_sum.shape == (CFG.padded_vocab_size,)
+        else:
+            assert not hasattr(blk.mlp, "c_fc_sum")
         back = np.asarray(blk.mlp.c_fc_kernel[...], np.float32) * np.asarray(blk.mlp.c_fc_scale[...])[:, None]
         assert np.abs(back - np.asarray(want)).max() <= np.asarray(blk.mlp.c_fc_scale[...]).max() / 2 + 1e-7
     assert ref.mlp.c_fc_kernel[...].dtype == jnp.float32 and not model.decoding_layout
@@ -278,6 +286,32 @@ def test_quantize_int8():
     assert np.all(np.abs(np.asarray(q)).max(1)[[0, 1, 2, 4]] == 127) and not np.asarray(q[3]).any()
     err = np.abs(np.asarray(q, np.float32) * np.asarray(scale)[:, None] - np.asarray(w))
     assert np.all(err <= np.asarray(scale)[:, None] / 2 + 1e-7) and np.isfinite(np.asarray(scale)).all()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7])
+def test_int8_matmul(rows):
+    """The w8a8 product against float64 numpy on the same int8 weights. The activations are
+    quantised per row over their range (widened to hold 0): each off by at most half a step
+    (range / 255 / 2), so the product is off by at most half a step times sum|w| per output.
+    Rows of all-positive (GELU-like), mixed and all-zero values; one row takes the padded path."""
+    rng = np.random.default_rng(rows)
+    w = jnp.asarray(rng.normal(size=(48, 96)), jnp.float32)
+    kernel, scale = quantize_int8(w)
+    ksum = jnp.asarray(np.asarray(kernel, np.int32).sum(1))
+    x = rng.normal(size=(rows, 96)).astype(np.float32) * np.linspace(0.1, 10, rows)[:, None]
+    x[0] = np.abs(x[0]) + 0.5
+    if rows > 2:
+        x[2] = 0.0
+    got = np.asarray(int8_matmul(jnp.asarray(x), kernel, scale, ksum))
+    w_deq = np.asarray(kernel, np.float64) * np.asarray(scale, np.float64)[:, None]
+    want = x.astype(np.float64) @ w_deq.T
+    step = (np.maximum(x.max(1), 0) - np.minimum(x.min(1), 0)) / 255
+    bound = step[:, None] / 2 * np.abs(w_deq).sum(1)[None] * 1.001 + 1e-5
+    assert got.shape == (rows, 48) and got.dtype == np.float32
+    assert np.all(np.abs(got - want) <= bound), np.abs(got - want).max()
+    assert np.abs(got - want).max() > 0  # really quantised, not a float product
+    if rows > 2:
+        assert not got[2].any()
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5])
@@ -329,6 +363,9 @@ def test_load_model_gives_the_decoding_layout(model, tmp_path):
     assert q.decoding_layout == "int8"
     v = CFG.vocab_size  # the saved folder has no vocabulary padding
     np.testing.assert_array_equal(np.asarray(q.wte[...][:v]), np.asarray(quantize_int8(model.wte[...])[0][:v]))
+    w8a8, _ = load_model(str(folder), param_dtype="w8a8")  # the same int8 weights, float32 elsewhere
+    assert w8a8.decoding_layout == "w8a8" and w8a8.config.param_dtype == "float32"
+    np.testing.assert_array_equal(np.asarray(w8a8.wte[...]), np.asarray(q.wte[...]))
     plain, _ = load_model(str(folder))
     assert not plain.decoding_layout
     with pytest.raises(SampleError, match="param_dtype 'int4'"):

@@ -387,8 +387,8 @@ def section_generate(work: Path, quick: bool) -> dict:
     spec = importlib.util.spec_from_file_location("bench_generate", Path(__file__).with_name("bench_generate.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    # --quick: int8 only (bfloat16 adds two processes per batch size; tests cover its path)
-    return mod.run(work, quick=quick, decoding_dtypes=("int8",) if quick else ("bfloat16", "int8"),
+    # --quick: w8a8 only, with its PyTorch peer (each layout adds processes; tests cover the others' paths)
+    return mod.run(work, quick=quick, decoding_dtypes=("w8a8",) if quick else ("bfloat16", "int8", "w8a8"),
                    **({"new_tokens": 32, "repeats": 2} if quick else {}))
 
 

@@ -2,8 +2,9 @@
 
     python tools/bench_generate.py                # GPT-2 124M random init, CPU, batch 1 and 8, 128 new tokens
     python tools/bench_generate.py --quick        # tiny model, a smoke run
-    python tools/bench_generate.py --decoding-dtypes bfloat16,int8
-                                                  # also jaxgpt's decoding layouts (and transformers in bf16)
+    python tools/bench_generate.py --decoding-dtypes bfloat16,int8,w8a8
+                                                  # also jaxgpt's decoding layouts (and transformers in bf16,
+                                                  # and with torch's dynamic int8 quantisation)
 
 Both sides load the same weights: a random-init jaxgpt GPT-2 (config only, no
 download) written once with ``save_pretrained`` and read by
@@ -17,12 +18,12 @@ included, end to end from host token ids to host token ids.
 
 The greedy tokens of both sides are compared too (same weights -> same tokens,
 up to float near-ties). With ``--decoding-dtypes`` jaxgpt also runs with each
-``param_dtype`` given (bfloat16, int8: the decoding layouts, ``jaxgpt.model.for_decoding``),
+``param_dtype`` given (bfloat16, int8, w8a8: the decoding layouts, ``jaxgpt.model.for_decoding``),
 scored against its float32 run: free-running token agreement, and teacher-forced
-top-1 agreement (argmax at every generated position of the float32 sequence); with
-bfloat16, transformers also runs with its model in ``torch.bfloat16``. (transformers has
-no int8 peer here: ``torch.ao.quantization.quantize_dynamic`` quantises ``nn.Linear``,
-and GPT-2's projections are ``Conv1D``.)
+top-1 agreement (argmax at every generated position of the float32 sequence). The PyTorch
+peers of the layouts: with bfloat16, transformers also runs with its model in
+``torch.bfloat16``; with w8a8, with ``torch.ao.quantization.quantize_dynamic`` (int8 weights
+and activations, PyTorch's CPU recipe; ``dynamic_int8``). Weight-only int8 has no such peer.
 
 ``tools/bench.py`` calls ``run(work_dir, quick=...)``.
 """
@@ -106,6 +107,8 @@ def side_torch(a: dict) -> dict:
     from transformers import GenerationConfig, GPT2LMHeadModel
 
     model = GPT2LMHeadModel.from_pretrained(a["model"], dtype=getattr(torch, a.get("torch_dtype", "float32"))).eval()
+    if a.get("dynamic_int8"):
+        model = dynamic_int8(model)
     # greedy, no stop token: every row makes exactly new_tokens, like the jaxgpt side
     model.generation_config = GenerationConfig(do_sample=False, max_new_tokens=a["new_tokens"], eos_token_id=None,
                                                pad_token_id=0)
@@ -119,6 +122,28 @@ def side_torch(a: dict) -> dict:
     out, first_s, times = timed(call, a["repeats"])
     return {"times_s": times, "first_call_s": first_s, "tokens": out[:, ids.shape[1]:].tolist(),
             "torch_threads": torch.get_num_threads()}
+
+
+def dynamic_int8(model):
+    """PyTorch's own W8A8 for CPU inference: ``torch.ao.quantization.quantize_dynamic`` (int8
+    weights with a scale per output channel, activations quantised per call, asymmetric) on
+    every projection and the head. It handles ``nn.Linear`` only, so GPT-2's ``Conv1D``
+    ([in, out] weights) become ``nn.Linear`` first."""
+    import warnings
+
+    import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    from transformers.pytorch_utils import Conv1D
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, Conv1D):
+                linear = torch.nn.Linear(*child.weight.shape)
+                linear.weight.data, linear.bias.data = child.weight.data.T.contiguous(), child.bias.data
+                setattr(module, name, linear)
+    with warnings.catch_warnings():  # torch.ao.quantization's deprecation notice (torchao is its successor)
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
 
 
 SIDES = {"jax": side_jax, "torch": side_torch}
@@ -168,6 +193,10 @@ def run(work_dir: Path, *, quick: bool = False, batches=(1, 8), new_tokens: int 
             torch_bf = run_side("torch", {**args, "torch_dtype": "bfloat16"})  # the same trick on the PyTorch side
             row.update({"torch_bf16_tok_s": torch_bf["tokens_per_s"],
                         "torch_bf16_vs_f32_free_running_agreement": agreement(torch_bf["tokens"], torch_res["tokens"])})
+        if "w8a8" in decoding_dtypes:  # PyTorch's dynamic int8 quantisation: the same kind of product
+            torch_q = run_side("torch", {**args, "dynamic_int8": True})
+            row.update({"torch_dynamic_int8_tok_s": torch_q["tokens_per_s"],
+                        "torch_dynamic_int8_vs_f32_free_running_agreement": agreement(torch_q["tokens"], torch_res["tokens"])})
         rows.append(row)
         log(format_row(row))
     return {"config": {"arch": arch, "new_tokens": new_tokens, "prompt_len": prompt_len, "repeats": repeats,
@@ -186,6 +215,9 @@ def format_row(r: dict) -> str:
                   f"{d['vs_f32_free_running_agreement']:.1%}")
     if "torch_bf16_tok_s" in r:
         s += f"\n    transformers in bf16 {r['torch_bf16_tok_s']:.1f} tok/s"
+    if "torch_dynamic_int8_tok_s" in r:
+        s += (f"\n    transformers, dynamic int8 (torch quantize_dynamic) {r['torch_dynamic_int8_tok_s']:.1f} tok/s; "
+              f"jaxgpt w8a8 / it: {r['w8a8_weights']['jaxgpt_tok_s'] / r['torch_dynamic_int8_tok_s']:.2f}x")
     return s
 
 
@@ -196,8 +228,9 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--decoding-dtypes", default="", metavar="bfloat16,int8",
-                   help="also time jaxgpt with these decoding layouts (and transformers in bf16 with bfloat16)")
+    p.add_argument("--decoding-dtypes", default="", metavar="bfloat16,int8,w8a8",
+                   help="also time jaxgpt with these decoding layouts (and transformers in bf16 with bfloat16, "
+                        "with torch's dynamic int8 quantisation with w8a8)")
     p.add_argument("--work-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--side", help=argparse.SUPPRESS)

@@ -1,10 +1,10 @@
-"""bfloat16 / int8 decoding weights against float32, on a trained model and real conversations.
+"""The decoding layouts (bfloat16, int8, w8a8) against float32, on a trained model and real conversations.
 
     make demo && python tools/decode_quality.py     # the demo's model, its held-out chats
     python tools/decode_quality.py --model HF_DIR_OR_RUN --data chats.jsonl --limit 100
 
-Loads the model in float32, and with each ``--param-dtypes`` (default bfloat16 and
-int8: the decoding layouts of ``jaxgpt.model.for_decoding``, what ``--param-dtype``
+Loads the model in float32, and with each ``--param-dtypes`` (default bfloat16, int8
+and w8a8: the decoding layouts of ``jaxgpt.model.for_decoding``, what ``--param-dtype``
 gives ``jaxgpt.sample`` and ``jaxgpt.chat``). For every conversation of ``--data``
 (any format jaxgpt trains on, rendered with the model's chat template), each
 against float32:
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(ROOT / "jaxgpt/assets/demo_chat_heldout.jsonl"))
     ap.add_argument("--limit", type=int, default=200, help="at most this many conversations")
     ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--param-dtypes", default="bfloat16,int8", help="decoding layouts to compare with float32")
+    ap.add_argument("--param-dtypes", default="bfloat16,int8,w8a8", help="decoding layouts to compare with float32")
     ap.add_argument("--out", type=Path, help="write the numbers as JSON here")
     args = ap.parse_args(argv)
     if not Path(args.model).exists():
@@ -106,11 +106,11 @@ def main(argv=None) -> int:
             "loss_f32": float(cat["loss_f32"].mean()), "loss": float(cat["loss_other"].mean()),
             "identical_greedy_replies": float(np.mean(same)),
             "greedy_tokens_before_first_difference": float(np.sum(prefix) / max(1, sum(map(len, ref))))}
-        print(f"{dt} weights against float32, {r['assistant_tokens']} assistant tokens:")
+        print(f"{dt} against float32, {r['assistant_tokens']} assistant tokens:")
         print(f"  teacher-forced top-1 agreement {r['teacher_forced_top1_agreement']:.2%}, "
               f"KL(f32||{dt}) mean {r['mean_kl']:.2e} max {r['max_kl']:.2e}, "
               f"largest log-prob difference {r['max_logprob_diff']:.3f}")
-        print(f"  loss on assistant tokens: float32 {r['loss_f32']:.4f}, {dt} weights {r['loss']:.4f}")
+        print(f"  loss on assistant tokens: float32 {r['loss_f32']:.4f}, {dt} {r['loss']:.4f}")
         print(f"  greedy replies identical: {r['identical_greedy_replies']:.1%} "
               f"({r['greedy_tokens_before_first_difference']:.1%} of float32's tokens before the first difference)")
     if args.out:
