@@ -168,7 +168,7 @@ def _no_constraint(x, *_logical_axes):
     return x
 
 
-def quantize_rows_uint8(x):
+def quantize_rows_int8(x):
     """float [rows, n] -> (int8 [rows, n], scale [rows, 1], zero point [rows, 1]): asymmetric,
     one scale per row, ``x ~ scale * (q - zero)``; each row's range (widened to hold 0) spans
     all 256 levels."""
@@ -184,7 +184,7 @@ def int8_matmul(x2, kernel, scale, kernel_sum):
     """float32 [rows, in] x int8 [out, in] (a ``scale`` per output row, ``kernel_sum`` =
     its int32 row sums) -> float32 [rows, out], through an int8 x int8 -> int32 product.
 
-    The activations are quantised per row on the fly (``quantize_rows_uint8``: asymmetric,
+    The activations are quantised per row on the fly (``quantize_rows_int8``: asymmetric,
     "zeropoint vector-wise" in LLM.int8()'s terms), and the zero point is taken out exactly:
     ``x . w = s_x * s_w * (q . w8 - zero * sum(w8))``. XLA:CPU runs this product on its
     int8 GEMM kernel (AVX-512 VNNI here); one row is padded to two, as one row falls back to
@@ -193,7 +193,7 @@ def int8_matmul(x2, kernel, scale, kernel_sum):
     rows = x2.shape[0]
     if rows == 1:
         x2 = jnp.concatenate([x2, jnp.zeros_like(x2)])
-    q, s, zero = quantize_rows_uint8(x2)
+    q, s, zero = quantize_rows_int8(x2)
     acc = jax.lax.dot_general(q, kernel, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
     acc = acc - zero.astype(jnp.int32) * kernel_sum
     return (acc.astype(jnp.float32) * s * scale)[:rows]
@@ -245,7 +245,7 @@ def linear(x, kernel, bias=None, *, out_in: bool = False, scale=None, kernel_sum
 
 def _dense(module, name: str, x):
     """``linear`` with ``module``'s ``{name}_kernel`` and ``{name}_bias`` (and, for int8
-    decoding weights, ``{name}_scale``)."""
+    decoding weights, ``{name}_scale``; for w8a8, ``{name}_sum`` too)."""
     scale, ksum = getattr(module, f"{name}_scale", None), getattr(module, f"{name}_sum", None)
     return linear(x, getattr(module, f"{name}_kernel")[...], getattr(module, f"{name}_bias")[...],
                   out_in=module.out_in, scale=None if scale is None else scale[...],
@@ -509,7 +509,7 @@ def for_decoding(model: GPT2, dtype: str = "bfloat16") -> GPT2:
     once per token, and this reads a half (a quarter) of float32's bytes. Measured on a
     2-core Cascade Lake with GPT-2 124M (docs/benchmarks.md): bfloat16 1.3-1.45x the float32
     tokens/s at batch 8, about even at batch 1; int8 1.28x float32 at batch 1, about float32's
-    speed at batch 8; w8a8 about 1.6x float32 at batch 1 and 1.8x at batch 8 (the weight-only
+    speed at batch 8; w8a8 1.6-1.8x float32 at batch 1 and 1.8x at batch 8 (the weight-only
     layouts' one-row products are XLA loops; w8a8's run on the int8 GEMM kernel).
     ``tools/decode_quality.py`` compares the outputs with float32.
     Activations and the KV cache keep ``model.config.dtype``. For sampling and evaluation only:
