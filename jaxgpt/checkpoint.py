@@ -541,7 +541,12 @@ def _candidates(path: Path) -> tuple[list[Path], bool]:
     root = path / CHECKPOINT_SUBDIR if (path / CHECKPOINT_SUBDIR).is_dir() else path
     steps = sorted((int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
     if not steps:
-        raise CheckpointError(f"{path}: no jaxgpt checkpoint found (looked in {root})")
+        hint = ""
+        if (path / "config.json").is_file():  # the commands that take a checkpoint take an HF folder too
+            from jaxgpt.weights import WEIGHT_FILES
+
+            hint = f"; nor a Hugging Face model folder (config.json, but none of {', '.join(WEIGHT_FILES)})"
+        raise CheckpointError(f"{path}: no jaxgpt checkpoint found (looked in {root}){hint}")
     return [root / str(s) for s in steps], False
 
 

@@ -32,7 +32,7 @@ from flax import nnx
 from jaxgpt import compile_cache
 from jaxgpt.model import GPT2
 from jaxgpt.tokenizer import end_of_turn_id, load_tokenizer
-from jaxgpt.weights import WEIGHT_FILES, load_pretrained, save_pretrained
+from jaxgpt.weights import is_hf_folder, load_pretrained, save_pretrained
 
 # Verification prompts: a chat turn (when the tokenizer has a template) and plain text.
 CHECK_CHATS = [
@@ -65,10 +65,6 @@ class Check:
 
 
 # ----------------------------------------------------------------------------- loading
-
-def is_hf_folder(path: Path) -> bool:
-    return (path / "config.json").is_file() and any((path / f).is_file() for f in WEIGHT_FILES)
-
 
 def load_source(path: str | Path):
     """(model in float32, tokenizer) from an HF folder or a jaxgpt checkpoint (output dir or step dir)."""

@@ -64,6 +64,7 @@ from flax import nnx
 from jaxgpt import compile_cache
 from jaxgpt.model import DECODING_DTYPES, GPT2, for_decoding, init_cache
 from jaxgpt.tokenizer import load_tokenizer, stop_token_ids
+from jaxgpt.weights import is_hf_folder, load_pretrained, resolve
 
 MAX_STOP_IDS = 8  # stop ids are padded to a fixed count so the set never changes the compiled shape
 MIN_BUCKET = 16
@@ -266,13 +267,11 @@ def load_model(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str 
     if decoding in ("int8", "w8a8"):
         param_dtype = "float32"  # quantised from the float32 weights
     path = Path(path_or_hub_id)
-    if path.is_dir() and not (path / "config.json").exists():
+    if path.is_dir() and not is_hf_folder(path):  # a training run's output_dir has its own config.json
         from jaxgpt.checkpoint import load_for_inference  # only needed for training checkpoints
 
         model, tokenizer = load_for_inference(str(path), dtype=dtype, param_dtype=param_dtype)
     else:
-        from jaxgpt.weights import load_pretrained, resolve
-
         folder = resolve(path_or_hub_id)
         model, _ = load_pretrained(folder, dtype=dtype, param_dtype=param_dtype)
         # The folder's own tokenizer (it may carry a chat template), else the vendored GPT-2 one.

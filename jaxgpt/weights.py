@@ -206,6 +206,13 @@ def read_hf_tensors(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], P
     raise WeightsError(f"{folder}: no GPT-2 weights found (looked for {', '.join(WEIGHT_FILES)})")
 
 
+def is_hf_folder(path: str | os.PathLike) -> bool:
+    """A folder holding ``config.json`` and one of ``WEIGHT_FILES``. A jaxgpt training output_dir has
+    a ``config.json`` too (the run's), beside its checkpoints, but no weights file."""
+    path = Path(path)
+    return (path / "config.json").is_file() and any((path / f).is_file() for f in WEIGHT_FILES)
+
+
 def resolve(name_or_path: str | os.PathLike) -> Path:
     """A local folder, or a hub id downloaded into the HF cache (config, weights, tokenizer)."""
     path = Path(name_or_path)

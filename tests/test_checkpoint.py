@@ -325,7 +325,11 @@ def test_load_for_inference_from_output_dir_and_step_dir(tmp_path, state, tokeni
     with pytest.raises(CheckpointError, match=f"{tmp_path / 'nope'}: no such checkpoint directory"):
         load_for_inference(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="no jaxgpt checkpoint found"):
+    with pytest.raises(CheckpointError, match="no jaxgpt checkpoint found") as e:
+        load_for_inference(tmp_path / "empty")
+    assert "Hugging Face" not in str(e.value)
+    (tmp_path / "empty" / "config.json").write_text("{}")  # an HF folder without its weights file
+    with pytest.raises(CheckpointError, match="nor a Hugging Face model folder .config.json, but none of model.safetensors"):
         load_for_inference(tmp_path / "empty")
 
 

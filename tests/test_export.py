@@ -128,6 +128,21 @@ def test_generation_stops_at_end_of_turn(exported):
     assert reply[-1]["content"] == hf_tok.decode(new[:-1], skip_special_tokens=True)
 
 
+def test_sample_and_chat_read_the_training_run(exported, capsys):
+    """``--model OUTPUT_DIR`` in the sample / chat CLIs: the output_dir holds train's own
+    config.json beside checkpoints/, and is read as the run (its latest step), not as an HF folder."""
+    from jaxgpt.sample import load_model, main
+
+    run, _ = exported
+    assert (run / "config.json").is_file() and (run / "checkpoints").is_dir()
+    model, tok = load_model(str(run))
+    ref, _ = load_for_inference(str(run))
+    np.testing.assert_array_equal(np.asarray(model.wte[...]), np.asarray(ref.wte[...]))
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    assert main(["--model", str(run), "--prompt", "Hello", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("Hello")
+
+
 def test_bfloat16_export_and_reexport(exported, tmp_path):
     run, hf = exported
     bf = export(hf, tmp_path / "bf16", dtype="bfloat16", log=lambda *_: None)  # source: an HF folder
