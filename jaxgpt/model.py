@@ -188,7 +188,7 @@ def int8_matmul(x2, kernel, scale, kernel_sum):
     "zeropoint vector-wise" in LLM.int8()'s terms), and the zero point is taken out exactly:
     ``x . w = s_x * s_w * (q . w8 - zero * sum(w8))``. XLA:CPU runs this product on its
     int8 GEMM kernel (AVX-512 VNNI here); one row is padded to two, as one row falls back to
-    a kernel 5-20x slower.
+    a kernel 4-16x slower (measured on GPT-2 124M's shapes).
     """
     rows = x2.shape[0]
     if rows == 1:
