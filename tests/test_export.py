@@ -129,8 +129,9 @@ def test_generation_stops_at_end_of_turn(exported):
 
 
 def test_sample_and_chat_read_the_training_run(exported, capsys):
-    """``--model OUTPUT_DIR`` in the sample / chat CLIs: the output_dir holds train's own
-    config.json beside checkpoints/, and is read as the run (its latest step), not as an HF folder."""
+    """``--model OUTPUT_DIR`` in the sample / chat CLIs (both load through ``load_model``): the
+    output_dir holds train's own config.json beside checkpoints/, and is read as the run (its
+    latest step), not as an HF folder."""
     from jaxgpt.sample import load_model, main
 
     run, _ = exported

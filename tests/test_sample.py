@@ -317,7 +317,8 @@ def test_int8_matmul(rows):
 @pytest.mark.parametrize("rows", [1, 2, 5])
 def test_for_decoding_logits_close_to_float32(model, decoding, rows):
     """Both products of ``linear`` (one row; several rows): bf16 weights cost ~2^-8 relative,
-    int8 ones (a step of 1/127 of each row's largest weight) about as much on these logits."""
+    int8 ones (a step of 1/127 of each row's largest weight) about as much on these logits, and
+    w8a8's int8 activations (a step of 1/255 of each row's range) add about as much again."""
     ids = jnp.asarray(np.random.default_rng(rows).integers(0, CFG.vocab_size, (rows, 1)))
     ref, got = model(ids), decoding(ids)
     assert got.dtype == jnp.float32 and got.shape == ref.shape
