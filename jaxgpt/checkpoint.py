@@ -52,6 +52,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxgpt.model import GPT2, GPT2Config
+from jaxgpt.weights import WEIGHT_FILES
 
 log = logging.getLogger(__name__)
 
@@ -543,8 +544,6 @@ def _candidates(path: Path) -> tuple[list[Path], bool]:
     if not steps:
         hint = ""
         if (path / "config.json").is_file():  # the commands that take a checkpoint take an HF folder too
-            from jaxgpt.weights import WEIGHT_FILES
-
             hint = f"; nor a Hugging Face model folder (config.json, but none of {', '.join(WEIGHT_FILES)})"
         raise CheckpointError(f"{path}: no jaxgpt checkpoint found (looked in {root}){hint}")
     return [root / str(s) for s in steps], False

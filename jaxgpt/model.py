@@ -421,8 +421,9 @@ class GPT2(nnx.Module):
         # The lookup reads whole rows: gather the (FSDP/vocab-sharded) tables first, as FSDP does for every weight.
         wte, wpe = constrain(self.wte[...], None, None), constrain(self.wpe[...], None, None)
         tok = wte[input_ids].astype(dt)
-        if self.decoding_layout in ("int8", "w8a8"):  # one scale per token row
-            tok = tok * self.wte_scale[...][input_ids][..., None].astype(dt)
+        wte_scale, wte_sum = getattr(self, "wte_scale", None), getattr(self, "wte_sum", None)  # int8 layouts
+        if wte_scale is not None:  # one scale per token row
+            tok = tok * wte_scale[...][input_ids][..., None].astype(dt)
         x = tok + wpe[positions].astype(dt)
         x = constrain(self.drop(x), "batch", "seq", None)
 
@@ -446,9 +447,9 @@ class GPT2(nnx.Module):
         if hidden_only:  # the final hidden states [B, T, E], for a loss that applies the head itself
             return x
         if self.decoding_layout:  # wte [V, E] is already [out, in]
-            scale = self.wte_scale[...] if self.decoding_layout in ("int8", "w8a8") else None
-            ksum = self.wte_sum[...] if self.decoding_layout == "w8a8" else None
-            logits = linear(x.astype(jnp.float32), self.wte[...], out_in=True, scale=scale, kernel_sum=ksum)
+            logits = linear(x.astype(jnp.float32), self.wte[...], out_in=True,
+                            scale=None if wte_scale is None else wte_scale[...],
+                            kernel_sum=None if wte_sum is None else wte_sum[...])
         else:
             logits = jnp.einsum("bte,ve->btv", x, self.wte[...].astype(dt), preferred_element_type=jnp.float32)
         logits = logits[..., : cfg.vocab_size]  # padded rows never get probability
@@ -486,6 +487,7 @@ class GPT2(nnx.Module):
 
 
 DECODING_DTYPES = ("bfloat16", "int8", "w8a8")
+INT8_DECODING = ("int8", "w8a8")  # the layouts with int8 weights, quantised from float32 ones
 
 
 def quantize_int8(w):
@@ -529,7 +531,7 @@ def for_decoding(model: GPT2, dtype: str = "bfloat16") -> GPT2:
     new = nnx.merge(graphdef, state)
 
     def store(module, name, w, scale_name):  # w: [out, in], from the original weights
-        if dtype in ("int8", "w8a8"):
+        if dtype in INT8_DECODING:
             w, scale = quantize_int8(w)
             setattr(module, scale_name, nnx.Param(scale, axes=(None,)))
             if dtype == "w8a8":  # row sums, to take the activations' zero point out (int8_matmul)
@@ -545,7 +547,7 @@ def for_decoding(model: GPT2, dtype: str = "bfloat16") -> GPT2:
             kernel = getattr(getattr(old, part), f"{name}_kernel")[...]  # [in, ...] as linear() reads it
             store(getattr(block, part), f"{name}_kernel", kernel.reshape(n_in, -1).T, f"{name}_scale")
         block.attn.out_in = block.mlp.out_in = True
-    if dtype in ("int8", "w8a8"):
+    if dtype in INT8_DECODING:
         store(new, "wte", model.wte[...], "wte_scale")
     new.decoding_layout = dtype
     new.config = cfg.replace(param_dtype=rest)

@@ -62,7 +62,7 @@ import numpy as np
 from flax import nnx
 
 from jaxgpt import compile_cache
-from jaxgpt.model import DECODING_DTYPES, GPT2, for_decoding, init_cache
+from jaxgpt.model import DECODING_DTYPES, GPT2, INT8_DECODING, for_decoding, init_cache
 from jaxgpt.tokenizer import load_tokenizer, stop_token_ids
 from jaxgpt.weights import is_hf_folder, load_pretrained, resolve
 
@@ -264,7 +264,7 @@ def load_model(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str 
     if param_dtype not in ("float32", *DECODING_DTYPES):
         raise SampleError(f"param_dtype {param_dtype!r}: choose from float32, {', '.join(DECODING_DTYPES)}")
     decoding = None if param_dtype == "float32" else param_dtype
-    if decoding in ("int8", "w8a8"):
+    if decoding in INT8_DECODING:
         param_dtype = "float32"  # quantised from the float32 weights
     path = Path(path_or_hub_id)
     if path.is_dir() and not is_hf_folder(path):  # a training run's output_dir has its own config.json
