@@ -26,7 +26,7 @@ from jaxgpt.checkpoint import (CheckpointError, Checkpointer, PreemptionGuard, a
                                load_for_inference)
 from jaxgpt.model import GPT2, GPT2Config
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, xla_flags
 # Tests that make orbax fail to read leave a tensorstore callback that fires later on a closed
 # asyncio loop ("Event loop is closed", reported by pytest at some later test): orbax noise.
 pytestmark = pytest.mark.filterwarnings(
@@ -344,7 +344,6 @@ def test_preemption_guard_turns_sigterm_into_a_flag():
 
 OTHER_MESH = textwrap.dedent("""
     import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     sys.path.insert(0, {tests!r})
     import jax, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
@@ -405,7 +404,7 @@ OTHER_MESH = textwrap.dedent("""
 
 def test_restore_on_another_mesh(tmp_path):
     code = OTHER_MESH.format(tests=str(ROOT / "tests"), dir=str(tmp_path / "run"))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8")}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     for line in ("MESH 2x4 OK", "ONE DEVICE OK", "INFERENCE OK"):
@@ -488,7 +487,7 @@ def test_two_processes_save_restore_and_preempt_together(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     code = TWO_PROCESSES.format(port=port, tests=str(ROOT / "tests"), dir=str(tmp_path / "ckpt"))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags()}  # no forced device count
     procs = [subprocess.Popen(["timeout", "240", sys.executable, "-c", code, str(i)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]

@@ -12,6 +12,7 @@ model itself is transformers' PyTorch GPT-2 (tests/test_weights.py, tests/test_t
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import re
 
@@ -26,6 +27,7 @@ from jaxgpt.model import GPT2, GPT2Config, remat_policy
 from jaxgpt.train import reseeded
 
 
+@functools.lru_cache(maxsize=None)  # the dropout tests share their scanned no-remat run
 def _loss_grads_twice(cfg: GPT2Config):
     model = GPT2(cfg, rngs=nnx.Rngs(0))
     ids = (jnp.arange(2 * 16).reshape(2, 16) * 7) % cfg.vocab_size
@@ -34,8 +36,9 @@ def _loss_grads_twice(cfg: GPT2Config):
     def loss(m):
         return jnp.mean(m(ids, segment_ids=seg) ** 2)
 
-    value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
-    again = nnx.jit(loss)(model)  # the dropout streams moved on: with dropout, a different number
+    step = nnx.jit(nnx.value_and_grad(loss))  # one program (compiling is most of this test's time)
+    value, grads = step(model)
+    again, _ = step(model)  # the dropout streams moved on: with dropout, a different number
     return float(value), float(again), nnx.state(grads, nnx.Param)
 
 

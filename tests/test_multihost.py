@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, xla_flags
 from tests.train_worker import mesh_config, single_device_run
 
 
@@ -29,8 +29,7 @@ def test_two_processes_match_single_process(tmp_path):
     expected = np.array(single_device_run()["losses"])
 
     port = free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())  # no forced device count
     procs = []
     for pid in range(2):
         cfg = {**raw, "train": {**raw["train"], "output_dir": str(tmp_path / "multi")},

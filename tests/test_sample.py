@@ -377,7 +377,7 @@ def test_load_model_gives_the_decoding_layout(model, tmp_path):
 
 SHARDED_SCRIPT = r"""
 import json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 import jax
 from flax import nnx
 from jaxgpt.model import GPT2, for_decoding

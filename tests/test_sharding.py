@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
 from jaxgpt.sharding import logical_to_spec
-from tests.conftest import ROOT
+from tests.conftest import ROOT, xla_flags
 from tests.train_worker import mesh_config, single_device_run
 
 MESH_8 = AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
@@ -37,7 +37,7 @@ def test_indivisible_dims_are_replicated():
 
 
 def run_worker(raw: dict, meshes, devices: int = 8, timeout: int = 600) -> list[dict]:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}"), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "train_worker.py"), json.dumps(raw), json.dumps(meshes)],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
