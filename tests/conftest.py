@@ -21,8 +21,8 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):  # u
 
 
 def xla_flags(*extra: str) -> str:
-    """XLA_FLAGS for a subprocess: the suite's flags plus ``extra``."""
-    return " ".join((TEST_XLA_FLAGS, *extra))
+    """XLA_FLAGS for a subprocess: this process's (the suite's, or what you set) plus ``extra``."""
+    return " ".join((os.environ["XLA_FLAGS"], *extra))
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
