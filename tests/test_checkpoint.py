@@ -343,7 +343,7 @@ def test_preemption_guard_turns_sigterm_into_a_flag():
 
 
 OTHER_MESH = textwrap.dedent("""
-    import os, sys
+    import sys
     sys.path.insert(0, {tests!r})
     import jax, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
