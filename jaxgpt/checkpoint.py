@@ -52,7 +52,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxgpt.model import GPT2, GPT2Config
-from jaxgpt.weights import WEIGHT_FILES
+from jaxgpt.weights import WEIGHT_FILES, is_hf_folder
 
 log = logging.getLogger(__name__)
 
@@ -543,7 +543,7 @@ def _candidates(path: Path) -> tuple[list[Path], bool]:
     steps = sorted((int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
     if not steps:
         hint = ""
-        if (path / "config.json").is_file():  # the commands that take a checkpoint take an HF folder too
+        if (path / "config.json").is_file() and not is_hf_folder(path):  # the commands take an HF folder too
             hint = f"; nor a Hugging Face model folder (config.json, but none of {', '.join(WEIGHT_FILES)})"
         raise CheckpointError(f"{path}: no jaxgpt checkpoint found (looked in {root}){hint}")
     return [root / str(s) for s in steps], False
