@@ -45,6 +45,7 @@ trained tokens marked, and the statistics.
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
 import hashlib
 import itertools
@@ -204,8 +205,11 @@ def _read_jsonl(path: Path, skip: int = 0) -> Iterator[tuple[str, Any]]:
     skipped = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            if skipped < skip and raw.strip():
-                skipped += 1
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # a byte-order mark is not part of the record
+                raw = raw[len(codecs.BOM_UTF8):]
+            if skipped < skip:  # the same blank-line test as below, so a resume skips exactly these records
+                if raw.decode("utf-8", errors="replace").strip():
+                    skipped += 1
                 continue
             where = f"{path}:{lineno}"
             try:
@@ -226,6 +230,8 @@ def _read_jsonl(path: Path, skip: int = 0) -> Iterator[tuple[str, Any]]:
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
     """A JSON array of records; each record is named by the line it starts on."""
     raw = path.read_bytes()
+    if raw.startswith(codecs.BOM_UTF8):  # a byte-order mark is not part of the JSON
+        raw = raw[len(codecs.BOM_UTF8):]
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -273,15 +279,16 @@ def _read_txt(path: Path) -> Iterator[tuple[str, Any]]:
     """A whole .txt file is one document (continued pre-training)."""
     with open(path, "rb") as f:
         lines = [_utf8(raw, f"{path}:{n}") for n, raw in enumerate(f, 1)]
-    yield f"{path}:1", {"text": "".join(lines)}
+    yield f"{path}:1", {"text": "".join(lines).removeprefix("\ufeff")}
 
 
-def _read_with_datasets(src: DataSource, files: list[Path] | None, streaming: bool = False) -> Iterator[tuple[str, Any]]:
+def _read_with_datasets(src: DataSource, file: Path | None, streaming: bool = False) -> Iterator[tuple[str, Any]]:
+    """A hub dataset (``file`` None) or one local parquet / csv / arrow file, through ``datasets``."""
     import datasets
 
-    if files is not None:
-        builder = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}[files[0].suffix.lower()]
-        name, kwargs, where = builder, {"data_files": [str(f) for f in files]}, str(files[0])
+    if file is not None:
+        builder = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}[file.suffix.lower()]
+        name, kwargs, where = builder, {"data_files": [str(file)]}, str(file)
         split = "train"
     else:
         name, kwargs, where, split = src.path, {"name": src.name}, src.path, src.split
@@ -313,10 +320,8 @@ def read_records(src: DataSource, *, streaming: bool = False, skip: int = 0) -> 
     if not _is_local(src.path):
         yield from _skipping(_read_with_datasets(src, None, streaming), skip)
         return
-    files = _local_files(src)
-    tabular = [f for f in files if f.suffix.lower() in (".parquet", ".csv", ".arrow")]
     readers = []
-    for f in files:
+    for f in _local_files(src):  # a folder's files in name order
         suffix = f.suffix.lower()
         if suffix == ".jsonl":
             readers.append(lambda skip, f=f: _read_jsonl(f, skip))
@@ -324,9 +329,8 @@ def read_records(src: DataSource, *, streaming: bool = False, skip: int = 0) -> 
             readers.append(lambda skip, f=f: _skipping(_read_json(f), skip))
         elif suffix == ".txt":
             readers.append(lambda skip, f=f: _skipping(_read_txt(f), skip))
-    for suffix in sorted({f.suffix.lower() for f in tabular}):
-        group = [f for f in tabular if f.suffix.lower() == suffix]
-        readers.append(lambda skip, group=group: _skipping(_read_with_datasets(src, group, streaming), skip))
+        else:  # parquet / csv / arrow, one file at a time so that errors name the right one
+            readers.append(lambda skip, f=f: _skipping(_read_with_datasets(src, f, streaming), skip))
     for read in readers:
         skip -= yield from read(skip)
 
@@ -845,7 +849,11 @@ class StreamingDataset:
             chat = chat or first.messages is not None
         _prepare_tokenizer(cfg, tok, chat)
         self.pad_id, self.vocab_size = _pad_id(tok), len(tok)
-        ident = json.dumps([cfg.to_dict(), len(tok), tok.chat_template], sort_keys=True, default=str)
+        # The data itself is not read ahead: local sources are known by their files' sizes, hub datasets
+        # by name only (a hub dataset that changes under the same name is not detected).
+        sizes = [[(f.name, f.stat().st_size) for f in _local_files(src)] if _is_local(src.path) else None
+                 for src in cfg.sources]
+        ident = json.dumps([cfg.to_dict(), len(tok), tok.chat_template, sizes], sort_keys=True, default=str)
         self.fingerprint = hashlib.sha256(ident.encode()).hexdigest()[:16]
 
     def open(self, consumed: list[int]):
@@ -1005,8 +1013,9 @@ class DataIterator:
             for key in ("fingerprint", "rows_per_epoch", "seed", "shuffle"):
                 if key in state and state[key] != mine[key]:
                     raise DataError(f"data state: {key} {state[key]!r} != {mine[key]!r} of this dataset; the data, "
-                                    "seq_len, tokenizer or seed changed since it was saved (restore(strict=False) "
-                                    "to continue anyway)")
+                                    "seq_len, tokenizer or seed changed since it was saved. Resume with the data "
+                                    "it was saved with, or train on the new data in a new train.output_dir "
+                                    "(from Python, restore(strict=False) continues anyway)")
         if self._stream is not None:
             consumed = state.get("consumed")
             if not isinstance(consumed, list) or len(consumed) != len(self.dataset.cfg.sources):

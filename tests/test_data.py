@@ -384,6 +384,58 @@ def test_parquet_through_datasets_names_the_row(tmp_path, tok):
     assert ds.num_segments == 2 and tok.decode(ds.segment(0)[0].tolist()).startswith("<|im_start|>user\nhi")
 
 
+
+def test_folder_reads_files_in_name_order_and_errors_name_each_file(tmp_path, tok):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.csv").write_text("text\nfirst\n")
+    write(folder, "b.jsonl", [{"text": "second"}])
+    (folder / "c.csv").write_text("text\nthird\n\"\"\n")  # its row 1 is an empty text
+    with pytest.raises(DataError, match=r"c.csv row 1: "):  # not a.csv: each file is read on its own
+        build_dataset(DataConfig(sources=[str(folder)], seq_len=32), tok)
+    ds = build_dataset(DataConfig(sources=[str(folder)], seq_len=32, skip_invalid=True), tok)
+    assert [w.rsplit("/", 1)[1] for w in ds.segment_sources] == ["a.csv row 0", "b.jsonl:1", "c.csv row 0"]
+
+
+def test_byte_order_mark_is_not_part_of_the_data(tmp_path, tok):
+    plain = write(tmp_path, "plain.jsonl", [GOOD, GOOD])
+    with_bom = tmp_path / "bom.jsonl"
+    with_bom.write_bytes(b"\xef\xbb\xbf" + (tmp_path / "plain.jsonl").read_bytes())
+    as_json = tmp_path / "bom.json"
+    as_json.write_bytes(b"\xef\xbb\xbf" + json.dumps([GOOD, GOOD]).encode())
+    expected = build_dataset(DataConfig(sources=[plain]), tok)
+    for path in (with_bom, as_json):
+        ds = build_dataset(DataConfig(sources=[str(path)]), tok)
+        assert ds.fingerprint == expected.fingerprint  # the same packed tokens
+
+
+def test_streaming_resume_skips_the_records_it_read(tmp_path, tok):
+    """A line of Unicode blanks (no record) is skipped alike when reading and when resuming."""
+    lines = []
+    for i in range(12):
+        lines.append(chat(("user", f"question {i}"), ("assistant", f"answer {i}")))
+        if i == 2:
+            lines.append("\u00a0\u3000".encode())  # blank as text, not as bytes
+    path = write(tmp_path, "c.jsonl", lines)
+    ds, _ = build_datasets(DataConfig(sources=[path], seq_len=32, streaming=True, stream_window=4), tok)
+    a = DataIterator(ds, global_batch=2, seed=0)
+    take(a, 3)
+    saved = a.state()
+    assert saved["consumed"][0] > 3  # past the blank line
+    b = DataIterator(ds, global_batch=2, seed=0).restore(saved)
+    assert all(same(x, y) for x, y in zip(take(a, 4), take(b, 4)))
+
+
+def test_streaming_state_refused_when_the_file_changed(tmp_path, tok):
+    path = write(tmp_path, "c.jsonl", [chat(("user", f"q{i}"), ("assistant", f"a{i}")) for i in range(8)])
+    cfg = DataConfig(sources=[path], seq_len=32, streaming=True, stream_window=4)
+    it = DataIterator(build_datasets(cfg, tok)[0], global_batch=2)
+    take(it, 2)
+    saved = it.state()
+    write(tmp_path, "c.jsonl", [chat(("user", f"other {i}"), ("assistant", f"a{i}")) for i in range(8)])
+    with pytest.raises(DataError, match=r"data state: fingerprint .* changed since it was saved"):
+        DataIterator(build_datasets(cfg, tok)[0], global_batch=2).restore(saved)
+
 def test_template_errors_name_the_record(tmp_path):
     tok = add_chat_template(load_tokenizer())
     tok.chat_template = tok.chat_template.replace(
