@@ -106,7 +106,7 @@ class CheckpointConfig:
     save_every: int = _f(500, "save every N steps (and always at the end)")
     keep: int = _f(3, "keep the last K checkpoints")
     async_save: bool = _f(True, "write checkpoints in the background")
-    resume: bool = _f(True, "continue from the latest checkpoint in train.output_dir")
+    resume: bool = _f(True, "continue from the latest checkpoint in train.output_dir (false: train from the start; refused where checkpoints exist, so two runs never mix)")
 
 
 @dataclass
@@ -178,10 +178,12 @@ def _coerce(value, tp, where: str):
                 errors.append(e)
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if origin in (list, tuple):
+        (arg, *_) = typing.get_args(tp) or (Any,)
+        if dataclasses.is_dataclass(arg) and isinstance(value, (str, dict)):
+            value = [value]  # data.sources: one source may be given without a list
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (arg, *_) = typing.get_args(tp) or (Any,)
-        if dataclasses.is_dataclass(arg):  # e.g. data.sources: strings or mappings, checked by their owner
+        if dataclasses.is_dataclass(arg):  # strings or mappings, checked by their owner (DataConfig)
             return list(value)
         return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
@@ -259,9 +261,9 @@ def from_dict(raw: dict | None, source: str = "config") -> Config:
         for section, value in raw.items():
             if section not in SECTIONS:
                 raise ConfigError(f"unknown section {section!r}{_suggest(str(section), list(SECTIONS))}")
-            if not isinstance(value, dict):
+            if value is not None and not isinstance(value, dict):  # None: every key commented out
                 raise ConfigError(f"{section}: expected a mapping of keys, got {value!r}")
-        return _build(Config, raw, "")
+        return _build(Config, {k: v or {} for k, v in raw.items()}, "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 
@@ -295,6 +297,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     from_dict(raw, str(path))  # report the file's own mistakes against the file
+    if path.resolve().parent == DEFAULT_CONFIG.parent:
+        _bundled_paths(raw)
     for text in overrides:
         (section, key), value = parse_override(text)
         if section not in SECTIONS:
@@ -304,6 +308,23 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             raw[section] = {}
         raw[section][key] = value
     return from_dict(raw, f"{path} + command line" if overrides else str(path))
+
+
+def _bundled_paths(raw: dict) -> None:
+    """jaxgpt's own configs name their data relative to the project (``jaxgpt/assets/...``): such a
+    path, when it is not there relative to the current folder, is taken from the project, so that
+    ``python -m jaxgpt.train`` runs from any folder."""
+    data = raw.get("data") or {}
+    for key in ("sources", "eval_sources"):
+        items = data.get(key)
+        items = [items] if isinstance(items, (str, dict)) else list(items or [])
+        for i, item in enumerate(items):
+            rel = item if isinstance(item, str) else item.get("path") if isinstance(item, dict) else None
+            if isinstance(rel, str) and not Path(rel).is_absolute() and not Path(rel).exists() \
+                    and (ROOT / rel).exists():
+                items[i] = str(ROOT / rel) if isinstance(item, str) else {**item, "path": str(ROOT / rel)}
+        if items:
+            data[key] = items
 
 
 # ----------------------------------------------------------------------------- checks that need devices
@@ -371,6 +392,12 @@ def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> tuple[int
         raise ConfigError(f"optimizer.lr={cfg.optimizer.lr}: must be >= 0")
     if cfg.checkpoint.save_every < 1:
         raise ConfigError(f"checkpoint.save_every={cfg.checkpoint.save_every}: must be at least 1")
+    if cfg.checkpoint.keep < 1:
+        raise ConfigError(f"checkpoint.keep={cfg.checkpoint.keep}: must be at least 1")
+    if t.eval_every < 0:
+        raise ConfigError(f"train.eval_every={t.eval_every}: must be >= 0 (0 = never)")
+    if t.eval_batches is not None and t.eval_batches < 1:
+        raise ConfigError(f"train.eval_batches={t.eval_batches}: must be at least 1 (null = the whole held-out set)")
     if cfg.logging.log_every < 1:
         raise ConfigError(f"logging.log_every={cfg.logging.log_every}: must be at least 1")
     return data, fsdp, tensor

@@ -444,9 +444,16 @@ def train(cfg: Config) -> TrainResult:
     init_distributed(cfg.distributed)
     mesh_shape = validate(cfg, jax.device_count(), jax.process_count())
     mesh = sharding.make_mesh(mesh_shape)
-    out = Path(cfg.train.output_dir)
+    out = Path(cfg.train.output_dir).expanduser()
     t = cfg.train
     micro = t.batch_size // t.grad_accum
+    ckpt = _checkpointer(cfg, out)  # before anything is built: a folder it cannot use fails now
+    if ckpt is not None and not cfg.checkpoint.resume and ckpt.latest_step() is not None:
+        # A fresh run here would skip saving every step the old run already has, and export / chat
+        # would then load the old model: refuse, and touch nothing.
+        raise ConfigError(f"checkpoint.resume=false, but {ckpt.directory} already holds checkpoints (steps "
+                          f"{', '.join(map(str, ckpt.all_steps()))}): set train.output_dir to a new folder, "
+                          f"or move that one away, to start a fresh run")
 
     tokenizer = load_tokenizer_for(cfg)
     arch = model_config(cfg, len(tokenizer))
@@ -464,7 +471,7 @@ def train(cfg: Config) -> TrainResult:
 
     rng = jax.random.key_data(jax.random.key(t.seed))
 
-    ckpt, start = _checkpointer(cfg, out), 0
+    start = 0
     if ckpt is not None and cfg.checkpoint.resume and ckpt.latest_step() is not None:
         abstract = lambda tree: jax.tree.map(  # noqa: E731
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
@@ -598,7 +605,10 @@ def _evaluate(cfg: Config, eval_fn, eval_set, params, mesh, micro: int) -> dict:
         batch = {k: v[0] for k, v in _global_batch([local], mesh, micro).items()}
         l, n = jax.device_get(eval_fn(params, batch))
         total, count = total + float(l), count + float(n)
-    loss = total / max(count, 1.0)
+    if count == 0:
+        raise TrainingError("evaluation: the held-out batches hold no trained tokens (data.eval_fraction / "
+                            "data.eval_sources give rows whose loss mask is empty)")
+    loss = total / count
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
@@ -610,9 +620,12 @@ def _samples(cfg: Config, logger: MetricsLog, graphdef, params, rest, tokenizer,
     from jaxgpt.tokenizer import stop_token_ids
 
     model = nnx.merge(graphdef, params, rest)
-    ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
-           for p in prompts]
-    ids = [x["input_ids"] if isinstance(x, dict) or hasattr(x, "keys") else x for x in ids]
+    if tokenizer.chat_template:  # a chat model: each prompt is a user turn
+        ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                             tokenize=True) for p in prompts]
+        ids = [x["input_ids"] if isinstance(x, dict) or hasattr(x, "keys") else x for x in ids]
+    else:  # plain-text training (no template): each prompt is text to continue
+        ids = [tokenizer.encode(p) for p in prompts]
     outs = generate(model, ids, max_new_tokens=cfg.logging.sample_max_new_tokens, stop_ids=stop_token_ids(tokenizer))
     for i, (p, o) in enumerate(zip(prompts, outs)):
         reply = tokenizer.decode(o, skip_special_tokens=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from jaxgpt.config import Config, ConfigError, from_dict, help_text, load_config, validate
@@ -182,3 +184,37 @@ def test_cli_config_forms(tmp_path, capsys):
     assert main(["--confg", "x.yaml"]) == 2 and "unknown option '--confg'" in capsys.readouterr().err
     assert main([f"--config={tmp_path / 'missing.yaml'}"]) == 1
     assert "missing.yaml: config file not found" in capsys.readouterr().err
+
+
+def test_section_with_every_key_commented_out(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  steps: 7\nlogging:\n  # log_every: 5\n")
+    cfg = load_config(f)
+    assert cfg.train.steps == 7 and cfg.logging.log_every == Config().logging.log_every
+
+
+def test_one_data_source_without_a_list():
+    cfg = load_config(None, ["data.sources=chats.jsonl", "data.eval_sources={path: held.jsonl, weight: 2}"])
+    assert [s.path for s in cfg.data.sources] == ["chats.jsonl"]
+    assert cfg.data.eval_sources[0].path == "held.jsonl" and cfg.data.eval_sources[0].weight == 2.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("checkpoint.keep=0", r"checkpoint.keep=0: must be at least 1"),
+    ("train.eval_batches=0", r"train.eval_batches=0: must be at least 1 \(null = the whole held-out set\)"),
+    ("train.eval_every=-1", r"train.eval_every=-1: must be >= 0"),
+])
+def test_counts_checked_before_anything_is_built(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(load_config(None, [override]), 1)
+
+
+def test_bundled_config_runs_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config()
+    for src in cfg.data.sources + cfg.data.eval_sources:
+        assert Path(src.path).is_absolute() and Path(src.path).is_file()
+    assert cfg.train.output_dir == "runs/demo"  # outputs stay relative to where the command runs
+    own = tmp_path / "mine.yaml"  # the user's own config: paths stay as written
+    own.write_text("data:\n  sources: [jaxgpt/assets/demo_chat.jsonl]\n")
+    assert load_config(own).data.sources[0].path == "jaxgpt/assets/demo_chat.jsonl"

@@ -251,3 +251,34 @@ def test_model_settings_reach_the_model(tmp_path):
         assert (gcfg.attention, gcfg.scan_layers, gcfg.loss_chunks, gcfg.remat) == ("xla", False, 2, "full")
         assert nnx.merge(graphdef, params, rest).config.loss_chunks == 2
         assert nnx.merge(graphdef, params, rest).h[0].attn.implementation == "xla"
+
+
+def test_fresh_run_refused_where_checkpoints_exist(tmp_path):
+    """checkpoint.resume=false in a folder that holds checkpoints would skip saving every step the
+    old run has (export / chat would load the old model): refused, before anything is built."""
+    from jaxgpt.config import ConfigError
+
+    cfg = tiny_config(tmp_path, train={"steps": 2}, checkpoint={"enabled": True, "save_every": 2, "async_save": False})
+    train(cfg)
+    ckpts = tmp_path / "run" / "checkpoints"
+    before = {p: p.stat().st_mtime_ns for p in ckpts.rglob("*")}
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    again = tiny_config(tmp_path, train={"steps": 2}, optimizer={"lr": 0.1},
+                        checkpoint={"enabled": True, "save_every": 2, "async_save": False, "resume": False})
+    with pytest.raises(ConfigError, match=r"checkpoint.resume=false, but .*checkpoints already holds checkpoints "
+                                          r"\(steps 2\): set train.output_dir to a new folder"):
+        train(again)
+    assert {p: p.stat().st_mtime_ns for p in ckpts.rglob("*")} == before
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+
+
+def test_plain_text_run_samples_its_prompts_as_text(tmp_path, capsys):
+    """Without a chat template (plain-text data), logging.sample_prompts are continued as text."""
+    text = tmp_path / "play.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 40)
+    cfg = tiny_config(tmp_path, data={"sources": [str(text)], "eval_fraction": 0.2},
+                      train={"steps": 2, "eval_every": 2},
+                      logging={"sample_prompts": ["To be"], "sample_max_new_tokens": 4})
+    result = train(cfg)
+    assert result.tokenizer.chat_template is None and 2 in result.evals
+    assert "step 2 sample | 'To be' -> " in capsys.readouterr().out
