@@ -101,6 +101,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     ap.add_argument("--param-dtype", default="float32", choices=["float32", *DECODING_DTYPES], help=PARAM_DTYPE_HELP)
     args = ap.parse_args(argv)
+    if args.chunk < 1:
+        ap.error(f"--chunk must be at least 1, got {args.chunk}")
     compile_cache.enable()  # a second chat session starts without compiling
     try:
         model, tokenizer = load_model(args.model, dtype=args.dtype, param_dtype=args.param_dtype)

@@ -74,14 +74,9 @@ def load_source(path: str | Path):
     if not path.is_dir():
         raise ExportError(f"{path}: expected a checkpoint directory (training output_dir or a step dir), got a file")
     if is_hf_folder(path):
-        from transformers import AutoTokenizer
-
         model, _ = load_pretrained(path)
-        if (path / "tokenizer_config.json").is_file() or (path / "vocab.json").is_file():
-            tok = AutoTokenizer.from_pretrained(str(path))
-        else:
-            tok = load_tokenizer()
-        return model, tok
+        has_tokenizer = (path / "tokenizer_config.json").is_file() or (path / "vocab.json").is_file()
+        return model, load_tokenizer(path if has_tokenizer else None)  # with a pad token, as training has
     from jaxgpt.checkpoint import load_for_inference
 
     return load_for_inference(str(path.resolve()), dtype="float32")  # orbax wants absolute paths
@@ -153,7 +148,9 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", v
     if dtype not in ("float32", "bfloat16"):
         raise ExportError(f"--dtype {dtype!r}: choose float32 or bfloat16")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if out.exists() and not out.is_dir():  # --overwrite replaces a folder, never a file
+        raise ExportError(f"{out}: is a file, not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
     model, tok = load_source(checkpoint)
     if not getattr(tok, "chat_template", None):
@@ -201,10 +198,16 @@ def push(folder: Path, repo_id: str, log=print) -> None:
     log(f"pushed {folder} to https://huggingface.co/{repo_id}")
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m jaxgpt.export", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="training output_dir (latest step), a step dir, or an HF folder")
-    p.add_argument("--out", required=True, help="HF folder to write")
+def main(argv=None, *, prog: str = "python -m jaxgpt.export", positional: bool = False) -> None:
+    """The CLI; ``positional``: CHECKPOINT and OUT as positional arguments (tools/convert_to_pytorch.py)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    where = "training output_dir (latest step), a step dir, or an HF folder"
+    if positional:
+        p.add_argument("checkpoint", help=where)
+        p.add_argument("out", help="HF folder to write")
+    else:
+        p.add_argument("--checkpoint", required=True, help=where)
+        p.add_argument("--out", required=True, help="HF folder to write")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the saved weights")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the verified folder to this hub repo")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

@@ -395,6 +395,10 @@ class GPT2(nnx.Module):
         cfg = self.config
         dt = DTYPES[cfg.dtype]
         b, t = input_ids.shape
+        if positions is None and cache is None and t > cfg.n_positions:
+            # jax would clamp the position lookup and quietly compute something else. (Explicit
+            # positions, as in packed rows or left-padded prompts, are the caller's to keep in range.)
+            raise ValueError(f"input of {t} tokens is longer than the model's context, n_positions={cfg.n_positions}")
         if positions is None:
             start = 0 if cache is None else cache["index"]
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))

@@ -202,6 +202,8 @@ def stream(model: GPT2, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     prompts = [list(map(int, p)) for p in prompts]
     stop_ids = [int(s) for s in stop_ids]
     _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids)
+    if chunk is not None and chunk < 1:
+        raise SampleError(f"chunk must be >= 1 decode steps (None = only at the end), got {chunk}")
     greedy = temperature == 0.0
     # Bucketed shapes: one compiled program serves many prompt lengths and budgets.
     p_len = bucket(max(map(len, prompts)))

@@ -5,6 +5,11 @@ which is already ``x @ W`` order, so every jaxgpt parameter is a plain reshape
 of its HF tensor (heads get their own axis). HF's old Flax checkpoints
 (``flax_model.msgpack``) store kernels ``[out, in]``: those are transposed.
 ``lm_head.weight`` is tied to ``wte`` and never stored separately.
+
+GPT-2 variants that jaxgpt's model does not compute are refused with the config key,
+never loaded as something else: an untied head (``tie_word_embeddings=false``, or a
+stored ``lm_head.weight`` that differs from ``wte``), ``scale_attn_weights=false``,
+``scale_attn_by_inverse_layer_idx`` and ``reorder_and_upcast_attn``.
 """
 
 from __future__ import annotations
@@ -94,7 +99,18 @@ def config_from_hf(config_path: str | os.PathLike, **overrides) -> GPT2Config:
     for key in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
         if raw.get(key):
             raise WeightsError(f"{path}: {key}=true is not supported by jaxgpt")
+    if raw.get("scale_attn_weights", True) is False:
+        raise WeightsError(f"{path}: scale_attn_weights=false is not supported by jaxgpt (it always scales "
+                           f"attention scores by 1/sqrt(head_dim), as GPT-2 does)")
+    if raw.get("tie_word_embeddings", True) is False:
+        raise WeightsError(f"{path}: tie_word_embeddings=false (a separate lm_head) is not supported by jaxgpt, "
+                           f"whose output head is the token embedding wte, as in GPT-2")
     kw = {k: raw[k] for k in ARCH_KEYS if k in raw and raw[k] is not None}
+    for key in ("bos_token_id", "eos_token_id"):  # some configs list several; the first is the model's own
+        if isinstance(kw.get(key), list):
+            ids = kw.pop(key)
+            if ids:
+                kw[key] = ids[0]
     if "n_positions" not in kw and "n_ctx" in raw:
         kw["n_positions"] = raw["n_ctx"]
     kw.update(overrides)
@@ -112,7 +128,7 @@ def config_to_hf(cfg: GPT2Config) -> dict:
         "n_ctx": cfg.n_positions, "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0,
         "summary_first_dropout": 0.1, "initializer_range": 0.02, "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": True, "use_cache": True, "torch_dtype": "float32",
+        "tie_word_embeddings": True, "use_cache": True, "dtype": "float32",
     }
 
 
@@ -227,7 +243,8 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RemoteEntryNotFoundError
 
     aux = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-           "vocab.json", "merges.txt", "special_tokens_map.json"]
+           "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+           "chat_template.jinja", "chat_template.json"]  # transformers 5 keeps the template in its own file
     try:
         for fname in WEIGHT_FILES:
             try:
@@ -255,6 +272,10 @@ def tensors_to_state(cfg: GPT2Config, tensors: dict[str, np.ndarray], source: st
     missing = [k for k in names if k not in tensors]
     if missing:
         raise WeightsError(f"{source}: missing tensors: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+    head = tensors.get("lm_head.weight")
+    if head is not None and not np.array_equal(head, tensors["wte.weight"]):
+        raise WeightsError(f"{source}: lm_head.weight differs from wte.weight; jaxgpt's output head is tied to "
+                           f"the token embedding, as in GPT-2, so this untied model cannot be loaded")
     out = {}
     for hf_name, path in names.items():
         value = tensors[hf_name]
@@ -349,7 +370,7 @@ def save_pretrained(model: GPT2, out_dir: str | os.PathLike, tokenizer=None, *, 
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     hf_cfg = config_to_hf(model.config)
     if dtype is not None:
-        hf_cfg["torch_dtype"] = dtype
+        hf_cfg["dtype"] = dtype
     gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
     gen.update(generation_config or {})
     if tokenizer is not None:

@@ -6,7 +6,7 @@ import sys
 import pytest
 from flax import nnx
 
-from jaxgpt.chat import ChatSession
+from jaxgpt.chat import ChatSession, main
 from jaxgpt.model import GPT2, GPT2Config
 from jaxgpt.sample import SampleError, generate, load_model
 from jaxgpt.tokenizer import add_chat_template, load_tokenizer, stop_token_ids
@@ -83,3 +83,9 @@ def test_plain_fallback_without_chat_template(shared_data):
     prompt = tok.decode(session._encode(session.messages[:1]))
     assert prompt == "User:\nhi\n\nAssistant:\n"
     assert len(session.messages) == 2 and session.messages[1]["role"] == "assistant"
+
+
+def test_chunk_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "unused", "--chunk", "0"])  # refused before any model is loaded
+    assert e.value.code == 2 and "--chunk must be at least 1, got 0" in capsys.readouterr().err

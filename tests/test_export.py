@@ -64,6 +64,7 @@ def test_folder_contents(exported):
     assert im_end == 50258
     assert gen["eos_token_id"] == [im_end, tok.eos_token_id]
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    assert cfg["dtype"] == "float32" and "torch_dtype" not in cfg  # transformers 5 warns on torch_dtype
 
 
 def test_logits_match_transformers(exported):
@@ -148,7 +149,7 @@ def test_bfloat16_export_and_reexport(exported, tmp_path):
     run, hf = exported
     bf = export(hf, tmp_path / "bf16", dtype="bfloat16", log=lambda *_: None)  # source: an HF folder
     torch_model = transformers.GPT2LMHeadModel.from_pretrained(str(bf))
-    assert torch_model.dtype == torch.bfloat16
+    assert torch_model.dtype == torch.bfloat16 and json.loads((bf / "config.json").read_text())["dtype"] == "bfloat16"
     assert json.loads((bf / "generation_config.json").read_text())["eos_token_id"] == [50258, 50256]
 
 
@@ -202,3 +203,42 @@ def test_push_to_hub_failure_keeps_the_folder(exported, tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert "upload failed (ConnectError" in err and f"saved at {tmp_path / 'o'}" in err and "Traceback" not in err
     assert (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_pushed_folder_comes_back_from_the_hub_whole(exported, tmp_path, monkeypatch):
+    """``load_model("user/repo")`` downloads every file export writes, the chat template
+    (transformers 5 keeps it in chat_template.jinja) included. The hub is faked: no network here."""
+    import fnmatch
+    import importlib
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub.errors import RemoteEntryNotFoundError, Response
+
+    http = importlib.import_module(Response.__module__.split(".")[0])  # huggingface_hub's HTTP client
+
+    from jaxgpt.chat import ChatSession
+    from jaxgpt.sample import load_model
+
+    run, hf = exported
+    cache = tmp_path / "cache"
+
+    def hf_hub_download(repo_id, filename, **kw):
+        if not (hf / filename).is_file():
+            url = f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
+            raise RemoteEntryNotFoundError(f"{filename} is not in {repo_id}",
+                                           response=http.Response(404, request=http.Request("GET", url)))
+        return str(hf / filename)
+
+    def snapshot_download(repo_id, allow_patterns, **kw):
+        cache.mkdir()
+        for f in hf.iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copy(f, cache / f.name)
+        return str(cache)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    model, tok = load_model("me/tiny-chat")
+    assert sorted(p.name for p in cache.iterdir()) == sorted(p.name for p in hf.iterdir())
+    assert ChatSession(model, tok).template_note is None  # the ChatML template, not the plain fallback

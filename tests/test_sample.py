@@ -236,6 +236,8 @@ def test_bad_arguments(model, kw, match):
         generate(model, PROMPTS, **kw)
     with pytest.raises(SampleError, match="outside the vocabulary"):
         generate(model, [[CFG.vocab_size]], max_new_tokens=2)
+    with pytest.raises(SampleError, match=r"chunk must be >= 1 decode steps \(None = only at the end\), got 0"):
+        next(stream(model, PROMPTS, max_new_tokens=4, chunk=0))
 
 
 # ----------------------------------------------------------------------------- the decoding layout

@@ -168,6 +168,45 @@ def test_config_not_gpt2(tmp_path):
         jaxgpt.load_pretrained(tmp_path)
 
 
+
+@pytest.mark.parametrize("key, value", [
+    ("scale_attn_weights", False), ("tie_word_embeddings", False),
+    ("scale_attn_by_inverse_layer_idx", True), ("reorder_and_upcast_attn", True),
+])
+def test_config_flags_jaxgpt_does_not_implement_are_refused(hf_folders, tmp_path, key, value):
+    """Loading these as plain GPT-2 would quietly compute another model (the first two change
+    this tiny model's logits in transformers, checked here), and export would write that model."""
+    model = make_hf_model(**CONFIGS["tiny"], **{key: value})
+    model.save_pretrained(tmp_path)
+    if key in ("scale_attn_weights", "tie_word_embeddings"):
+        ids = np.arange(12).reshape(1, 12)
+        plain = transformers.GPT2LMHeadModel.from_pretrained(hf_folders["tiny"]).eval()
+        assert np.abs(hf_logits(model, ids) - hf_logits(plain, ids)).max() > 1e-3
+    with pytest.raises(WeightsError, match=rf"config.json: {key}={str(value).lower()} .*not supported by jaxgpt"):
+        jaxgpt.load_pretrained(tmp_path)
+
+
+def test_stored_head_that_differs_from_the_embedding_is_refused(hf_folders, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(hf_folders["tiny"], tmp_path, dirs_exist_ok=True)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    wte = tensors["transformer.wte.weight"]
+    save_file({**tensors, "lm_head.weight": wte.copy()}, str(tmp_path / "model.safetensors"))
+    jaxgpt.load_pretrained(tmp_path)  # a stored copy of the tied head is fine
+    save_file({**tensors, "lm_head.weight": wte + 1}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(WeightsError, match=r"lm_head.weight differs from wte.weight"):
+        jaxgpt.load_pretrained(tmp_path)
+
+
+def test_several_eos_ids_in_config(hf_folders, tmp_path):
+    shutil.copytree(hf_folders["tiny"], tmp_path, dirs_exist_ok=True)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["eos_token_id"] = [7, 3]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model, gcfg = jaxgpt.load_pretrained(tmp_path)
+    assert gcfg.eos_token_id == 7
+
 def test_wrong_shape_names_both_shapes(hf_folders, tmp_path):
     shutil.copytree(hf_folders["tiny"], tmp_path, dirs_exist_ok=True)
     cfg = json.loads((tmp_path / "config.json").read_text())
@@ -211,3 +250,10 @@ def test_last_only_logits_equal_full_forward(hf_folders):
     full, last = np.asarray(model(ids)), np.asarray(model(ids, last_only=True))
     assert last.shape == (2, 1, cfg.vocab_size)
     np.testing.assert_allclose(last[:, 0], full[:, -1], atol=1e-5, rtol=0)
+
+
+def test_input_longer_than_the_context_is_refused(hf_folders):
+    """transformers raises on a position past n_positions; jax would clamp the lookup and reuse the last one."""
+    model, cfg = jaxgpt.load_pretrained(hf_folders["tiny"])
+    with pytest.raises(ValueError, match=r"input of 65 tokens is longer than the model's context, n_positions=64"):
+        model(jnp.zeros((1, cfg.n_positions + 1), jnp.int32))
