@@ -447,13 +447,8 @@ def train(cfg: Config) -> TrainResult:
     out = Path(cfg.train.output_dir).expanduser()
     t = cfg.train
     micro = t.batch_size // t.grad_accum
-    ckpt = _checkpointer(cfg, out)  # before anything is built: a folder it cannot use fails now
-    if ckpt is not None and not cfg.checkpoint.resume and ckpt.latest_step() is not None:
-        # A fresh run here would skip saving every step the old run already has, and export / chat
-        # would then load the old model: refuse, and touch nothing.
-        raise ConfigError(f"checkpoint.resume=false, but {ckpt.directory} already holds checkpoints (steps "
-                          f"{', '.join(map(str, ckpt.all_steps()))}): set train.output_dir to a new folder, "
-                          f"or move that one away, to start a fresh run")
+    if cfg.checkpoint.enabled and not cfg.checkpoint.resume:
+        _refuse_old_checkpoints(out)
 
     tokenizer = load_tokenizer_for(cfg)
     arch = model_config(cfg, len(tokenizer))
@@ -471,7 +466,7 @@ def train(cfg: Config) -> TrainResult:
 
     rng = jax.random.key_data(jax.random.key(t.seed))
 
-    start = 0
+    ckpt, start = _checkpointer(cfg, out), 0
     if ckpt is not None and cfg.checkpoint.resume and ckpt.latest_step() is not None:
         abstract = lambda tree: jax.tree.map(  # noqa: E731
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
@@ -605,10 +600,7 @@ def _evaluate(cfg: Config, eval_fn, eval_set, params, mesh, micro: int) -> dict:
         batch = {k: v[0] for k, v in _global_batch([local], mesh, micro).items()}
         l, n = jax.device_get(eval_fn(params, batch))
         total, count = total + float(l), count + float(n)
-    if count == 0:
-        raise TrainingError("evaluation: the held-out batches hold no trained tokens (data.eval_fraction / "
-                            "data.eval_sources give rows whose loss mask is empty)")
-    loss = total / count
+    loss = total / count if count else float("nan")  # no trained token held out: no number to report
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
@@ -640,6 +632,21 @@ def _checkpointer(cfg: Config, out: Path):
 
     c = cfg.checkpoint
     return Checkpointer(checkpoint_dir(out), save_every=c.save_every, keep=c.keep, async_save=c.async_save)
+
+
+def _refuse_old_checkpoints(out: Path) -> None:
+    """checkpoint.resume=false where checkpoints exist: the new run would skip saving every step the
+    old run already has, and export / chat would then load the old model. Refuse, touching nothing."""
+    from jaxgpt.checkpoint import Checkpointer, checkpoint_dir
+
+    if not checkpoint_dir(out).is_dir():
+        return
+    with Checkpointer(checkpoint_dir(out), save_every=1, read_only=True) as old:
+        steps = old.all_steps()
+    if steps:
+        raise ConfigError(f"checkpoint.resume=false, but {old.directory} already holds checkpoints (steps "
+                          f"{', '.join(map(str, sorted(steps)))}): set train.output_dir to a new folder, "
+                          f"or move that one away, to start a fresh run")
 
 
 def _preemption_guard():
