@@ -44,13 +44,27 @@ def make_mesh(shape: tuple[int, int, int], devices=None) -> Mesh:
     n = int(np.prod(shape))
     if n != len(devices):
         raise ValueError(f"mesh {dict(zip(AXES, shape))} needs {n} devices, have {len(devices)}")
+    by_process = np.array(sorted(devices, key=lambda d: (d.process_index, d.id))).reshape(shape)
     if devices[0].platform == "cpu":
-        devs = np.array(sorted(devices, key=lambda d: (d.process_index, d.id))).reshape(shape)
+        devs = by_process
     else:  # topology-aware order on TPU / GPU slices (ICI rings inside each axis)
         from jax.experimental import mesh_utils
 
         devs = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        if not _rows_contiguous_per_process(devs):
+            # On multi-host slices the physical order can interleave hosts along the batch axes
+            # (seen for v4 / v5e pods), but each process feeds one contiguous block of batch rows.
+            devs = by_process
     return Mesh(devs, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def _rows_contiguous_per_process(devs: np.ndarray) -> bool:
+    """Whether each process's devices hold one contiguous block of the (data, fsdp) batch rows."""
+    rows: dict[int, set[int]] = {}
+    for r, row in enumerate(devs.reshape(-1, devs.shape[-1])):  # one row per (data, fsdp) position
+        for d in row:
+            rows.setdefault(d.process_index, set()).add(r)
+    return all(max(s) - min(s) + 1 == len(s) for s in rows.values())
 
 
 def logical_to_spec(axes: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:

@@ -456,6 +456,7 @@ def train(cfg: Config) -> TrainResult:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's n_positions={arch.n_positions}")
     train_data, eval_set = make_data(cfg, tokenizer, mesh)  # adds chat tokens to the tokenizer
     graphdef, params, rest, gcfg = build_model(cfg, len(tokenizer), mesh, arch)
+    _warn_unsplit(gcfg, mesh)
     tx, schedule = make_optimizer(cfg, params)
     p_shard = jax.tree.map(lambda x: x.sharding, params)
     abs_opt = jax.eval_shape(tx.init, params)
@@ -632,6 +633,17 @@ def _checkpointer(cfg: Config, out: Path):
 
     c = cfg.checkpoint
     return Checkpointer(checkpoint_dir(out), save_every=c.save_every, keep=c.keep, async_save=c.async_save)
+
+
+def _warn_unsplit(gcfg: GPT2Config, mesh) -> None:
+    """The rules replicate a dimension the tensor axis does not divide: say so, rather than let a
+    user believe attention (say gpt2-xl's 25 heads) is split when it is not."""
+    tp = mesh.shape["tensor"]
+    dims = {"n_head": gcfg.n_head, "the MLP width": gcfg.inner_dim, "the vocabulary rows": gcfg.padded_vocab_size}
+    unsplit = [f"{name} ({n})" for name, n in dims.items() if tp > 1 and n % tp]
+    if unsplit:
+        log.warning("mesh.tensor=%d does not divide %s: those weights are replicated over the tensor axis, not "
+                    "split (model.vocab_multiple pads the vocabulary)", tp, ", ".join(unsplit))
 
 
 def _refuse_old_checkpoints(out: Path) -> None:

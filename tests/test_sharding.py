@@ -82,3 +82,71 @@ def test_loss_chunks_on_a_mesh_give_the_same_losses(tmp_path):
     rel = np.abs(np.array(run["losses"]) - base) / base
     print(f"loss_chunks=4 on 2x2x2: max relative loss difference to 1x1x1 {rel.max():.2e}")
     assert len(base) == 3 and rel.max() <= 1e-4, rel
+
+
+class FakeTPU:
+    """Enough of a TPU device for mesh_utils.create_device_mesh: a v4 chip at ``coords``."""
+    platform, device_kind, core_on_chip = "tpu", "TPU v4", 0
+
+    def __init__(self, id, process_index, coords):
+        self.id, self.process_index, self.coords = id, process_index, coords
+
+    def __repr__(self):
+        return f"tpu{self.id}@p{self.process_index}"
+
+
+def fake_pod(x: int, y: int, z: int, processes: bool = True) -> list[FakeTPU]:
+    """A v4 slice whose hosts each own a 2 x 2 x 1 block of chips (ids host by host, as jax.devices())."""
+    blocks = [(bx, by, bz) for bz in range(z) for by in range(0, y, 2) for bx in range(0, x, 2)]
+    return [FakeTPU(4 * h + i, h if processes else 0, (bx + i % 2, by + i // 2, bz))
+            for h, (bx, by, bz) in enumerate(blocks) for i in range(4)]
+
+
+def test_pod_mesh_gives_each_host_contiguous_batch_rows():
+    """On a 16-chip v4 slice (4 hosts), mesh_utils' physical order interleaves the hosts along
+    fsdp; each host feeds one block of batch rows, so make_mesh orders those meshes by process."""
+    from jax.experimental import mesh_utils
+
+    from jaxgpt.sharding import make_mesh
+
+    physical = mesh_utils.create_device_mesh((1, 16, 1), fake_pod(2, 2, 4), allow_split_physical_axes=True)
+    assert [d.process_index for d in physical.reshape(-1)][:8] != [0, 0, 0, 0, 1, 1, 1, 1]  # the problem
+    mesh = make_mesh((1, 16, 1), fake_pod(2, 2, 4))
+    assert [d.process_index for d in mesh.devices.reshape(-1)] == [p for p in range(4) for _ in range(4)]
+    one_host = fake_pod(2, 2, 4, processes=False)  # a single process keeps the physical (ICI) order
+    assert (make_mesh((1, 16, 1), one_host).devices ==
+            mesh_utils.create_device_mesh((1, 16, 1), one_host, allow_split_physical_axes=True)).all()
+
+
+def test_added_rows_drop_a_split_they_no_longer_divide():
+    """A 64-row embedding split over tensor=2 gets one ChatML row: 65 rows cannot stay split."""
+    script = (
+        "from flax import nnx\n"
+        "from jaxgpt import sharding\n"
+        "from jaxgpt.model import GPT2, GPT2Config, resize_token_embeddings\n"
+        "mesh = sharding.make_mesh((1, 1, 2))\n"
+        "cfg = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)\n"
+        "model = nnx.merge(*sharding.init_sharded(lambda: GPT2(cfg, rngs=nnx.Rngs(0)), mesh))\n"
+        "print(model.wte[...].sharding.spec)\n"
+        "big = resize_token_embeddings(model, 65)\n"
+        "print(big.wte[...].sharding.spec, big.wte[...].shape)\n"
+    )
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"), JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["P('tensor', None)", "P(None, None) (65, 32)"]
+
+
+def test_tensor_axis_that_does_not_divide_is_reported(caplog):
+    """gpt2-xl's 25 heads and GPT-2's 50,259 chat vocab rows do not split over tensor=2: a warning says so."""
+    import logging
+
+    from jaxgpt.model import GPT2Config
+    from jaxgpt.train import _warn_unsplit
+
+    with caplog.at_level(logging.WARNING, logger="jaxgpt.train"):
+        _warn_unsplit(GPT2Config(vocab_size=50259, n_positions=16, n_embd=1600, n_layer=1, n_head=25), MESH_8)
+        _warn_unsplit(GPT2Config(vocab_size=50304, n_positions=16, n_embd=1600, n_layer=1, n_head=32), MESH_8)
+    assert [r.getMessage() for r in caplog.records] == [
+        "mesh.tensor=2 does not divide n_head (25), the vocabulary rows (50259): those weights are replicated over "
+        "the tensor axis, not split (model.vocab_multiple pads the vocabulary)"]
