@@ -467,9 +467,9 @@ class Checkpointer:
             meta = self._mngr.item_metadata(step)
         except Exception as e:
             raise _Corrupt(f"cannot read metadata: {_short(e)}") from e
-        _check_fits(d / "params", abs_pure, meta["params"])
+        _check_fits(d / "params", abs_pure, meta["params"], warn_dtypes=True)
         if abstract_opt_state is not None:
-            _check_fits(d / "opt_state", abstract_like(abstract_opt_state), meta["opt_state"])
+            _check_fits(d / "opt_state", abstract_like(abstract_opt_state), meta["opt_state"], warn_dtypes=True)
         items = dict(params=ocp.args.StandardRestore(abs_pure), state=ocp.args.JsonRestore(),
                      config=ocp.args.JsonRestore())
         if abstract_opt_state is not None:
@@ -514,7 +514,9 @@ def _flat_names(tree) -> dict[str, Any]:
     return {".".join(name(e) for e in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _check_fits(item_dir: Path, abstract, metadata):
+def _check_fits(item_dir: Path, abstract, metadata, *, warn_dtypes: bool = False):
+    """Refuse a target whose tree or shapes differ from the saved ones; ``warn_dtypes``: say when
+    orbax will cast (a resume after ``model.param_dtype`` changed)."""
     saved, want = _flat_names(metadata), _flat_names(abstract)
     missing = sorted(set(want) - set(saved))
     extra = sorted(set(saved) - set(want))
@@ -527,6 +529,12 @@ def _check_fits(item_dir: Path, abstract, metadata):
         if shape != tuple(a.shape):
             raise CheckpointError(f"{item_dir}: {k} has shape {shape} in the checkpoint but {tuple(a.shape)} "
                                   f"in the model being restored; did the config change?")
+    cast = [(k, getattr(saved[k], "dtype", None), a.dtype) for k, a in want.items()
+            if getattr(saved[k], "dtype", None) is not None and np.dtype(saved[k].dtype) != np.dtype(a.dtype)]
+    if warn_dtypes and cast:
+        k, old, new = cast[0]
+        log.warning("%s: %d arrays are cast on restore, e.g. %s from %s to %s (model.param_dtype changed "
+                    "since the checkpoint was saved?)", item_dir, len(cast), k, np.dtype(old), np.dtype(new))
 
 
 # ----------------------------------------------------------------------------- inference

@@ -230,6 +230,21 @@ def test_changed_model_config_is_an_error_not_a_fallback(tmp_path, state):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]  # nothing set aside
 
 
+
+def test_changed_param_dtype_is_cast_with_a_warning(tmp_path, state, caplog):
+    """Resuming after model.param_dtype changed: orbax casts the saved arrays, and the log says so."""
+    with Checkpointer(tmp_path, save_every=1) as ckpt:
+        save(ckpt, 1, state)
+    bf16 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=x.sharding)
+                        if x.dtype == jnp.float32 else x, abstract_like(state[2]))
+    with caplog.at_level(logging.WARNING, logger="jaxgpt.checkpoint"), Checkpointer(tmp_path, save_every=1) as ckpt:
+        out = ckpt.restore(abstract_params=abstract_like(state[2]), abstract_opt_state=None)
+        assert not [r for r in caplog.records if "cast on restore" in r.getMessage()]
+        out = ckpt.restore(abstract_params=bf16, abstract_opt_state=None)
+    warned = [r.getMessage() for r in caplog.records if "cast on restore" in r.getMessage()]
+    assert len(warned) == 1 and "from float32 to bfloat16 (model.param_dtype changed" in warned[0]
+    assert {x.dtype for x in jax.tree.leaves(out["params"])} == {jnp.dtype(jnp.bfloat16)}
+
 def test_no_checkpoint_and_all_corrupt_errors(tmp_path, state):
     with Checkpointer(tmp_path / "empty", save_every=1) as ckpt:
         with pytest.raises(CheckpointError, match="no checkpoint to restore"):
