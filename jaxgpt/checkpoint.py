@@ -529,15 +529,23 @@ def _check_fits(item_dir: Path, abstract, metadata, *, warn_dtypes: bool = False
         if shape != tuple(a.shape):
             raise CheckpointError(f"{item_dir}: {k} has shape {shape} in the checkpoint but {tuple(a.shape)} "
                                   f"in the model being restored; did the config change?")
-    cast = [(k, getattr(saved[k], "dtype", None), a.dtype) for k, a in want.items()
+    if not warn_dtypes:
+        return
+    cast = [(k, saved[k].dtype, a.dtype) for k, a in want.items()
             if getattr(saved[k], "dtype", None) is not None and np.dtype(saved[k].dtype) != np.dtype(a.dtype)]
-    if warn_dtypes and cast:
+    if cast:
         k, old, new = cast[0]
         log.warning("%s: %d arrays are cast on restore, e.g. %s from %s to %s (model.param_dtype changed "
                     "since the checkpoint was saved?)", item_dir, len(cast), k, np.dtype(old), np.dtype(new))
 
 
 # ----------------------------------------------------------------------------- inference
+
+def saved_steps(root: Path) -> list[int]:
+    """The step folders under a checkpoint root, ascending, read from the folder names alone (orbax
+    names a committed step by its number; a save in progress or a set-aside step has a suffix)."""
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
+
 
 def _candidates(path: Path) -> tuple[list[Path], bool]:
     """(step dirs to try, newest first; whether ``path`` named one step) for an output_dir, root or step dir."""
@@ -548,7 +556,7 @@ def _candidates(path: Path) -> tuple[list[Path], bool]:
     if (path / "params").is_dir() or (path / STEP_METADATA_FILE).exists():
         return [path], True
     root = path / CHECKPOINT_SUBDIR if (path / CHECKPOINT_SUBDIR).is_dir() else path
-    steps = sorted((int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
+    steps = saved_steps(root)[::-1]
     if not steps:
         hint = ""
         if (path / "config.json").is_file() and not is_hf_folder(path):  # the commands take an HF folder too

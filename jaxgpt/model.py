@@ -593,13 +593,7 @@ def resize_token_embeddings(model: GPT2, vocab_size: int) -> GPT2:
     mean = real.mean(0, keepdims=True)
     n_new, n_pad = vocab_size - cfg.vocab_size, new_cfg.padded_vocab_size - vocab_size
     new_wte = jnp.concatenate([real, jnp.repeat(mean, n_new, 0), jnp.zeros((n_pad, cfg.n_embd), wte.dtype)])
-    layout = getattr(wte, "sharding", None)
-    if isinstance(layout, jax.sharding.NamedSharding):  # the old layout, minus axes the new rows no longer divide
-        spec = tuple(layout.spec) + (None,) * (new_wte.ndim - len(layout.spec))
-        sizes = [math.prod(layout.mesh.shape[a] for a in ((ax,) if isinstance(ax, str) else ax or ())) for ax in spec]
-        spec = [ax if dim % size == 0 else None for ax, dim, size in zip(spec, new_wte.shape, sizes)]
-        new_wte = jax.device_put(new_wte, jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec(*spec)))
-    elif layout is not None:
-        new_wte = jax.device_put(new_wte, layout)
+    # Left where jax puts it (on a mesh: replicated). Placing it is the caller's job: the old layout
+    # may not divide the new row count (jaxgpt.train.build_model places it by the sharding rules).
     old["wte"] = old["wte"].replace(new_wte)
     return nnx.merge(graphdef, old)

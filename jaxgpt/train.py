@@ -649,12 +649,10 @@ def _warn_unsplit(gcfg: GPT2Config, mesh) -> None:
 def _refuse_old_checkpoints(out: Path) -> None:
     """checkpoint.resume=false where checkpoints exist: the new run would skip saving every step the
     old run already has, and export / chat would then load the old model. Refuse, touching nothing."""
-    from jaxgpt.checkpoint import checkpoint_dir
+    from jaxgpt.checkpoint import checkpoint_dir, saved_steps
 
     folder = checkpoint_dir(out)
-    # Orbax names a committed step by its number (a save in progress has a suffix): any such folder
-    # is an old run's, complete or not.
-    steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+    steps = saved_steps(folder)  # an old run's, complete or not
     if steps:
         raise ConfigError(f"checkpoint.resume=false, but {folder.absolute()} already holds checkpoints (steps "
                           f"{', '.join(map(str, steps))}): set train.output_dir to a new folder, "
