@@ -192,7 +192,10 @@ class PreemptionGuard:
     one step for all of them, read with
     ``jax.experimental.multihost_utils.reached_preemption_sync_point(step)``.
     The guard then leaves SIGTERM to JAX and asks that sync point; it must be
-    called at every step on every process.
+    called at every step on every process. Orbax's ``PreemptionCheckpointingPolicy``
+    (in ``Checkpointer``) asks the same sync point again for the same step; JAX
+    records the step and compares it with the agreed one, so both get the same
+    answer (``tests/test_checkpoint.py``, two processes).
     """
 
     def __init__(self, signals=(signal.SIGTERM,)):

@@ -479,19 +479,26 @@ TWO_PROCESSES = textwrap.dedent("""
 
     # Preemption: SIGTERM reaches only process 1; JAX's preemption service makes
     # both processes stop at the same step (and the guard leaves SIGTERM to JAX).
+    # The checkpointer is asked as train() asks it: orbax's PreemptionCheckpointingPolicy
+    # asks the same sync point again for the same step, and must agree with the guard.
     import os, signal, time
     from jaxgpt.checkpoint import PreemptionGuard
     before = signal.getsignal(signal.SIGTERM)
+    ckpt = Checkpointer({dir!r} + "-preempted", save_every=1000)
     with PreemptionGuard() as guard:
         assert signal.getsignal(signal.SIGTERM) is before
         for step in range(1, 400):
             multihost_utils.sync_global_devices(f"step{{step}}")  # stands in for the train step
             if pid == 1 and step == 3:
                 os.kill(os.getpid(), signal.SIGTERM)
-            if guard.should_stop(step):
+            stop = guard.should_stop(step)
+            assert ckpt.should_save(step) == stop, step
+            assert save(ckpt, step, sharded, force=stop) == stop, step
+            if stop:
                 print("PROCESS", pid, "STOPPED AT", step)
                 break
             time.sleep(0.02)
+    ckpt.close()
 """)
 
 
@@ -513,6 +520,9 @@ def test_two_processes_save_restore_and_preempt_together(tmp_path):
     assert len(stops[0]) == len(stops[1]) == 1, outs
     assert stops[0][0].split()[-1] == stops[1][0].split()[-1]  # the same step on both
     assert int(stops[0][0].split()[-1]) >= 3
+    # the preempted step, and only it, was saved (save_every=1000), by both processes
+    step_dirs = [p.name for p in (tmp_path / "ckpt-preempted").iterdir() if p.name.isdigit()]
+    assert step_dirs == [stops[0][0].split()[-1]], step_dirs
     # both processes wrote their own array shards into one checkpoint
     assert sorted(p.name for p in (tmp_path / "ckpt" / "1" / "params").glob("ocdbt.process_*")) == \
         ["ocdbt.process_0", "ocdbt.process_1"]
