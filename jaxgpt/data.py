@@ -50,7 +50,9 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import re
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -276,10 +278,20 @@ def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_txt(path: Path) -> Iterator[tuple[str, Any]]:
-    """A whole .txt file is one document (continued pre-training)."""
+    """A .txt file is one document (continued pre-training), or several separated by ``<|endoftext|>``."""
     with open(path, "rb") as f:
         lines = [_utf8(raw, f"{path}:{n}") for n, raw in enumerate(f, 1)]
-    yield f"{path}:1", {"text": "".join(lines).removeprefix("\ufeff")}
+    text = "".join(lines).removeprefix("\ufeff")
+    docs = text.split(ENDOFTEXT)
+    if len(docs) == 1:
+        yield f"{path}:1", {"text": text}
+        return
+    line = 1
+    for doc in docs:
+        if doc.strip():  # named by its first non-blank line; the newlines around a separator are dropped
+            start = line + doc[: len(doc) - len(doc.lstrip())].count("\n")
+            yield f"{path}:{start}", {"text": doc.strip("\n")}
+        line += doc.count("\n")
 
 
 def _read_with_datasets(src: DataSource, file: Path | None, streaming: bool = False) -> Iterator[tuple[str, Any]]:
@@ -379,7 +391,9 @@ def _check_text(text: str, what: str, where: str) -> str:
         raise DataError(f"{where}: {what} is empty")
     for t in CONTROL_TOKENS:
         if t in text:
-            raise DataError(f"{where}: {what} contains the control token {t!r}")
+            line = text.count("\n", 0, text.index(t)) + 1
+            at = f" (on line {line} of the {what})" if "\n" in text else ""
+            raise DataError(f"{where}: {what} contains the control token {t!r}{at}")
     return text
 
 
@@ -395,7 +409,8 @@ def _messages(items, where: str, key: str, role_key: str, content_key: str, role
             raise DataError(f"{where}: {at} must be an object, got {type(m).__name__}")
         role = _field(m, role_key, f"{where}: {at}")
         if role not in roles:
-            raise DataError(f"{where}: {at} has unknown {role_key} {role!r} (expected one of {', '.join(roles)})")
+            raise DataError(f"{where}: {at} has unknown {role_key} {role!r} (expected one of {', '.join(roles)}; "
+                            "tool and function-call turns are not supported)")
         content = _field(m, content_key, f"{where}: {at}")
         out.append({"role": roles[role], "content": _check_text(content, f"{at}.{content_key}", where)})
     return out
@@ -416,6 +431,9 @@ def to_example(rec: Any, fmt: str, where: str) -> Example:
     elif fmt == "sharegpt":
         msgs = _messages(_field(rec, "conversations", where, list), where, "conversations", "from", "value",
                          SHAREGPT_ROLES)
+        system = _field(rec, "system", where, optional=True)  # LLaMA-Factory's layout keeps it beside the turns
+        if system and system.strip() and msgs[0]["role"] != "system":
+            msgs.insert(0, {"role": "system", "content": _check_text(system, "system", where)})
         n_prompt = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=0)
     elif fmt == "prompt_completion":
         prompt, completion = _field(rec, "prompt", where, (str, list)), _field(rec, "completion", where, (str, list))
@@ -506,16 +524,23 @@ class DataStats:
 # ----------------------------------------------------------------------------- tokenizing
 
 
-def _apply_loss_on(mask: np.ndarray, ex: Example, loss_on: str) -> np.ndarray:
+def _apply_loss_on(mask: np.ndarray, ids: np.ndarray, ex: Example, loss_on: str, tok) -> np.ndarray:
     if loss_on == "all":
         return np.ones_like(mask)
-    if loss_on == "completion":
-        # The template gives one run of 1s per assistant turn, in order; unmark the prompt's turns.
-        n_prompt_turns = sum(m["role"] == "assistant" for m in ex.messages[: ex.n_prompt])
-        starts = np.flatnonzero(np.diff(np.concatenate([[0], mask])) == 1)
-        if n_prompt_turns:
-            mask = mask.copy()
-            mask[: starts[n_prompt_turns]] = 0
+    if loss_on == "completion" and any(m["role"] == "assistant" for m in ex.messages[: ex.n_prompt]):
+        # Unmark the prompt's assistant turns: the prompt rendered alone is a token prefix of the whole
+        # conversation (found this way, not by counting the template's {% generation %} spans, which a
+        # template may split or merge).
+        prefix = tok.apply_chat_template(ex.messages[: ex.n_prompt], return_dict=True)["input_ids"]
+        n = len(prefix)
+        if n >= len(ids) or ids[:n].tolist() != list(prefix):
+            raise DataError(f"{ex.where}: loss_on=completion: the chat template renders the prompt turns "
+                            "differently inside the whole conversation, so the completion cannot be told "
+                            "apart (use loss_on: assistant)")
+        mask = mask.copy()
+        mask[:n] = 0
+        if not mask.any():
+            raise DataError(f"{ex.where}: loss_on=completion: the chat template marks no token of the completion")
     return mask
 
 
@@ -539,7 +564,8 @@ def tokenize_chats(examples: list[Example], tok, loss_on: str, batch_size: int =
             if loss_on != "all" and not mask.any():
                 raise DataError(f"{ex.where}: the chat template marks no assistant tokens "
                                 "(a template without {% generation %} markers?)")
-            out.append((np.asarray(ids, np.int32), _apply_loss_on(mask, ex, loss_on)))
+            ids = np.asarray(ids, np.int32)
+            out.append((ids, _apply_loss_on(mask, ids, ex, loss_on, tok)))
     return out
 
 
@@ -668,15 +694,19 @@ def _prepare_tokenizer(cfg: DataConfig, tok, chat: bool):
 
 
 class _Validator:
-    """Records of one source -> Examples; detects the format on the first record; skips and counts if asked."""
+    """Records of one source -> Examples; skips and counts if asked. With ``format: auto`` the format is
+    detected on the first record of each file (a folder may hold files of different formats)."""
 
     def __init__(self, src: DataSource, cfg: DataConfig, stats: DataStats):
         self.src, self.fmt, self.skip_invalid, self.stats = src, src.format or cfg.format, cfg.skip_invalid, stats
+        self.auto, self.file, self.found = self.fmt == "auto", None, []
         self.records = self.kept = 0
 
     def __call__(self, where: str, rec: Any) -> Example | None:
         self.records += 1
         self.stats.records += 1
+        if self.auto and _file_of(where) != self.file:
+            self.file, self.fmt = _file_of(where), "auto"
         try:
             if self.fmt == "auto":
                 if isinstance(rec, DataError):
@@ -687,7 +717,10 @@ class _Validator:
                     raise DataError(f"{where}: cannot tell the format from the keys {keys}; expected messages, "
                                     "conversations, prompt+completion, instruction+output or text "
                                     "(or set data.format)")
-                self.fmt = self.stats.formats[self.src.path] = found
+                self.fmt = found
+                if found not in self.found:
+                    self.found.append(found)
+                self.stats.formats[self.src.path] = "+".join(self.found)
             ex = to_example(rec, self.fmt, where)
             self.kept += 1
             return ex
@@ -706,7 +739,12 @@ class _Validator:
         if self.kept == 0:
             raise DataError(f"{self.src.path}: all {self.records} records are invalid (skip_invalid); "
                             f"first: {self.stats.skip_reasons[0]}")
-        self.stats.formats[self.src.path] = self.fmt
+        self.stats.formats[self.src.path] = "+".join(self.found) if self.auto and self.found else self.fmt
+
+
+def _file_of(where: str) -> str:
+    """The file (or hub dataset) part of a record's ``where``: ``path:line`` or ``path row i``."""
+    return re.sub(r"(:\d+| row \d+)$", "", where)
 
 
 def _load_examples(src: DataSource, cfg: DataConfig, stats: DataStats) -> list[Example]:
@@ -786,7 +824,9 @@ def build_datasets(cfg: DataConfig, tok) -> tuple[PackedDataset | StreamingDatas
         train = StreamingDataset(cfg, tok)
         evalset = None
         if cfg.eval_sources:
-            evalset = build_datasets(dataclasses.replace(cfg, sources=cfg.eval_sources, eval_sources=[],
+            # Weights shape the training mix only: every eval example counts once, as without streaming.
+            sources = [dataclasses.replace(s, weight=1.0) for s in cfg.eval_sources]
+            evalset = build_datasets(dataclasses.replace(cfg, sources=sources, eval_sources=[],
                                                          streaming=False), tok)[0]
         return train, evalset
     rng = np.random.default_rng(cfg.seed)
@@ -800,7 +840,10 @@ def build_datasets(cfg: DataConfig, tok) -> tuple[PackedDataset | StreamingDatas
         segs, wheres = _tokenize_source(examples, cfg, tok, train_stats, src.path)
         keep = np.arange(len(segs))
         if cfg.eval_fraction > 0:
-            perm = rng.permutation(len(segs))
+            # Each source's split has its own generator (seed, path): changing another source or a
+            # weight does not move this source's held-out examples into training.
+            split_rng = np.random.default_rng([cfg.seed, zlib.crc32(src.path.encode())])
+            perm = split_rng.permutation(len(segs))
             n_eval = max(1, int(round(cfg.eval_fraction * len(segs))))
             held, keep = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
             eval_segs += [segs[i] for i in held]
@@ -1082,7 +1125,9 @@ def inspect_main(argv: list[str] | None = None) -> int:
                 d[key] = getattr(args, key)
         if args.no_pack:
             d["pack"] = False
-        cfg = DataConfig.from_dict(d)
+        from jaxgpt.config import from_dict  # the run config's value conversion and key checks (config imports data)
+
+        cfg = from_dict({"data": d}, args.config or "command line").data
         if not cfg.sources:
             raise DataError("give --data PATH or --config FILE")
         tok = load_tokenizer(args.tokenizer)

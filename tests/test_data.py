@@ -490,3 +490,108 @@ def test_inspect_cli_marks_trained_tokens(tmp_path, capsys):
     assert main(["inspect", "--data", bad]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "bad.jsonl:2: invalid JSON" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- third review (2026-11-29)
+
+
+def _trained_text(tok, ds, k):
+    ids, mask = ds.segment(k)
+    return tok.decode(ids[mask.astype(bool)].tolist())
+
+
+@pytest.mark.parametrize("spans", ["two per turn", "last turn only"])
+def test_completion_with_a_tokenizer_template_of_other_spans(tmp_path, spans):
+    # A template that wraps each reply and its end token in two {% generation %} spans, or marks only
+    # the last turn: loss_on=completion still trains exactly the final reply, as transformers' mask says.
+    tok = add_chat_template(load_tokenizer())
+    span = "{%- generation -%}{{- message['content'] | trim + '<|im_end|>' -}}{%- endgeneration -%}"
+    assert tok.chat_template.count(span) == 1
+    if spans == "two per turn":
+        new = ("{%- generation -%}{{- message['content'] | trim -}}{%- endgeneration -%}{{- '\\n' -}}"
+               "{%- generation -%}{{- '<|im_end|>' -}}{%- endgeneration -%}")  # an untrained token between
+    else:
+        new = "{%- if loop.last -%}" + span + "{%- else -%}{{- message['content'] | trim + '<|im_end|>' -}}{%- endif -%}"
+    t = tok.chat_template.replace(span, new)
+    tok.chat_template = t
+    conv = chat(("user", "Hello"), ("assistant", "Hello there"), ("user", "Bye"), ("assistant", "Goodbye now"))
+    hf = tok.apply_chat_template(conv["messages"], return_dict=True, return_assistant_tokens_mask=True)
+    hf_trained = tok.decode([i for i, m in zip(hf["input_ids"], hf["assistant_masks"]) if m])
+    assert hf_trained.endswith("Goodbye now<|im_end|>")
+    path = write(tmp_path, "c.jsonl", [conv])
+    ds = build_dataset(DataConfig(sources=[path], template="tokenizer", loss_on="completion", seq_len=64), tok)
+    assert _trained_text(tok, ds, 0) == "Goodbye now<|im_end|>"
+    assistant = build_dataset(DataConfig(sources=[path], template="tokenizer", seq_len=64), tok)
+    assert _trained_text(tok, assistant, 0) == hf_trained  # loss_on=assistant is transformers' own mask
+
+
+def test_completion_refuses_a_template_that_renders_the_prompt_differently(tmp_path):
+    tok = add_chat_template(load_tokenizer())
+    # a template that renders the last turn differently (as some do for reasoning or a final marker)
+    head = "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    assert tok.chat_template.count(head) == 1
+    tok.chat_template = tok.chat_template.replace(
+        head, "{{- '<|im_start|>' + ('final ' if loop.last else '') + message['role'] + '\\n' -}}")
+    conv = chat(("user", "Hello"), ("assistant", "Hi"), ("user", "Bye"), ("assistant", "Later"))
+    path = write(tmp_path, "c.jsonl", [conv])
+    with pytest.raises(DataError, match=r"c.jsonl:1: loss_on=completion: the chat template renders the prompt "
+                                        r"turns differently"):
+        build_dataset(DataConfig(sources=[path], template="tokenizer", loss_on="completion", seq_len=64), tok)
+
+
+def test_eval_sources_count_once_with_or_without_streaming(tmp_path, tok):
+    train = write(tmp_path, "train.jsonl", [chat(("user", f"q{i}"), ("assistant", f"a{i}")) for i in range(8)])
+    held = write(tmp_path, "held.jsonl", [chat(("user", f"e{i}"), ("assistant", f"r{i}")) for i in range(5)])
+    sets = [build_datasets(DataConfig(sources=[train], eval_sources=[{"path": held, "weight": w}], seq_len=64,
+                                      streaming=s), tok)[1] for s in (False, True) for w in (3.0, 0.5)]
+    assert [ev.num_segments for ev in sets] == [5, 5, 5, 5]
+
+
+def test_eval_split_of_a_source_does_not_depend_on_the_others(tok):
+    def held_out(weight):
+        _, ev = build_datasets(DataConfig(sources=[{"path": oasst(), "weight": weight}, sharegpt()], seq_len=512,
+                                          max_examples=40, eval_fraction=0.2), tok)
+        return sorted(w for w in ev.segment_sources if w.startswith(sharegpt()))
+    assert held_out(1.0) == held_out(0.5) and len(held_out(1.0)) == 8
+
+
+def test_sharegpt_system_field_becomes_the_system_turn(tmp_path, tok):
+    rec = {"system": "You are a pirate.", "conversations": [{"from": "human", "value": "Hi"},
+                                                            {"from": "gpt", "value": "Arr!"}]}
+    ds = build_dataset(DataConfig(sources=[write(tmp_path, "s.jsonl", [rec])], seq_len=64), tok)
+    assert tok.decode(ds.segment(0)[0].tolist()).startswith("<|im_start|>system\nYou are a pirate.<|im_end|>\n")
+
+
+def test_folder_of_different_formats_detects_each_file(tmp_path, tok):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.json").write_text(json.dumps([{"conversations": [{"from": "human", "value": "Hi"},
+                                                                   {"from": "gpt", "value": "Yo"}]}] * 3))
+    write(folder, "b.jsonl", [GOOD] * 2)
+    ds = build_dataset(DataConfig(sources=[str(folder)], seq_len=64, skip_invalid=True), tok)
+    assert ds.stats.skipped == 0 and ds.num_segments == 5
+    assert ds.stats.formats == {str(folder): "sharegpt+messages"}
+
+
+def test_text_file_documents_split_at_endoftext(tmp_path, tok):
+    f = tmp_path / "corpus.txt"
+    f.write_text("first doc\nline two\n<|endoftext|>\n\nsecond doc\n<|endoftext|>")
+    ds = build_dataset(DataConfig(sources=[str(f)], seq_len=64), tok)
+    assert sorted(ds.segment_sources) == [f"{f}:1", f"{f}:5"]
+    texts = sorted(tok.decode(ds.segment(k)[0].tolist()) for k in range(ds.num_segments))
+    assert texts == ["first doc\nline two<|endoftext|>", "second doc<|endoftext|>"]
+    f.write_text("a\nb\nc <|im_end|> d\n")
+    with pytest.raises(DataError, match=r"corpus.txt:1: text contains the control token '<\|im_end\|>' "
+                                        r"\(on line 3 of the text\)"):
+        build_dataset(DataConfig(sources=[str(f)], seq_len=64), tok)
+
+
+def test_inspect_reads_config_values_as_train_does(tmp_path, capsys):
+    path = write(tmp_path, "c.jsonl", [GOOD] * 4)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"data:\n  sources: [{path}]\n  seq_len: 64\n  eval_fraction: 5e-1\n")  # YAML 1.1: a string
+    assert main(["inspect", "--config", str(cfg), "-n", "0"]) == 0
+    assert "eval:" in capsys.readouterr().out
+    cfg.write_text(f"data:\n  sources: [{path}]\n  eval_fracton: 0.5\n")
+    assert main(["inspect", "--config", str(cfg)]) == 2
+    assert "unknown key 'data.eval_fracton'" in capsys.readouterr().err
