@@ -23,7 +23,7 @@ from typing import Callable
 
 from jaxgpt import compile_cache
 from jaxgpt.model import DECODING_DTYPES
-from jaxgpt.sample import PARAM_DTYPE_HELP, SampleError, load_model, stop_ids_for, stream
+from jaxgpt.sample import PARAM_DTYPE_HELP, SampleError, check_sampling, load_model, stop_ids_for, stream
 from jaxgpt.tokenizer import add_chat_template
 
 
@@ -31,7 +31,8 @@ class ChatSession:
     """A conversation with a model: ``reply(text)`` generates, ``reset()`` forgets."""
 
     def __init__(self, model, tokenizer, *, max_new_tokens: int = 128, temperature: float = 0.7, top_k: int = 0,
-                 top_p: float = 0.95, seed: int = 0, system: str | None = None, chunk: int = 8):
+                 top_p: float = 0.95, seed: int = 0, system: str | None = None, chunk: int = 8,
+                 source: str | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.template_note = None
         if not tokenizer.chat_template:
@@ -40,11 +41,20 @@ class ChatSession:
         # At most half the context: the default 128 would leave a 128-position model (the demo's)
         # no room for the message.
         self.max_new_tokens = min(max_new_tokens, model.config.n_positions // 2)
+        self.reply_note = f"--max-new-tokens={max_new_tokens}" + (
+            f", capped to {self.max_new_tokens} (half the model's {model.config.n_positions} positions)"
+            if self.max_new_tokens < max_new_tokens else "")
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.seed, self.system, self.chunk = seed, system, chunk
-        self.stop_ids = set(stop_ids_for(tokenizer, model))
+        self.stop_ids = set(stop_ids_for(tokenizer, model, source))  # source: its generation_config's EOS too
         self.turns = 0
         self.reset()
+        if system:  # a system message that leaves no room would fail every message: say so now
+            n = len(self._encode(self.messages + [{"role": "user", "content": "?"}]))
+            budget = model.config.n_positions - self.max_new_tokens
+            if n > budget:
+                raise SampleError(f"--system is too long: with a one-word message the prompt is {n} tokens, but "
+                                  f"at most {budget} fit beside the reply ({self.reply_note})")
 
     def reset(self):
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
@@ -63,8 +73,10 @@ class ChatSession:
             if len(ids) <= budget:
                 return head + body, ids
             if len(body) <= 1:
-                raise SampleError(f"the message is too long: {len(ids)} tokens, but at most {budget} fit "
-                                  f"beside --max-new-tokens={self.max_new_tokens} (a shorter message, or lower it)")
+                what = "the system message and this message are" if head else "the message is"
+                raise SampleError(f"{what} too long: {len(ids)} tokens with the template, but at most {budget} "
+                                  f"fit beside the reply ({self.reply_note}): a shorter message, or lower "
+                                  "--max-new-tokens")
             body = body[2:] if body[0]["role"] == "user" and len(body) > 2 else body[1:]
 
     def reply(self, text: str, on_text: Callable[[str], None] = lambda s: None) -> str:
@@ -105,10 +117,11 @@ def main(argv=None) -> int:
         ap.error(f"--chunk must be at least 1, got {args.chunk}")
     compile_cache.enable()  # a second chat session starts without compiling
     try:
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, flags=True)  # before loading
         model, tokenizer = load_model(args.model, dtype=args.dtype, param_dtype=args.param_dtype)
         session = ChatSession(model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, system=args.system,
-                              chunk=args.chunk)
+                              chunk=args.chunk, source=args.model)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -140,6 +153,9 @@ def main(argv=None) -> int:
             session.reply(line, on_text=lambda s: print(s, end="", flush=True))
         except SampleError as e:
             print(f"\nerror: {e}")
+            continue
+        except KeyboardInterrupt:  # Ctrl-C stops this reply; the conversation so far is kept
+            print("\n(interrupted)")
             continue
         print()
 

@@ -64,7 +64,7 @@ from flax import nnx
 from jaxgpt import compile_cache
 from jaxgpt.model import DECODING_DTYPES, GPT2, INT8_DECODING, for_decoding, init_cache
 from jaxgpt.tokenizer import load_tokenizer, stop_token_ids
-from jaxgpt.weights import is_hf_folder, load_pretrained, resolve
+from jaxgpt.weights import folder_eos_ids, is_hf_folder, load_pretrained, resolve
 
 MAX_STOP_IDS = 8  # stop ids are padded to a fixed count so the set never changes the compiled shape
 MIN_BUCKET = 16
@@ -168,18 +168,24 @@ def split_for_inference(model: GPT2):
     return nnx.split(nnx.view(model, deterministic=True, raise_if_not_found=False))
 
 
+def check_sampling(max_new_tokens, temperature, top_k, top_p, flags: bool = False):
+    """SampleError for out-of-range settings, named as the CLIs' flags when ``flags``."""
+    name = (lambda n: "--" + n.replace("_", "-")) if flags else (lambda n: n)
+    if max_new_tokens < 1:
+        raise SampleError(f"{name('max_new_tokens')} must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise SampleError(f"{name('temperature')} must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise SampleError(f"{name('top_k')} must be >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise SampleError(f"{name('top_p')} must be in (0, 1], got {top_p}")
+
+
 def _check_args(model: GPT2, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids):
     cfg = model.config
     if not prompts:
         raise SampleError("no prompts given")
-    if max_new_tokens < 1:
-        raise SampleError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise SampleError(f"temperature must be >= 0, got {temperature}")
-    if top_k < 0:
-        raise SampleError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise SampleError(f"top_p must be in (0, 1], got {top_p}")
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     if len(stop_ids) > MAX_STOP_IDS:
         raise SampleError(f"at most {MAX_STOP_IDS} stop ids, got {len(stop_ids)}")
     for i, p in enumerate(prompts):
@@ -199,6 +205,9 @@ def stream(model: GPT2, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
            top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (), seed: int = 0,
            chunk: int | None = 16) -> Iterator[list[list[int]]]:
     """Yield the new tokens of every row so far, after each ``chunk`` decode steps (None: only at the end)."""
+    if len(prompts) and np.ndim(prompts[0]) == 0:
+        raise SampleError("prompts must be a batch: a list of token-id lists (or a 2-D array), "
+                          "e.g. [tokenizer.encode(text)]")
     prompts = [list(map(int, p)) for p in prompts]
     stop_ids = [int(s) for s in stop_ids]
     _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids)
@@ -283,9 +292,13 @@ def load_model(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str 
     return model, tokenizer
 
 
-def stop_ids_for(tokenizer, model: GPT2) -> list[int]:
-    """End-of-text and end-of-turn ids (EOS, ``<|im_end|>`` with ChatML) that the model can produce."""
+def stop_ids_for(tokenizer, model: GPT2, source: str | None = None) -> list[int]:
+    """End-of-text and end-of-turn ids (EOS, ``<|im_end|>`` with ChatML) that the model can produce;
+    with ``source`` (what ``load_model`` loaded) also every EOS id its ``config.json`` and
+    ``generation_config.json`` list, where transformers' ``generate`` stops too."""
     ids = set(stop_token_ids(tokenizer)) | {model.config.eos_token_id}
+    if source is not None:
+        ids |= set(folder_eos_ids(source))
     return sorted(i for i in ids if i is not None and 0 <= i < model.config.vocab_size)
 
 
@@ -306,13 +319,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     compile_cache.enable()
     try:
-        model, tokenizer = load_model(args.model, dtype=args.dtype, param_dtype=args.param_dtype)
-        ids = tokenizer.encode(args.prompt) if args.prompt else [model.config.bos_token_id]
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, flags=True)
         if args.num_samples < 1:
             raise SampleError(f"--num-samples must be >= 1, got {args.num_samples}")
+        model, tokenizer = load_model(args.model, dtype=args.dtype, param_dtype=args.param_dtype)
+        ids = tokenizer.encode(args.prompt) if args.prompt else [model.config.bos_token_id]
         outs = generate(model, [ids] * args.num_samples, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        stop_ids=stop_ids_for(tokenizer, model), seed=args.seed)
+                        stop_ids=stop_ids_for(tokenizer, model, args.model), seed=args.seed)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

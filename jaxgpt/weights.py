@@ -229,6 +229,31 @@ def is_hf_folder(path: str | os.PathLike) -> bool:
     return (path / "config.json").is_file() and any((path / f).is_file() for f in WEIGHT_FILES)
 
 
+def folder_eos_ids(name_or_path: str | os.PathLike) -> list[int]:
+    """Every ``eos_token_id`` an HF folder's ``config.json`` and ``generation_config.json`` list (a hub id's
+    from the local cache only; a training run's folder has none)."""
+    path = Path(name_or_path)
+    if path.is_dir() and not is_hf_folder(path):
+        return []
+    ids: list[int] = []
+    for fname in ("config.json", "generation_config.json"):
+        if path.is_dir():
+            f = path / fname
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(str(name_or_path), fname)
+            f = Path(hit) if isinstance(hit, str) else None
+        if f is None or not f.is_file():
+            continue
+        try:
+            eos = json.loads(f.read_text()).get("eos_token_id")
+        except (ValueError, AttributeError) as e:
+            raise WeightsError(f"{f}: cannot read eos_token_id: {e}") from None
+        ids += [int(i) for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int)]
+    return list(dict.fromkeys(ids))
+
+
 def resolve(name_or_path: str | os.PathLike) -> Path:
     """A local folder, or a hub id downloaded into the HF cache (config, weights, tokenizer)."""
     path = Path(name_or_path)
@@ -239,6 +264,9 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     name = str(name_or_path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise WeightsError(f"{name}: no such folder")
+    if "/" in name and Path(name.split("/")[0]).is_dir():  # runs/gpt2-chta: a typo, not a hub id
+        raise WeightsError(f"{name}: no such folder (in {name.split('/')[0]}/: "
+                           f"{', '.join(sorted(p.name for p in Path(name.split('/')[0]).iterdir())[:8]) or 'nothing'})")
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RemoteEntryNotFoundError
 

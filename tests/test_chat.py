@@ -89,3 +89,52 @@ def test_chunk_must_be_positive(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--model", "unused", "--chunk", "0"])  # refused before any model is loaded
     assert e.value.code == 2 and "--chunk must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_sampling_flags_refused_before_loading(capsys):
+    for flags, message in ((["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+                           (["--temperature", "-1"], "--temperature must be >= 0, got -1.0"),
+                           (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0")):
+        assert main(["--model", "/nonexistent/never/loaded", *flags]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {message}"
+
+
+def test_a_system_message_that_leaves_no_room_is_refused_at_once(chat_folder):
+    model, tok = load_model(str(chat_folder))
+    with pytest.raises(SampleError, match=r"--system is too long: .* at most 32 fit beside the reply "
+                                          r"\(--max-new-tokens=128, capped to 32 \(half the model's 64 positions\)\)"):
+        ChatSession(model, tok, system="word " * 40)
+
+
+def test_ctrl_c_stops_the_reply_and_keeps_the_conversation(chat_folder, monkeypatch, capsys):
+    calls = []
+
+    def reply(self, text, on_text=lambda s: None):
+        calls.append(text)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # Ctrl-C while the first reply is generated
+        self.messages = self.messages + [{"role": "user", "content": text}, {"role": "assistant", "content": "ok"}]
+        on_text("ok")
+        return "ok"
+
+    monkeypatch.setattr(ChatSession, "reply", reply)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first\nsecond\n"))
+    assert main(["--model", str(chat_folder), "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert calls == ["first", "second"] and "(interrupted)" in out and "bot> ok" in out
+
+
+def test_stop_ids_include_the_folders_generation_config(chat_folder, tmp_path):
+    import json
+    import shutil
+
+    from jaxgpt.sample import stop_ids_for
+
+    folder = shutil.copytree(chat_folder, tmp_path / "m")
+    model, tok = load_model(str(folder))
+    base = stop_ids_for(tok, model, str(folder))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [50256, 11671]}))
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "eos_token_id": [50256, 42]}))
+    assert stop_ids_for(tok, model, str(folder)) == sorted(set(base) | {11671, 42})
+    assert stop_ids_for(tok, model) == base == sorted(set(stop_token_ids(tok)) | {50256})

@@ -420,3 +420,17 @@ def test_sharded_params_generate_the_same(model, tmp_path):
     proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(folder), *map(json.dumps, (PROMPTS, kw, expected, expected_int8))],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0 and "SHARDED_OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_a_flat_token_list_is_refused_clearly(model):
+    with pytest.raises(SampleError, match=r"prompts must be a batch: a list of token-id lists"):
+        generate(model, [1, 2, 3], max_new_tokens=2)
+
+
+def test_a_mistyped_local_run_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    from jaxgpt.weights import WeightsError, resolve
+
+    (tmp_path / "runs" / "gpt2-chat").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(WeightsError, match=r"^runs/gpt2-chta: no such folder \(in runs/: gpt2-chat\)$"):
+        resolve("runs/gpt2-chta")
