@@ -6,9 +6,17 @@ STAMP   := $(VENV)/.installed
 
 .PHONY: demo test test-slow bench bench-quick clean
 
+# PyTorch (the reference in tests and benchmarks) comes from its CPU wheel index first: PyPI's Linux
+# wheel of the same version pulls several GB of CUDA libraries. Where that index cannot be reached,
+# pip falls back to the configured indexes (and says so).
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_REQ   := $(shell grep -o 'torch==[0-9.]*' pyproject.toml | head -1)
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --retries 1 --timeout 15 --index-url $(TORCH_INDEX) "$(TORCH_REQ)" \
+		|| echo "note: $(TORCH_REQ) not installed from $(TORCH_INDEX); pip takes it from the default index"
 	$(BIN)/python -m pip install -q -e ".[test,bench]"
 	touch $(STAMP)
 
@@ -17,7 +25,7 @@ demo: $(STAMP)
 
 # Two pytest workers, one test file each at a time (--dist loadfile keeps a file's fixtures in one
 # process): most tests are bound by single-threaded XLA compilation (tests/conftest.py compiles at
-# LLVM -O0 for that reason), so on 2 cores the tests take 6-10 min (clean clone, 226 tests: 5:54 on an
+# LLVM -O0 for that reason), so on 2 cores the tests take 6-10 min (clean clone, 227 tests: 5:56 on an
 # AMD EPYC host, 8:45 with 202 on an Intel Xeon one; plus 1-3 min building .venv). A third worker was
 # no faster. TEST_WORKERS=0 runs them in this process.
 # --durations=15: the slowest tests, printed in every CI log (the budget is 15 min in all).
