@@ -49,7 +49,7 @@ class ModelConfig:
     n_layer: int = _f(2, "from scratch only: transformer blocks")
     n_head: int = _f(4, "from scratch only: attention heads")
     n_embd: int = _f(128, "from scratch only: width")
-    n_positions: int = _f(256, "from scratch only: maximum sequence length")
+    n_positions: int = _f(1024, "from scratch only: maximum sequence length (GPT-2's 1024, as data.seq_len)")
     vocab_size: int | None = _f(None, "from scratch only: vocabulary rows; null = the tokenizer's size")
     init_seed: int = _f(0, "from scratch only: parameter init seed")
     dtype: str = _f("float32", "compute dtype (float32 | bfloat16); master weights stay in param_dtype")

@@ -1129,7 +1129,8 @@ def inspect_main(argv: list[str] | None = None) -> int:
 
         cfg = from_dict({"data": d}, args.config or "command line").data
         if not cfg.sources:
-            raise DataError("give --data PATH or --config FILE")
+            raise DataError(f"{args.config}: no data.sources (or give --data PATH)" if args.config
+                            else "give --data PATH or --config FILE")
         tok = load_tokenizer(args.tokenizer)
         train, evalset = build_datasets(cfg, tok)
         stats = train.stats
@@ -1175,10 +1176,11 @@ def _read_config(path: str) -> dict:
         raise DataError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(d, dict):
         raise DataError(f"{path}: expected a mapping")
-    d = d.get("data", d)
-    if not isinstance(d, dict):
-        raise DataError(f"{path}: `data` must be a mapping")
-    return dict(d)
+    from jaxgpt.config import SECTIONS, load_config  # config imports data
+
+    if any(k in SECTIONS for k in d):  # a run config: read as `train` reads it (bundled paths, value types)
+        return load_config(path).data.to_dict()
+    return dict(d)  # a data section on its own
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,6 +75,10 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> PreTrainedT
         # GPT2Tokenizer(vocab_file=, merges_file=) is silently empty in transformers 5; from_pretrained is not.
         tok = GPT2Tokenizer.from_pretrained(str(VENDORED_GPT2))
     else:
+        from jaxgpt.weights import is_local_path, missing_folder
+
+        if is_local_path(str(name_or_path)) and not Path(name_or_path).expanduser().exists():
+            raise TokenizerError(missing_folder(str(name_or_path)))
         try:
             tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=False)
         except (OSError, ValueError) as e:

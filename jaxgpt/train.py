@@ -66,8 +66,15 @@ def init_distributed(dc) -> None:
     if _dist.global_state.client is not None:
         return
     # On TPU pods (and SLURM / Open MPI) all three may be None: JAX detects them.
-    jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid,
-                               initialization_timeout=dc.initialization_timeout)
+    try:
+        jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid,
+                                   initialization_timeout=dc.initialization_timeout)
+    except ValueError as e:
+        if address is not None:
+            raise
+        raise ConfigError(f"distributed.enabled=true, but JAX found no cluster to join ({e}): only TPU pods, SLURM "
+                          "and Open MPI are detected; elsewhere give distributed.coordinator_address, num_processes "
+                          "and process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)") from None
 
 
 def _env_int(name: str) -> int | None:
@@ -227,7 +234,12 @@ def make_eval_step(graphdef, rest, *, mesh=None) -> Callable:
 def load_tokenizer_for(cfg: Config):
     """The tokenizer named by the config (the data adds its chat template later)."""
     from jaxgpt.tokenizer import load_tokenizer
+    from jaxgpt.weights import is_local_path, missing_folder
 
+    for key in ("name_or_path", "tokenizer"):  # a mistyped folder: one line naming the key, before any hub lookup
+        value = getattr(cfg.model, key)
+        if value is not None and is_local_path(str(value)) and not Path(value).expanduser().exists():
+            raise ConfigError(f"model.{key}={missing_folder(str(value))}")
     name = cfg.model.tokenizer
     if name is None and cfg.model.name_or_path:
         folder = Path(cfg.model.name_or_path)
@@ -250,7 +262,15 @@ def model_config(cfg: Config, vocab_size: int) -> GPT2Config:
             raise ConfigError(f"model: {e}") from None
     from jaxgpt import weights
 
+    defaults = {f.name: f.default for f in dataclasses.fields(m)}
+    ignored = [f"model.{k}={getattr(m, k)!r}" for k in FROM_SCRATCH_KEYS if getattr(m, k) != defaults[k]]
+    if ignored:
+        log.warning("%s ignored: fine-tuning %s keeps its own architecture and weights", ", ".join(ignored),
+                    m.name_or_path)
     return weights.config_from_hf(weights.resolve(m.name_or_path) / "config.json", **numerics)
+
+
+FROM_SCRATCH_KEYS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "init_seed")
 
 
 def build_model(cfg: Config, vocab_size: int, mesh, gcfg: GPT2Config | None = None

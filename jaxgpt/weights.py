@@ -254,6 +254,21 @@ def folder_eos_ids(name_or_path: str | os.PathLike) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+def is_local_path(name: str) -> bool:
+    """True if ``name`` can only mean a local path, never a hub id ("org/name"): it starts with
+    ``.``, ``/`` or ``~``, has more than one ``/``, or its first part is a local folder (runs/gpt2-chta)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or ("/" in name and Path(name.split("/")[0]).is_dir())
+
+
+def missing_folder(name: str) -> str:
+    """The one-line error for a local path that does not exist, naming what its parent holds."""
+    parent = Path(name).expanduser().parent
+    if not parent.is_dir() or str(parent) == ".":
+        return f"{name}: no such folder"
+    have = sorted(p.name for p in parent.iterdir() if not p.name.startswith("."))
+    return f"{name}: no such folder (in {parent}/: {', '.join(have[:8]) + (', ...' if len(have) > 8 else '') or 'nothing'})"
+
+
 def resolve(name_or_path: str | os.PathLike) -> Path:
     """A local folder, or a hub id downloaded into the HF cache (config, weights, tokenizer)."""
     path = Path(name_or_path)
@@ -262,11 +277,8 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     if path.exists():
         raise WeightsError(f"{path}: expected a folder holding config.json and weights, got a file")
     name = str(name_or_path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise WeightsError(f"{name}: no such folder")
-    if "/" in name and Path(name.split("/")[0]).is_dir():  # runs/gpt2-chta: a typo, not a hub id
-        raise WeightsError(f"{name}: no such folder (in {name.split('/')[0]}/: "
-                           f"{', '.join(sorted(p.name for p in Path(name.split('/')[0]).iterdir())[:8]) or 'nothing'})")
+    if is_local_path(name):
+        raise WeightsError(missing_folder(name))
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RemoteEntryNotFoundError
 

@@ -218,3 +218,29 @@ def test_bundled_config_runs_from_any_folder(tmp_path, monkeypatch):
     own = tmp_path / "mine.yaml"  # the user's own config: paths stay as written
     own.write_text("data:\n  sources: [jaxgpt/assets/demo_chat.jsonl]\n")
     assert load_config(own).data.sources[0].path == "jaxgpt/assets/demo_chat.jsonl"
+
+
+def test_the_defaults_fit_together(tmp_path):
+    """A config naming only its data trains from scratch: data.seq_len's default fits model.n_positions'."""
+    from jaxgpt.config import from_dict
+
+    from jaxgpt.train import model_config
+
+    cfg = from_dict({"data": {"sources": ["x.jsonl"]}, "train": {"steps": 1}})
+    assert cfg.data.seq_len <= model_config(cfg, 50257).n_positions == 1024
+
+
+def test_architecture_keys_ignored_when_fine_tuning_are_named(shared_data, caplog):
+    from jaxgpt.config import from_dict
+    from jaxgpt.train import model_config
+
+    folder = str(shared_data / "models" / "tiny-random-gpt2")
+    cfg = from_dict({"model": {"name_or_path": folder, "n_layer": 6, "n_embd": 128}})
+    with caplog.at_level("WARNING", logger="jaxgpt.train"):
+        arch = model_config(cfg, 50257)
+    assert arch.n_layer != 6
+    assert f"model.n_layer=6 ignored: fine-tuning {folder} keeps its own architecture" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="jaxgpt.train"):
+        model_config(from_dict({"model": {"name_or_path": folder}}), 50257)
+    assert "ignored" not in caplog.text

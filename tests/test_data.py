@@ -595,3 +595,15 @@ def test_inspect_reads_config_values_as_train_does(tmp_path, capsys):
     cfg.write_text(f"data:\n  sources: [{path}]\n  eval_fracton: 0.5\n")
     assert main(["inspect", "--config", str(cfg)]) == 2
     assert "unknown key 'data.eval_fracton'" in capsys.readouterr().err
+
+
+def test_inspect_reads_a_run_config_from_any_folder(tmp_path, monkeypatch, capsys):
+    from tests.conftest import ROOT
+
+    monkeypatch.chdir(tmp_path)  # the bundled demo config's data paths are found in the project, as by train
+    assert main(["inspect", "--config", str(ROOT / "configs" / "demo.yaml"), "-n", "0"]) == 0
+    assert "rows x seq_len" in capsys.readouterr().out
+    other = tmp_path / "opt.yaml"
+    other.write_text("optimizer:\n  lr: 1.0e-4\n")
+    assert main(["inspect", "--config", str(other)]) == 2
+    assert capsys.readouterr().err == f"error: {other}: no data.sources (or give --data PATH)\n"

@@ -282,3 +282,31 @@ def test_plain_text_run_samples_its_prompts_as_text(tmp_path, capsys):
     result = train(cfg)
     assert result.tokenizer.chat_template is None and 2 in result.evals
     assert "step 2 sample | 'To be' -> " in capsys.readouterr().out
+
+
+def test_cli_errors_name_the_key_before_any_hub_lookup(tmp_path, monkeypatch, capsys):
+    """A mistyped model / tokenizer folder and pod settings off a pod: one line naming the key."""
+    from jaxgpt.train import main
+
+    (tmp_path / "runs" / "gpt2-chat").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    cases = [(["model.name_or_path=./my-gpt2"], "error: model.name_or_path=./my-gpt2: no such folder\n"),
+             (["model.name_or_path=runs/gpt2-chta"],
+              "error: model.name_or_path=runs/gpt2-chta: no such folder (in runs/: gpt2-chat)\n"),
+             (["model.tokenizer=/nonexistent/tok"], "error: model.tokenizer=/nonexistent/tok: no such folder\n")]
+    for overrides, message in cases:
+        assert main([*overrides, f"train.output_dir={tmp_path / 'out'}", "train.steps=1"]) == 1
+        assert capsys.readouterr().err == message
+    # jax.distributed must start before the backend: in a fresh process, as the CLI runs
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    r = subprocess.run([sys.executable, "-m", "jaxgpt.train", "distributed.enabled=true", "train.steps=1",
+                        f"train.output_dir={tmp_path / 'out'}"], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 1, r.stderr[-2000:]
+    err = r.stderr.splitlines()[-1] + "\n"
+    assert err.startswith("error: distributed.enabled=true, but JAX found no cluster to join") and \
+        "distributed.coordinator_address" in err and "Traceback" not in r.stderr
