@@ -103,14 +103,15 @@ class ChatSession:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jaxgpt.chat", description="Chat with a GPT-2 in the terminal.")
     ap.add_argument("--model", required=True, help="HF folder or hub id, or a jaxgpt training checkpoint")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    ap.add_argument("--top-k", type=int, default=0, help="0 = off")
-    ap.add_argument("--top-p", type=float, default=0.95, help="1.0 = off")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, default=128,
+                    help="reply length, at most half the context (default %(default)s)")
+    ap.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default %(default)s)")
+    ap.add_argument("--top-k", type=int, default=0, help="0 = off (default %(default)s)")
+    ap.add_argument("--top-p", type=float, default=0.95, help="1.0 = off (default %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
     ap.add_argument("--system", default=None, help="system message (kept when old turns are dropped)")
-    ap.add_argument("--chunk", type=int, default=8, help="tokens decoded between screen updates")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    ap.add_argument("--chunk", type=int, default=8, help="tokens decoded between screen updates (default %(default)s)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (default %(default)s)")
     ap.add_argument("--param-dtype", default="float32", choices=["float32", *DECODING_DTYPES], help=PARAM_DTYPE_HELP)
     args = ap.parse_args(argv)
     if args.chunk < 1:

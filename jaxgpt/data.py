@@ -101,25 +101,33 @@ class DataSource:
             raise DataError(f"{self.path}: format={self.format!r}: choose from {', '.join(FORMATS)}")
 
 
+def _f(default, help: str):
+    """A dataclass field with a help string (shown by ``python -m jaxgpt.train --help``)."""
+    if isinstance(default, list):
+        return field(default_factory=list, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DataConfig:
     """Data knobs (the ``data:`` section of a run config)."""
 
-    sources: list[DataSource] = field(default_factory=list)
-    format: str = "auto"  # auto | messages | sharegpt | prompt_completion | alpaca | text
-    template: str = "chatml"  # chatml | plain (no new tokens) | tokenizer (its own template, as is)
-    seq_len: int = 1024  # tokens per row (model inputs); a conversation fits if it has <= seq_len + 1 tokens
-    loss_on: str = "assistant"  # assistant | all | completion (only the final assistant turn / the completion)
-    truncation: str = "truncate"  # truncate | drop conversations longer than a row
-    skip_invalid: bool = False  # skip and count bad records instead of raising
-    pack: bool = True  # False: one conversation per row (to compare efficiency)
-    seed: int = 0
-    shuffle: bool = True
-    eval_fraction: float = 0.0  # hold out this share of each source's examples for eval
-    eval_sources: list[DataSource] = field(default_factory=list)
-    max_examples: int | None = None  # read at most this many records per source (smoke runs)
-    streaming: bool = False  # read lazily and pack `stream_window` examples at a time (data > memory)
-    stream_window: int = 4096  # examples per packing window when streaming
+    sources: list[DataSource] = _f([], "files, folders or hub ids, or {path, name, split, weight, format} each")
+    format: str = _f("auto", "auto (from each file's first record) | messages | sharegpt | prompt_completion | "
+                     "alpaca | text")
+    template: str = _f("chatml", "chatml | plain (no new tokens) | tokenizer (its own template, as is)")
+    seq_len: int = _f(1024, "tokens per row (model inputs); a conversation fits if it has <= seq_len + 1 tokens")
+    loss_on: str = _f("assistant", "assistant | all | completion (only the final assistant turn / the completion)")
+    truncation: str = _f("truncate", "truncate | drop conversations longer than a row")
+    skip_invalid: bool = _f(False, "skip and count bad records instead of raising")
+    pack: bool = _f(True, "pack several conversations per row; false = one per row (to compare efficiency)")
+    seed: int = _f(0, "packing tie-break, eval split, weights and epoch order")
+    shuffle: bool = _f(True, "shuffle the rows every epoch")
+    eval_fraction: float = _f(0.0, "hold out this share of each source's examples for eval")
+    eval_sources: list[DataSource] = _f([], "separate eval data (as sources; weights ignored)")
+    max_examples: int | None = _f(None, "read at most this many records per source (smoke runs)")
+    streaming: bool = _f(False, "read lazily and pack stream_window examples at a time (data larger than memory)")
+    stream_window: int = _f(4096, "examples per packing window when streaming")
 
     def __post_init__(self):
         self.sources = [_as_source(s, "sources") for s in _as_list(self.sources)]

@@ -305,16 +305,17 @@ def stop_ids_for(tokenizer, model: GPT2, source: str | None = None) -> list[int]
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jaxgpt.sample", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m jaxgpt.sample", description="Continue a prompt with a GPT-2 (an HF "
+                                 "folder, a hub id or a jaxgpt training run).")
     ap.add_argument("--model", required=True, help="HF folder or hub id, or a jaxgpt training checkpoint (output dir or step dir)")
     ap.add_argument("--prompt", default="", help="text to continue (default: start from end-of-text)")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    ap.add_argument("--top-k", type=int, default=0, help="0 = off")
-    ap.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--num-samples", type=int, default=1, help="samples drawn in one batch")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default %(default)s)")
+    ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default %(default)s)")
+    ap.add_argument("--top-k", type=int, default=0, help="0 = off (default %(default)s)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="1.0 = off (default %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
+    ap.add_argument("--num-samples", type=int, default=1, help="samples drawn in one batch (default %(default)s)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (default %(default)s)")
     ap.add_argument("--param-dtype", default="float32", choices=["float32", *DECODING_DTYPES], help=PARAM_DTYPE_HELP)
     args = ap.parse_args(argv)
     compile_cache.enable()

@@ -138,3 +138,14 @@ def test_stop_ids_include_the_folders_generation_config(chat_folder, tmp_path):
     (folder / "config.json").write_text(json.dumps({**cfg, "eos_token_id": [50256, 42]}))
     assert stop_ids_for(tok, model, str(folder)) == sorted(set(base) | {11671, 42})
     assert stop_ids_for(tok, model) == base == sorted(set(stop_token_ids(tok)) | {50256})
+
+
+def test_help_shows_each_clis_own_sampling_defaults(capsys):
+    from jaxgpt.sample import main as sample_main
+
+    for cli, want in ((sample_main, ["0 = greedy (default 0.8)", "tokens to generate (default 64)"]),
+                      (main, ["0 = greedy (default 0.7)", "at most half the context (default 128)"])):
+        with pytest.raises(SystemExit):
+            cli(["--help"])
+        out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        assert all(w in out for w in want), out

@@ -170,6 +170,8 @@ def test_help_lists_keys_and_defaults(capsys):
                  "data.seq_len: int = 1024", "schedule.name: str = 'cosine'"):
         assert line in out
     assert out.count("\n") > 50 and help_text() in out
+    keys = [line for line in out.splitlines() if line.startswith("  ") and ": " in line and " = " in line]
+    assert keys and all("  # " in line for line in keys), [k for k in keys if "  # " not in k]  # each says what it does
 
 
 def test_cli_error_is_one_line(capsys):
