@@ -408,6 +408,9 @@ def save_pretrained(model: GPT2, out_dir: str | os.PathLike, tokenizer=None, *, 
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    (out_dir / "model.safetensors").chmod(0o666 & ~umask)  # safetensors writes 0600; the other files follow the umask
     hf_cfg = config_to_hf(model.config)
     if dtype is not None:
         hf_cfg["dtype"] = dtype

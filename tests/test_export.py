@@ -10,6 +10,7 @@ end its replies with ``<|im_end|>``.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -65,6 +66,10 @@ def test_folder_contents(exported):
     assert gen["eos_token_id"] == [im_end, tok.eos_token_id]
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
     assert cfg["dtype"] == "float32" and "torch_dtype" not in cfg  # transformers 5 warns on torch_dtype
+    # every file as readable as the umask allows (safetensors itself writes its file owner-only)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {f.name: f.stat().st_mode & 0o777 for f in hf.iterdir()} == {f.name: 0o666 & ~umask for f in hf.iterdir()}
 
 
 def test_logits_match_transformers(exported):
