@@ -848,9 +848,9 @@ def build_datasets(cfg: DataConfig, tok) -> tuple[PackedDataset | StreamingDatas
         segs, wheres = _tokenize_source(examples, cfg, tok, train_stats, src.path)
         keep = np.arange(len(segs))
         if cfg.eval_fraction > 0:
-            # Each source's split has its own generator (seed, path): changing another source or a
-            # weight does not move this source's held-out examples into training.
-            split_rng = np.random.default_rng([cfg.seed, zlib.crc32(src.path.encode())])
+            # Each source's split has its own generator (seed, file name): changing another source or a
+            # weight does not move this source's held-out examples into training, nor does moving the folder.
+            split_rng = np.random.default_rng([cfg.seed, zlib.crc32(Path(src.path).name.encode())])
             perm = split_rng.permutation(len(segs))
             n_eval = max(1, int(round(cfg.eval_fraction * len(segs))))
             held, keep = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
