@@ -607,3 +607,14 @@ def test_inspect_reads_a_run_config_from_any_folder(tmp_path, monkeypatch, capsy
     other.write_text("optimizer:\n  lr: 1.0e-4\n")
     assert main(["inspect", "--config", str(other)]) == 2
     assert capsys.readouterr().err == f"error: {other}: no data.sources (or give --data PATH)\n"
+
+
+def test_eval_split_survives_moving_the_data(tmp_path, tok):
+    recs = [chat(("user", f"q{i}"), ("assistant", f"a{i}")) for i in range(30)]
+    held = []
+    for folder in ("a", "b/c"):
+        (tmp_path / folder).mkdir(parents=True)
+        path = write(tmp_path / folder, "chats.jsonl", recs)
+        _, ev = build_datasets(DataConfig(sources=[path], seq_len=64, eval_fraction=0.2), tok)
+        held.append(sorted(int(w.rsplit(":", 1)[1]) for w in ev.segment_sources))
+    assert held[0] == held[1] and len(held[0]) == 6
