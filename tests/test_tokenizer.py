@@ -86,7 +86,10 @@ def test_saved_tokenizer_renders_what_was_trained(tmp_path, template):
 
 
 def test_bad_tokenizer_inputs(tmp_path):
-    with pytest.raises(TokenizerError, match="cannot load a tokenizer from .*missing"):
+    with pytest.raises(TokenizerError, match=r"missing: no such folder"):  # a path: never looked up on the hub
         load_tokenizer(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TokenizerError, match="cannot load a tokenizer from .*empty"):
+        load_tokenizer(tmp_path / "empty")
     with pytest.raises(TokenizerError, match="template='llama'"):
         add_chat_template(load_tokenizer(), "llama")
