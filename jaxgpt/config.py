@@ -376,6 +376,10 @@ def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> tuple[int
     for key in ("dtype", "param_dtype"):
         if getattr(cfg.model, key) not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model.{key}={getattr(cfg.model, key)!r}: choose from float32, bfloat16, float16")
+    if cfg.model.param_dtype == "float16":
+        raise ConfigError("model.param_dtype=float16: the weights and AdamW state in float16 underflow (eps=1e-8 is "
+                          "0 there) and turn to NaN; keep them in float32 or bfloat16 (model.dtype=float16 computes "
+                          "in float16)")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"model.dropout={cfg.model.dropout}: must be in [0, 1)")
     if cfg.model.attention not in ("auto", "einsum", "xla", "cudnn"):
@@ -388,8 +392,20 @@ def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> tuple[int
     if cfg.model.loss_chunks < 1 or cfg.data.seq_len % cfg.model.loss_chunks:
         raise ConfigError(f"model.loss_chunks={cfg.model.loss_chunks}: must be at least 1 and divide "
                           f"data.seq_len={cfg.data.seq_len}")
-    if cfg.optimizer.lr < 0:
-        raise ConfigError(f"optimizer.lr={cfg.optimizer.lr}: must be >= 0")
+    o, sc = cfg.optimizer, cfg.schedule
+    for ok, key, value, rule in (
+            (o.lr >= 0, "optimizer.lr", o.lr, "must be >= 0"),
+            (o.grad_clip is None or o.grad_clip >= 0, "optimizer.grad_clip", o.grad_clip, "must be > 0 (0 or null = off)"),
+            (0 <= o.b1 < 1, "optimizer.b1", o.b1, "must be in [0, 1)"),
+            (0 <= o.b2 < 1, "optimizer.b2", o.b2, "must be in [0, 1)"),
+            (o.eps > 0, "optimizer.eps", o.eps, "must be > 0"),
+            (o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0"),
+            (sc.warmup_steps >= 0, "schedule.warmup_steps", sc.warmup_steps, "must be >= 0"),
+            (sc.decay_steps is None or sc.decay_steps >= 1, "schedule.decay_steps", sc.decay_steps,
+             "must be at least 1 (null = train.steps)"),
+            (0 <= sc.min_lr_ratio <= 1, "schedule.min_lr_ratio", sc.min_lr_ratio, "must be in [0, 1]")):
+        if not ok:
+            raise ConfigError(f"{key}={value}: {rule}")
     if cfg.checkpoint.save_every < 1:
         raise ConfigError(f"checkpoint.save_every={cfg.checkpoint.save_every}: must be at least 1")
     if cfg.checkpoint.keep < 1:

@@ -88,7 +88,9 @@ def make_schedule(cfg: Config) -> optax.Schedule:
     """Linear warmup from 0, then cosine / linear decay to ``min_lr_ratio * lr``, or constant."""
     s, lr = cfg.schedule, cfg.optimizer.lr
     total = s.decay_steps or cfg.train.steps
-    warmup = min(s.warmup_steps, total)
+    # A warmup longer than the run keeps its slope (lr * step / warmup_steps) and the run ends
+    # before the peak, as in transformers; it is not squeezed into the run.
+    warmup = s.warmup_steps
     end = lr * s.min_lr_ratio
     if s.name == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total, warmup + 1), end_value=end)
@@ -206,6 +208,7 @@ def make_train_step(graphdef, rest, tx, *, mesh=None, dropout: bool = False,
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, params)
         loss = l_sum / denom
         grad_norm = optax.tree.norm(grads)
+        # Finite gradients give a finite AdamW update in float32 / bfloat16 state (float16 state is refused).
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         lr_step = applied_steps(opt_state)
         updates, new_opt = tx.update(grads, opt_state, params)
@@ -496,6 +499,13 @@ def train(cfg: Config) -> TrainResult:
         start = int(restored["step"])
         train_data.restore(restored["data_state"])
         rng = np.asarray(restored["rng"], np.uint32)
+        if start >= t.steps:
+            log.warning("train.steps=%d, and %s is already at step %d: nothing to train (raise train.steps to "
+                        "continue; the schedule then stretches to the new length)", t.steps, out, start)
+    if cfg.schedule.warmup_steps >= t.steps:
+        log.warning("schedule.warmup_steps=%d is not shorter than train.steps=%d: the learning rate rises by "
+                    "lr / warmup_steps a step and does not reach optimizer.lr=%g in this run",
+                    cfg.schedule.warmup_steps, t.steps, cfg.optimizer.lr)
 
     step_fn = make_train_step(graphdef, rest, tx, mesh=mesh, dropout=gcfg.dropout > 0,
                               state_shardings=state_shardings)

@@ -7,6 +7,7 @@ since the data goes through the real tokenizer.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -310,3 +311,47 @@ def test_cli_errors_name_the_key_before_any_hub_lookup(tmp_path, monkeypatch, ca
     err = r.stderr.splitlines()[-1] + "\n"
     assert err.startswith("error: distributed.enabled=true, but JAX found no cluster to join") and \
         "distributed.coordinator_address" in err and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("name, warmup, steps", [("cosine", 10, 50), ("cosine", 100, 20), ("linear", 5, 30),
+                                                 ("linear", 200, 50), ("constant", 30, 20)])
+def test_schedule_matches_transformers(name, warmup, steps):
+    """Learning rate at every optimizer step against transformers' schedules, a warmup longer than the
+    run included (it keeps its slope; the run ends before the peak)."""
+    import torch
+    import transformers
+
+    from jaxgpt.train import make_schedule
+
+    lr, ratio = 3e-4, (0.1 if name == "cosine" else 0.0)
+    cfg = from_dict({"optimizer": {"lr": lr}, "train": {"steps": steps},
+                     "schedule": {"name": name, "warmup_steps": warmup, "min_lr_ratio": ratio}})
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    hf = {"cosine": lambda: transformers.get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, steps,
+                                                                                       min_lr_rate=ratio),
+          "linear": lambda: transformers.get_linear_schedule_with_warmup(opt, warmup, steps),
+          "constant": lambda: transformers.get_constant_schedule_with_warmup(opt, warmup)}[name]()
+    theirs = []
+    for _ in range(steps):
+        theirs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        hf.step()
+    ours = [float(make_schedule(cfg)(c)) for c in range(steps)]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-10)
+
+
+def test_bad_optimizer_and_schedule_values_are_refused():
+    from jaxgpt.config import ConfigError, validate
+
+    for section, key, value, message in (
+            ("optimizer", "grad_clip", -1.0, "optimizer.grad_clip=-1.0: must be > 0"),
+            ("optimizer", "b2", 1.0, "optimizer.b2=1.0: must be in [0, 1)"),
+            ("optimizer", "eps", 0.0, "optimizer.eps=0.0: must be > 0"),
+            ("optimizer", "weight_decay", -0.1, "optimizer.weight_decay=-0.1: must be >= 0"),
+            ("schedule", "warmup_steps", -5, "schedule.warmup_steps=-5: must be >= 0"),
+            ("schedule", "decay_steps", 0, "schedule.decay_steps=0: must be at least 1"),
+            ("schedule", "min_lr_ratio", 2.0, "schedule.min_lr_ratio=2.0: must be in [0, 1]"),
+            ("model", "param_dtype", "float16", "model.param_dtype=float16: the weights and AdamW state")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            validate(from_dict({section: {key: value}}), 1)
+
