@@ -1,7 +1,7 @@
 """jaxgpt vs the PyTorch tools users would pick instead, side by side on one machine.
 
     python tools/bench.py                 # full CPU run (GPT-2 124M; ~25 min on 2 cores)
-    python tools/bench.py --quick         # tiny model, < 2 min: a regular smoke of every section
+    python tools/bench.py --quick         # tiny model, ~2.5-3.5 min on 2 cores: a regular smoke of every section
     python tools/bench.py --gpu           # tokens/s + MFU of GPT-2 124M, seq 1024, bf16 (tools/bench_gpu.sh)
     python tools/bench.py --sections train,finetune
 
@@ -49,6 +49,7 @@ OASST = ROOT.parent / "shared" / "data" / "chat" / "oasst_en100_messages.jsonl"
 GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024)
 TINY = dict(n_layer=2, n_head=2, n_embd=128, n_positions=512)
 RESULT_TAG = "BENCH_RESULT "
+CPU_WORKER_TIMEOUT = 3600  # seconds: a hung worker is reported as an error, the run goes on
 H200_BF16_PEAK = 989e12  # dense bf16 FLOP/s of one H100/H200 SXM (NVIDIA datasheet)
 
 
@@ -273,13 +274,18 @@ WORKERS = {"train_jax": worker_train_jax, "train_torch": worker_train_torch,
            "finetune_jax": worker_finetune_jax, "finetune_trl": worker_finetune_trl}
 
 
-def run_worker(name: str, args: dict, timeout: float | None = None) -> dict:
-    """Run one worker in a fresh Python process; returns its result dict (or {"error": ...})."""
+def run_worker(name: str, args: dict, timeout: float | None = None, cpu: bool = False) -> dict:
+    """Run one worker in a fresh Python process; returns its result dict (or {"error": ...}).
+    ``cpu``: both libraries see the CPU only (the CPU sections; on a GPU host jax would take the GPU
+    and run float32 matmuls in TF32, torch in true float32)."""
     args = {**args, "t_spawn": time.time()}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker-args", json.dumps(args)]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_DISABLED": "true",
-           "JAXGPT_COMPILE_CACHE": "off"}  # cold starts: every jaxgpt worker compiles (unless it says otherwise)
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # it would win over "off"
+    env.update({"TF_CPP_MIN_LOG_LEVEL": "2", "TOKENIZERS_PARALLELISM": "false",
+                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_DISABLED": "true",
+                "JAXGPT_COMPILE_CACHE": "off"})  # cold starts: every jaxgpt worker compiles (unless it says otherwise)
+    if cpu:
+        env.update({"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""})
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -322,13 +328,15 @@ def section_train(work: Path, quick: bool, steps: int, warmup: int) -> list[dict
     shapes = [(4, 64)] if quick else [(4, 256), (8, 128)]
     rows = []
     for b, t in shapes:
-        args = {"model": str(folder), "batch": b, "seq": t, "steps": steps, "warmup": warmup}
-        res = {side: run_worker(f"train_{side}", args) for side in ("jax", "torch")}
+        # segments=False: plain causal attention, as PyTorch's side (a packing mask would be jaxgpt's work only)
+        args = {"model": str(folder), "batch": b, "seq": t, "steps": steps, "warmup": warmup, "segments": False}
+        res = {side: run_worker(f"train_{side}", args, timeout=CPU_WORKER_TIMEOUT, cpu=True) for side in ("jax", "torch")}
         # Start-up again with the compiled step in a persistent cache (filled by a first run).
         cache = str(work / f"xla-cache-{b}x{t}")
         shutil.rmtree(cache, ignore_errors=True)
         for _ in range(2):
-            res["jax_warm_cache"] = run_worker("train_jax", {**args, "steps": 1, "compile_cache": cache})
+            res["jax_warm_cache"] = run_worker("train_jax", {**args, "steps": 1, "compile_cache": cache},
+                                               timeout=CPU_WORKER_TIMEOUT, cpu=True)
         rows.append({"shape": f"{b}x{t}", **res})
         print_train_row(rows[-1])
     return rows
@@ -342,7 +350,8 @@ def print_train_row(row: dict) -> None:
     print(f"  train {row['shape']}: jaxgpt {j['tokens_per_s']:,.0f} tok/s, torch {p['tokens_per_s']:,.0f} tok/s "
           f"-> {j['tokens_per_s'] / p['tokens_per_s']:.2f}x | peak RSS {j['peak_rss_mb']:,.0f} vs "
           f"{p['peak_rss_mb']:,.0f} MB | first step after {j['time_to_first_step_s']:.1f}s vs "
-          f"{p['time_to_first_step_s']:.1f}s | loss@1 {j['first_loss']:.4f} vs {p['first_loss']:.4f}")
+          f"{p['time_to_first_step_s']:.1f}s | loss@1 {j['first_loss']:.4f} vs {p['first_loss']:.4f}"
+          + ("" if abs(j["first_loss"] - p["first_loss"]) <= 1e-3 else "  ** LOSSES DIFFER: not like for like **"))
     w = row.get("jax_warm_cache", {})
     if "time_to_first_step_s" in w:
         print(f"  train {row['shape']}: jaxgpt first step after {w['time_to_first_step_s']:.1f}s with a warm "
@@ -358,14 +367,14 @@ def section_finetune(work: Path, quick: bool, threads: int, seq: int, batch: int
     data.write_text("".join(json.dumps(r) + "\n" for r in read_threads(str(OASST), threads)))
     common = {"model": str(folder), "data": str(data), "threads": threads, "seq": seq, "batch": batch, "lr": 2e-5}
     res = {"threads": threads, "seq": seq, "batch": batch,
-           "jaxgpt": run_worker("finetune_jax", {**common, "out": str(work / "ft-jax")}),  # remat auto: minimal on a CPU
+           "jaxgpt": run_worker("finetune_jax", {**common, "out": str(work / "ft-jax")}, timeout=CPU_WORKER_TIMEOUT, cpu=True),  # remat auto: minimal on a CPU
            # (not in --quick: a third jaxgpt run of the same epoch)
            "jaxgpt_no_remat": ({"error": "skipped in --quick"} if quick else
-                               run_worker("finetune_jax", {**common, "remat": "none", "out": str(work / "ft-jax-none")})),
+                               run_worker("finetune_jax", {**common, "remat": "none", "out": str(work / "ft-jax-none")}, timeout=CPU_WORKER_TIMEOUT, cpu=True)),
            # TRL checkpoints gradients by default: this run makes the memory comparison like for like
-           "jaxgpt_full_remat": run_worker("finetune_jax", {**common, "remat": "full", "out": str(work / "ft-jax-full")}),
-           "trl_defaults": run_worker("finetune_trl", {**common, "packing": False, "out": str(work / "ft-trl")}),
-           "trl_packing": run_worker("finetune_trl", {**common, "packing": True, "out": str(work / "ft-trl-pack")})}
+           "jaxgpt_full_remat": run_worker("finetune_jax", {**common, "remat": "full", "out": str(work / "ft-jax-full")}, timeout=CPU_WORKER_TIMEOUT, cpu=True),
+           "trl_defaults": run_worker("finetune_trl", {**common, "packing": False, "out": str(work / "ft-trl")}, timeout=CPU_WORKER_TIMEOUT, cpu=True),
+           "trl_packing": run_worker("finetune_trl", {**common, "packing": True, "out": str(work / "ft-trl-pack")}, timeout=CPU_WORKER_TIMEOUT, cpu=True)}
     for jname, name in (("jaxgpt", "trl_defaults"), ("jaxgpt", "trl_packing"), ("jaxgpt_no_remat", "trl_defaults"),
                         ("jaxgpt_full_remat", "trl_defaults")):
         j, t = res[jname], res[name]
@@ -406,6 +415,8 @@ GPU_VARIANTS = [
      dict(attention="cudnn", vocab_multiple=128, scan_layers=False, loss_chunks=8)),
     # Not run on a GPU yet: the CPU's default (faster and smaller there); on a GPU it recomputes GELU / LayerNorm.
     ("the GPU defaults, model.remat: minimal", dict(attention="cudnn", vocab_multiple=128, scan_layers=False, remat="minimal")),
+    # Not run on a GPU yet: like for like with the PyTorch side, which keeps 50257 rows.
+    ("cudnn attention, blocks unrolled, vocab not padded", dict(attention="cudnn", scan_layers=False)),
 ]
 
 
@@ -439,7 +450,7 @@ def run_gpu(args, work: Path) -> dict:
         print(f"  gpu {r['device_kind']} jaxgpt ({label}): {r['tokens_per_s']:,.0f} tok/s, MFU {100 * r['mfu']:.1f}% "
               f"(peak {args.peak_flops / 1e12:.0f} TFLOP/s), step {r['step_s'] * 1e3:.1f} ms, batch {args.batch} x "
               f"{seq}, first step after {r['time_to_first_step_s']:.0f} s, peak device memory "
-              f"{r.get('peak_device_mb', float('nan')):,.0f} MB, loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}",
+              f"{r.get('peak_device_mb', float('nan')):,.0f} MiB, loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}",
               flush=True)
     t = res["torch_eager_autocast"] = run_worker("train_torch", common, timeout=args.worker_timeout)
     save()
@@ -448,7 +459,7 @@ def run_gpu(args, work: Path) -> dict:
         return res
     print(f"  gpu torch eager + bf16 autocast: {t['tokens_per_s']:,.0f} tok/s, step {t['step_s'] * 1e3:.1f} ms, "
           f"first step after {t['time_to_first_step_s']:.0f} s, peak device memory "
-          f"{t.get('peak_device_mb') or float('nan'):,.0f} MB, loss {t['first_loss']:.4f} -> {t['last_loss']:.4f}",
+          f"{t.get('peak_device_mb') or float('nan'):,.0f} MiB, loss {t['first_loss']:.4f} -> {t['last_loss']:.4f}",
           flush=True)
     for label, r in res["jaxgpt"].items():
         if "error" not in r:
@@ -460,7 +471,7 @@ def run_gpu(args, work: Path) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny model, few steps: < 2 minutes")
+    p.add_argument("--quick", action="store_true", help="tiny model, few steps: ~2.5-3.5 minutes on 2 cores")
     p.add_argument("--gpu", action="store_true", help="GPU: GPT-2 124M, seq 1024, bf16 tokens/s and MFU")
     p.add_argument("--sections", default="train,finetune,generate")
     p.add_argument("--steps", type=int, default=None, help="timed train steps (default 5); tokens/s from the median step")
@@ -481,7 +492,12 @@ def main(argv=None) -> int:
         print(RESULT_TAG + json.dumps(res), flush=True)
         return 0
 
+    if args.warmup < 1:
+        p.error("--warmup must be at least 1: the first step compiles, and is never timed")
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(sections) - {"train", "finetune", "generate"})
+    if unknown:
+        p.error(f"--sections: unknown {', '.join(unknown)} (choose from train, finetune, generate)")
     steps = args.steps or 5
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="jaxgpt-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -493,13 +509,18 @@ def main(argv=None) -> int:
         args.batch = args.batch or 32  # as configs/gpt2-chat.yaml
         results["gpu"] = run_gpu(args, work)
         sections = []  # the GPU run writes --out as it goes; the whole record follows below
-    if "train" in sections:
-        results["train"] = section_train(work, args.quick, steps, args.warmup)
-    if "finetune" in sections:
-        results["finetune"] = section_finetune(work, args.quick, args.threads or (8 if args.quick else 64),
-                                               seq=128 if args.quick else 512, batch=args.batch or 8)
-    if "generate" in sections:
-        results["generate"] = section_generate(work, args.quick)
+    runs = {"train": lambda: section_train(work, args.quick, steps, args.warmup),
+            "finetune": lambda: section_finetune(work, args.quick, args.threads or (8 if args.quick else 64),
+                                                 seq=128 if args.quick else 512, batch=args.batch or 8),
+            "generate": lambda: section_generate(work, args.quick)}
+    for name in sections:
+        try:
+            results[name] = runs[name]()
+        except Exception as e:  # noqa: BLE001 - one failed section must not lose the others' numbers
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"  {name}: failed: {results[name]['error']}")
+        if args.out:  # after every section: a later failure or Ctrl-C keeps what was measured
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
     results["wall_s"] = time.time() - t0
     print(f"done in {results['wall_s']:.0f}s")
     if args.out:

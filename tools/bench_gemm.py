@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-# (name, lhs shape, rhs shape, einsum) with M tokens, E embed, F = 4E (MLP), V padded vocab.
+# (name, lhs shape, rhs shape, einsum) with M tokens, E embed, F = 4E (MLP), V vocab (50257: the CPU train step does not pad it).
 SHAPES = [
     ("MLP up, forward        x @ W", ("M", "E"), ("E", "F"), "me,ef->mf"),
     ("MLP up, input grad    dY @ W^T", ("M", "F"), ("E", "F"), "mf,ef->me"),
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 1024], help="rows M (batch x seq)")
     p.add_argument("--embed", type=int, default=768)
-    p.add_argument("--vocab", type=int, default=50304)
+    p.add_argument("--vocab", type=int, default=50257, help="vocabulary rows (default: the CPU train step's, unpadded)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     a = p.parse_args(argv)

@@ -151,7 +151,8 @@ SIDES = {"jax": side_jax, "torch": side_torch}
 
 def run_side(side: str, args: dict, timeout: float = 3600) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--side-args", json.dumps(args)]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}  # a CPU benchmark, on a GPU host too
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
@@ -189,14 +190,18 @@ def run(work_dir: Path, *, quick: bool = False, batches=(1, 8), new_tokens: int 
             row[f"{dt}_weights"] = {"jaxgpt_tok_s": res["tokens_per_s"], "ratio": res["tokens_per_s"] / torch_res["tokens_per_s"],
                                     "vs_f32_free_running_agreement": agreement(res["tokens"], jax_res["tokens"]),
                                     "vs_f32_teacher_forced_top1": res["teacher_forced_top1"]}
+        # "ratio" above is against transformers in float32 (what `generate` runs by default); these are
+        # against PyTorch doing the same trick: bf16 weights, and dynamic int8 (the same kind of product as w8a8)
         if "bfloat16" in decoding_dtypes:
-            torch_bf = run_side("torch", {**args, "torch_dtype": "bfloat16"})  # the same trick on the PyTorch side
+            torch_bf = run_side("torch", {**args, "torch_dtype": "bfloat16"})
             row.update({"torch_bf16_tok_s": torch_bf["tokens_per_s"],
                         "torch_bf16_vs_f32_free_running_agreement": agreement(torch_bf["tokens"], torch_res["tokens"])})
-        if "w8a8" in decoding_dtypes:  # PyTorch's dynamic int8 quantisation: the same kind of product
+            row["bfloat16_weights"]["ratio_vs_torch_bf16"] = row["bfloat16_weights"]["jaxgpt_tok_s"] / torch_bf["tokens_per_s"]
+        if "w8a8" in decoding_dtypes:
             torch_q = run_side("torch", {**args, "dynamic_int8": True})
             row.update({"torch_dynamic_int8_tok_s": torch_q["tokens_per_s"],
                         "torch_dynamic_int8_vs_f32_free_running_agreement": agreement(torch_q["tokens"], torch_res["tokens"])})
+            row["w8a8_weights"]["ratio_vs_torch_dynamic_int8"] = row["w8a8_weights"]["jaxgpt_tok_s"] / torch_q["tokens_per_s"]
         rows.append(row)
         log(format_row(row))
     return {"config": {"arch": arch, "new_tokens": new_tokens, "prompt_len": prompt_len, "repeats": repeats,
@@ -210,14 +215,16 @@ def format_row(r: dict) -> str:
     for key, d in r.items():
         if key.endswith("_weights"):  # one per --decoding-dtypes entry
             dt = key[: -len("_weights")]
-            s += (f"\n    jaxgpt {dt} weights {d['jaxgpt_tok_s']:.1f} tok/s -> {d['ratio']:.2f}x | against float32: "
+            s += (f"\n    jaxgpt {dt} weights {d['jaxgpt_tok_s']:.1f} tok/s -> {d['ratio']:.2f}x transformers float32 | "
+                  f"against jaxgpt float32: "
                   f"top-1 teacher-forced {d['vs_f32_teacher_forced_top1']:.1%}, free-running "
                   f"{d['vs_f32_free_running_agreement']:.1%}")
     if "torch_bf16_tok_s" in r:
-        s += f"\n    transformers in bf16 {r['torch_bf16_tok_s']:.1f} tok/s"
+        s += (f"\n    transformers in bf16 {r['torch_bf16_tok_s']:.1f} tok/s; "
+              f"jaxgpt bf16 weights / it: {r['bfloat16_weights']['ratio_vs_torch_bf16']:.2f}x (same dtype)")
     if "torch_dynamic_int8_tok_s" in r:
         s += (f"\n    transformers, dynamic int8 (torch quantize_dynamic) {r['torch_dynamic_int8_tok_s']:.1f} tok/s; "
-              f"jaxgpt w8a8 / it: {r['w8a8_weights']['jaxgpt_tok_s'] / r['torch_dynamic_int8_tok_s']:.2f}x")
+              f"jaxgpt w8a8 / it: {r['w8a8_weights']['ratio_vs_torch_dynamic_int8']:.2f}x (same kind of product)")
     return s
 
 

@@ -84,11 +84,18 @@ def main(argv=None) -> int:
     chats = [(ids[:n_pos], mask[:n_pos]) for ids, mask in tokenize_chats(exs, tok, "assistant") if mask[1:n_pos].any()]
     prompts = []
     for ex in exs:
-        first_user = next(i for i, m in enumerate(ex.messages) if m["role"] == "user")
+        first_user = next((i for i, m in enumerate(ex.messages) if m["role"] == "user"), None)
+        if first_user is None:  # nothing to answer
+            continue
         text = tok.apply_chat_template(ex.messages[: first_user + 1], add_generation_prompt=True, tokenize=False)
         prompts.append(tok.encode(text, add_special_tokens=False)[-(n_pos - args.max_new_tokens):])
     stops = stop_ids_for(tok, f32)
-    ref = generate(f32, prompts, max_new_tokens=args.max_new_tokens, stop_ids=stops)
+
+    def generate_all(model):  # 16 prompts at a time: the KV cache of 200 long prompts at once would not fit
+        return [row for i in range(0, len(prompts), 16)
+                for row in generate(model, prompts[i: i + 16], max_new_tokens=args.max_new_tokens, stop_ids=stops)]
+
+    ref = generate_all(f32)
     print(f"{len(chats)} conversations with assistant tokens in the first {n_pos} positions, model {args.model}")
 
     res = {"model": args.model, "data": args.data, "conversations": len(chats)}
@@ -96,7 +103,7 @@ def main(argv=None) -> int:
         low, _ = load_model(args.model, param_dtype=dt)
         rows = [teacher_forced(f32, low, ids, mask) for ids, mask in chats]
         cat = {k: np.concatenate([row[k] for row in rows]) for k in ("top1", "kl", "loss_f32", "loss_other")}
-        got = generate(low, prompts, max_new_tokens=args.max_new_tokens, stop_ids=stops)
+        got = generate_all(low)
         same = [r == g for r, g in zip(ref, got)]
         prefix = [next((i for i, (x, y) in enumerate(zip(r, g)) if x != y), min(len(r), len(g))) for r, g in zip(ref, got)]
         r = res[dt] = {
