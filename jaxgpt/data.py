@@ -298,7 +298,7 @@ def _read_txt(path: Path) -> Iterator[tuple[str, Any]]:
     for doc in docs:
         if doc.strip():  # named by its first non-blank line; the newlines around a separator are dropped
             start = line + doc[: len(doc) - len(doc.lstrip())].count("\n")
-            yield f"{path}:{start}", {"text": doc.strip("\n")}
+            yield f"{path}:{start}", {"text": doc.strip("\r\n")}
         line += doc.count("\n")
 
 
@@ -532,21 +532,32 @@ class DataStats:
 # ----------------------------------------------------------------------------- tokenizing
 
 
-def _apply_loss_on(mask: np.ndarray, ids: np.ndarray, ex: Example, loss_on: str, tok) -> np.ndarray:
+def _has_prompt_replies(ex: Example) -> bool:
+    return any(m["role"] == "assistant" for m in ex.messages[: ex.n_prompt])
+
+
+def _apply_loss_on(mask: np.ndarray, ids: np.ndarray, ex: Example, loss_on: str, prefix=None) -> np.ndarray:
+    """``prefix``: the token ids of ``ex``'s prompt turns rendered alone (loss_on=completion, when the
+    prompt holds assistant turns)."""
     if loss_on == "all":
         return np.ones_like(mask)
-    if loss_on == "completion" and any(m["role"] == "assistant" for m in ex.messages[: ex.n_prompt]):
-        # Unmark the prompt's assistant turns: the prompt rendered alone is a token prefix of the whole
-        # conversation (found this way, not by counting the template's {% generation %} spans, which a
-        # template may split or merge).
-        prefix = tok.apply_chat_template(ex.messages[: ex.n_prompt], return_dict=True)["input_ids"]
+    if loss_on == "completion" and _has_prompt_replies(ex):
+        # Unmark the prompt's assistant turns. The prompt rendered alone is usually a token prefix of the
+        # whole conversation; where the tokens at the boundary merge differently (the plain template's
+        # "\n\n"), the template's spans are counted instead: one per assistant turn, in order.
         n = len(prefix)
-        if n >= len(ids) or ids[:n].tolist() != list(prefix):
+        starts = np.flatnonzero(np.diff(np.concatenate([[0], mask])) == 1)
+        n_turns = sum(m["role"] == "assistant" for m in ex.messages)
+        if n < len(ids) and ids[:n].tolist() == list(prefix):
+            cut = n
+        elif len(starts) == n_turns:
+            cut = starts[sum(m["role"] == "assistant" for m in ex.messages[: ex.n_prompt])]
+        else:
             raise DataError(f"{ex.where}: loss_on=completion: the chat template renders the prompt turns "
-                            "differently inside the whole conversation, so the completion cannot be told "
-                            "apart (use loss_on: assistant)")
+                            "differently inside the whole conversation and marks other than one span per "
+                            "assistant turn, so the completion cannot be told apart (use loss_on: assistant)")
         mask = mask.copy()
-        mask[:n] = 0
+        mask[:cut] = 0
         if not mask.any():
             raise DataError(f"{ex.where}: loss_on=completion: the chat template marks no token of the completion")
     return mask
@@ -567,13 +578,21 @@ def tokenize_chats(examples: list[Example], tok, loss_on: str, batch_size: int =
                 except Exception as err:
                     raise DataError(f"{e.where}: the chat template fails on this conversation: {err}") from None
             raise
-        for ex, ids, mask in zip(chunk, enc["input_ids"], enc["assistant_masks"]):
+        prefixes = [None] * len(chunk)
+        if loss_on == "completion":  # the prompt turns alone, in one batched call
+            need = [i for i, e in enumerate(chunk) if _has_prompt_replies(e)]
+            if need:
+                rendered = tok.apply_chat_template([chunk[i].messages[: chunk[i].n_prompt] for i in need],
+                                                   return_dict=True)["input_ids"]
+                for i, ids in zip(need, rendered):
+                    prefixes[i] = ids
+        for ex, ids, mask, prefix in zip(chunk, enc["input_ids"], enc["assistant_masks"], prefixes):
             mask = np.asarray(mask, np.uint8)
             if loss_on != "all" and not mask.any():
                 raise DataError(f"{ex.where}: the chat template marks no assistant tokens "
                                 "(a template without {% generation %} markers?)")
             ids = np.asarray(ids, np.int32)
-            out.append((ids, _apply_loss_on(mask, ids, ex, loss_on, tok)))
+            out.append((ids, _apply_loss_on(mask, ids, ex, loss_on, prefix)))
     return out
 
 

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import sys
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -65,6 +66,8 @@ from jaxgpt import compile_cache
 from jaxgpt.model import DECODING_DTYPES, GPT2, INT8_DECODING, for_decoding, init_cache
 from jaxgpt.tokenizer import load_tokenizer, stop_token_ids
 from jaxgpt.weights import folder_eos_ids, is_hf_folder, load_pretrained, resolve
+
+log = logging.getLogger("jaxgpt.sample")
 
 MAX_STOP_IDS = 8  # stop ids are padded to a fixed count so the set never changes the compiled shape
 MIN_BUCKET = 16
@@ -277,7 +280,7 @@ def load_model(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str 
     decoding = None if param_dtype == "float32" else param_dtype
     if decoding in INT8_DECODING:
         param_dtype = "float32"  # quantised from the float32 weights
-    path = Path(path_or_hub_id)
+    path = Path(path_or_hub_id).expanduser()
     if path.is_dir() and not is_hf_folder(path):  # a training run's output_dir has its own config.json
         from jaxgpt.checkpoint import load_for_inference  # only needed for training checkpoints
 
@@ -297,9 +300,14 @@ def stop_ids_for(tokenizer, model: GPT2, source: str | None = None) -> list[int]
     with ``source`` (what ``load_model`` loaded) also every EOS id its ``config.json`` and
     ``generation_config.json`` list, where transformers' ``generate`` stops too."""
     ids = set(stop_token_ids(tokenizer)) | {model.config.eos_token_id}
-    if source is not None:
-        ids |= set(folder_eos_ids(source))
-    return sorted(i for i in ids if i is not None and 0 <= i < model.config.vocab_size)
+    ids = sorted(i for i in ids if i is not None and 0 <= i < model.config.vocab_size)
+    if source is not None:  # the folder's own, after these, up to what the decode loop takes
+        extra = [i for i in folder_eos_ids(source) if i not in ids and 0 <= i < model.config.vocab_size]
+        if len(ids) + len(extra) > MAX_STOP_IDS:
+            log.warning("%s lists %d end-of-sequence ids; generation stops at the first %d: %s", source,
+                        len(ids) + len(extra), MAX_STOP_IDS, (ids + extra)[:MAX_STOP_IDS])
+        ids = sorted((ids + extra)[:MAX_STOP_IDS])
+    return ids
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -79,8 +79,9 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> PreTrainedT
 
         if is_local_path(str(name_or_path)) and not Path(name_or_path).expanduser().exists():
             raise TokenizerError(missing_folder(str(name_or_path)))
+        local = Path(name_or_path).expanduser()
         try:
-            tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=False)
+            tok = AutoTokenizer.from_pretrained(str(local if local.exists() else name_or_path), trust_remote_code=False)
         except (OSError, ValueError) as e:
             raise TokenizerError(f"cannot load a tokenizer from {name_or_path}: {e}") from e
     if len(tok) == 0:

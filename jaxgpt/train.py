@@ -70,7 +70,7 @@ def init_distributed(dc) -> None:
         jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid,
                                    initialization_timeout=dc.initialization_timeout)
     except ValueError as e:
-        if address is not None:
+        if address is not None or "coordinator_address" not in str(e):
             raise
         raise ConfigError(f"distributed.enabled=true, but JAX found no cluster to join ({e}): only TPU pods, SLURM "
                           "and Open MPI are detected; elsewhere give distributed.coordinator_address, num_processes "
@@ -245,11 +245,14 @@ def load_tokenizer_for(cfg: Config):
             raise ConfigError(f"model.{key}={missing_folder(str(value))}")
     name = cfg.model.tokenizer
     if name is None and cfg.model.name_or_path:
-        folder = Path(cfg.model.name_or_path)
-        if folder.is_dir() and any((folder / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+        from jaxgpt.weights import WeightsError, resolve
+
+        try:  # the model's folder (downloaded for a hub id): its tokenizer, if it has one
+            folder = resolve(cfg.model.name_or_path)
+        except WeightsError as e:
+            raise ConfigError(f"model.name_or_path={e}") from None
+        if any((folder / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
             name = str(folder)
-        elif not folder.exists():
-            name = cfg.model.name_or_path  # hub id
     return load_tokenizer(name)
 
 

@@ -232,7 +232,7 @@ def is_hf_folder(path: str | os.PathLike) -> bool:
 def folder_eos_ids(name_or_path: str | os.PathLike) -> list[int]:
     """Every ``eos_token_id`` an HF folder's ``config.json`` and ``generation_config.json`` list (a hub id's
     from the local cache only; a training run's folder has none)."""
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if path.is_dir() and not is_hf_folder(path):
         return []
     ids: list[int] = []
@@ -256,22 +256,25 @@ def folder_eos_ids(name_or_path: str | os.PathLike) -> list[int]:
 
 def is_local_path(name: str) -> bool:
     """True if ``name`` can only mean a local path, never a hub id ("org/name"): it starts with
-    ``.``, ``/`` or ``~``, has more than one ``/``, or its first part is a local folder (runs/gpt2-chta)."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or ("/" in name and Path(name.split("/")[0]).is_dir())
+    ``.``, ``/`` or ``~``, or has more than one ``/``."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 def missing_folder(name: str) -> str:
     """The one-line error for a local path that does not exist, naming what its parent holds."""
     parent = Path(name).expanduser().parent
-    if not parent.is_dir() or str(parent) == ".":
+    try:
+        have = sorted(p.name for p in parent.iterdir() if not p.name.startswith(".")) if str(parent) != "." else None
+    except OSError:  # no such parent, or not listable
+        have = None
+    if have is None:
         return f"{name}: no such folder"
-    have = sorted(p.name for p in parent.iterdir() if not p.name.startswith("."))
     return f"{name}: no such folder (in {parent}/: {', '.join(have[:8]) + (', ...' if len(have) > 8 else '') or 'nothing'})"
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
     """A local folder, or a hub id downloaded into the HF cache (config, weights, tokenizer)."""
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     if path.exists():
@@ -294,6 +297,9 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
             patterns = aux + [fname] + (["model-*.safetensors"] if fname.endswith("index.json") else [])
             return Path(snapshot_download(name, allow_patterns=patterns))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        if Path(name.split("/")[0]).is_dir():  # runs/gpt2-chta: most likely a mistyped local folder
+            raise WeightsError(f"{missing_folder(name)}, and the Hugging Face Hub could not provide it either "
+                               f"({type(e).__name__})") from None
         raise WeightsError(
             f"{name}: not a local folder, and the Hugging Face Hub could not provide it "
             f"(offline or unknown repo?): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

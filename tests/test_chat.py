@@ -107,22 +107,25 @@ def test_a_system_message_that_leaves_no_room_is_refused_at_once(chat_folder):
 
 
 def test_ctrl_c_stops_the_reply_and_keeps_the_conversation(chat_folder, monkeypatch, capsys):
-    calls = []
+    """Ctrl-C while the first reply is generated: the session goes on, and the next prompt holds
+    no trace of the interrupted turn."""
+    import jaxgpt.chat
 
-    def reply(self, text, on_text=lambda s: None):
-        calls.append(text)
-        if len(calls) == 1:
-            raise KeyboardInterrupt  # Ctrl-C while the first reply is generated
-        self.messages = self.messages + [{"role": "user", "content": text}, {"role": "assistant", "content": "ok"}]
-        on_text("ok")
-        return "ok"
+    real_stream, prompts = jaxgpt.chat.stream, []
 
-    monkeypatch.setattr(ChatSession, "reply", reply)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("first\nsecond\n"))
-    assert main(["--model", str(chat_folder), "--temperature", "0"]) == 0
+    def stream(model, batch, **kw):
+        prompts.append(list(batch[0]))
+        if len(prompts) == 1:
+            raise KeyboardInterrupt
+        yield from real_stream(model, batch, **kw)
+
+    monkeypatch.setattr(jaxgpt.chat, "stream", stream)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first message\nsecond message\n"))
+    assert main(["--model", str(chat_folder), "--temperature", "0", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
-    assert calls == ["first", "second"] and "(interrupted)" in out and "bot> ok" in out
-
+    _, tok = load_model(str(chat_folder))
+    assert "(interrupted)" in out and len(prompts) == 2
+    assert "second message" in tok.decode(prompts[1]) and "first message" not in tok.decode(prompts[1])
 
 def test_stop_ids_include_the_folders_generation_config(chat_folder, tmp_path):
     import json
@@ -138,6 +141,10 @@ def test_stop_ids_include_the_folders_generation_config(chat_folder, tmp_path):
     (folder / "config.json").write_text(json.dumps({**cfg, "eos_token_id": [50256, 42]}))
     assert stop_ids_for(tok, model, str(folder)) == sorted(set(base) | {11671, 42})
     assert stop_ids_for(tok, model) == base == sorted(set(stop_token_ids(tok)) | {50256})
+    # more than the decode loop takes: the tokenizer's own first, then the folder's, up to 8
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": list(range(100, 110))}))
+    capped = stop_ids_for(tok, model, str(folder))
+    assert len(capped) == 8 and set(base) <= set(capped)
 
 
 def test_help_shows_each_clis_own_sampling_defaults(capsys):

@@ -529,13 +529,17 @@ def test_completion_refuses_a_template_that_renders_the_prompt_differently(tmp_p
     tok = add_chat_template(load_tokenizer())
     # a template that renders the last turn differently (as some do for reasoning or a final marker)
     head = "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    assert tok.chat_template.count(head) == 1
+    span = "{%- generation -%}{{- message['content'] | trim + '<|im_end|>' -}}{%- endgeneration -%}"
+    assert tok.chat_template.count(head) == tok.chat_template.count(span) == 1
+    # the last turn's header differs (no token prefix), and two spans per reply (no span count either)
     tok.chat_template = tok.chat_template.replace(
-        head, "{{- '<|im_start|>' + ('final ' if loop.last else '') + message['role'] + '\\n' -}}")
+        head, "{{- '<|im_start|>' + ('final ' if loop.last else '') + message['role'] + '\\n' -}}").replace(
+        span, "{%- generation -%}{{- message['content'] | trim -}}{%- endgeneration -%}{{- '\\n' -}}"
+              "{%- generation -%}{{- '<|im_end|>' -}}{%- endgeneration -%}")
     conv = chat(("user", "Hello"), ("assistant", "Hi"), ("user", "Bye"), ("assistant", "Later"))
     path = write(tmp_path, "c.jsonl", [conv])
     with pytest.raises(DataError, match=r"c.jsonl:1: loss_on=completion: the chat template renders the prompt "
-                                        r"turns differently"):
+                                        r"turns differently .* other than one span per assistant turn"):
         build_dataset(DataConfig(sources=[path], template="tokenizer", loss_on="completion", seq_len=64), tok)
 
 
@@ -618,3 +622,20 @@ def test_eval_split_survives_moving_the_data(tmp_path, tok):
         _, ev = build_datasets(DataConfig(sources=[path], seq_len=64, eval_fraction=0.2), tok)
         held.append(sorted(int(w.rsplit(":", 1)[1]) for w in ev.segment_sources))
     assert held[0] == held[1] and len(held[0]) == 6
+
+
+@pytest.mark.parametrize("template, end", [("plain", "<|endoftext|>"), ("chatml", "<|im_end|>")])
+def test_completion_trains_the_last_reply_of_a_multi_turn_chat(tmp_path, tok, template, end):
+    # plain: the prompt alone ends in "\n\n" (one token), the whole chat splits it in two
+    conv = chat(("user", "Hello"), ("assistant", "Hi"), ("user", "How are you?"), ("assistant", "Fine."))
+    ds = build_dataset(DataConfig(sources=[write(tmp_path, "c.jsonl", [conv])], template=template,
+                                  loss_on="completion", seq_len=64), load_tokenizer())
+    assert _trained_text(tok, ds, 0) == "Fine." + end
+
+
+def test_text_file_with_windows_line_endings(tmp_path, tok):
+    f = tmp_path / "crlf.txt"
+    f.write_bytes(b"doc one\r\n<|endoftext|>\r\ndoc two\r\n")
+    ds = build_dataset(DataConfig(sources=[str(f)], seq_len=64), tok)
+    texts = sorted(tok.decode(ds.segment(k)[0].tolist()) for k in range(ds.num_segments))
+    assert texts == ["doc one<|endoftext|>", "doc two<|endoftext|>"]

@@ -427,10 +427,21 @@ def test_a_flat_token_list_is_refused_clearly(model):
         generate(model, [1, 2, 3], max_new_tokens=2)
 
 
-def test_a_mistyped_local_run_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+def test_a_mistyped_local_run_folder_names_what_is_there(tmp_path, monkeypatch):
+    """runs/gpt2-chta could be a hub id: the hub is asked (offline here), then the error lists runs/;
+    ./x, /x and a/b/c can only be folders: no hub lookup."""
+    import huggingface_hub.constants
+
     from jaxgpt.weights import WeightsError, resolve
 
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     (tmp_path / "runs" / "gpt2-chat").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(WeightsError, match=r"^runs/gpt2-chta: no such folder \(in runs/: gpt2-chat\)$"):
+    with pytest.raises(WeightsError, match=r"^runs/gpt2-chta: no such folder \(in runs/: gpt2-chat\), and the "
+                                          r"Hugging Face Hub could not provide it either"):
         resolve("runs/gpt2-chta")
+    for path in ("./runs/gpt2-chta", str(tmp_path / "runs" / "x"), "runs/a/b"):
+        with pytest.raises(WeightsError, match=r": no such folder"):
+            resolve(path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve("~/runs/gpt2-chat") == tmp_path / "runs" / "gpt2-chat"  # ~ is expanded

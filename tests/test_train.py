@@ -289,11 +289,15 @@ def test_cli_errors_name_the_key_before_any_hub_lookup(tmp_path, monkeypatch, ca
     """A mistyped model / tokenizer folder and pod settings off a pod: one line naming the key."""
     from jaxgpt.train import main
 
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # runs/... could be a hub id
     (tmp_path / "runs" / "gpt2-chat").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     cases = [(["model.name_or_path=./my-gpt2"], "error: model.name_or_path=./my-gpt2: no such folder\n"),
              (["model.name_or_path=runs/gpt2-chta"],
-              "error: model.name_or_path=runs/gpt2-chta: no such folder (in runs/: gpt2-chat)\n"),
+              "error: model.name_or_path=runs/gpt2-chta: no such folder (in runs/: gpt2-chat), and the Hugging "
+              "Face Hub could not provide it either (LocalEntryNotFoundError)\n"),
              (["model.tokenizer=/nonexistent/tok"], "error: model.tokenizer=/nonexistent/tok: no such folder\n")]
     for overrides, message in cases:
         assert main([*overrides, f"train.output_dir={tmp_path / 'out'}", "train.steps=1"]) == 1
