@@ -416,6 +416,20 @@ class MetricsLog:
             self.file.close()
 
 
+def logged_losses(out: Path) -> tuple[dict[int, float], dict[int, float]]:
+    """(train loss, eval loss) by step from ``out/metrics.jsonl``, every run of it (a step a resume
+    logged again keeps its last value)."""
+    losses, evals = {}, {}
+    path = out / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        r = json.loads(line)
+        if "loss" in r:
+            losses[r["step"]] = r["loss"]
+        if "eval_loss" in r:
+            evals[r["step"]] = r["eval_loss"]
+    return dict(sorted(losses.items())), dict(sorted(evals.items()))
+
+
 def plot_losses(out: Path, losses: dict[int, float], evals: dict[int, float]) -> Path:
     import matplotlib
 
@@ -609,7 +623,10 @@ def train(cfg: Config) -> TrainResult:
         logger.close()
     result.params = state["params"]
     if jax.process_index() == 0 and cfg.logging.plot and result.losses:
-        plot_losses(out, result.losses, {s: e["eval_loss"] for s, e in result.evals.items()})
+        # the whole run across resumes: earlier runs' logged steps, then every step of this one
+        before, before_evals = logged_losses(out)
+        plot_losses(out, dict(sorted({**before, **result.losses}.items())),
+                    dict(sorted({**before_evals, **{s: e["eval_loss"] for s, e in result.evals.items()}}.items())))
     return result
 
 

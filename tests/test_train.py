@@ -359,3 +359,18 @@ def test_bad_optimizer_and_schedule_values_are_refused():
         with pytest.raises(ConfigError, match=re.escape(message)):
             validate(from_dict({section: {key: value}}), 1)
 
+
+
+def test_loss_plot_reads_every_run_of_the_output_dir(tmp_path):
+    """After a resume, loss.png draws the earlier runs' logged steps too (the last value of a step
+    logged twice), not only the steps of the last run."""
+    import json
+
+    from jaxgpt.train import logged_losses
+
+    records = [{"step": s, "loss": 10.0 - s} for s in (1, 2, 3, 4)] + [{"step": 4, "eval_loss": 7.0}] + \
+              [{"step": s, "loss": 5.0 - s} for s in (3, 4, 5)]  # a resume from step 2 logged 3 and 4 again
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    losses, evals = logged_losses(tmp_path)
+    assert losses == {1: 9.0, 2: 8.0, 3: 2.0, 4: 1.0, 5: 0.0} and evals == {4: 7.0}
+    assert logged_losses(tmp_path / "missing") == ({}, {})
