@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from jaxgpt.data import DataConfig
+from jaxgpt.data import DataConfig, help_field
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"
@@ -35,11 +35,7 @@ class ConfigError(ValueError):
     """A configuration problem, as one line naming the file and key."""
 
 
-def _f(default, help: str):
-    """A dataclass field with a help string (shown by ``--help``)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+_f = help_field
 
 
 @dataclass

@@ -101,11 +101,15 @@ class DataSource:
             raise DataError(f"{self.path}: format={self.format!r}: choose from {', '.join(FORMATS)}")
 
 
-def _f(default, help: str):
-    """A dataclass field with a help string (shown by ``python -m jaxgpt.train --help``)."""
-    if isinstance(default, list):
-        return field(default_factory=list, metadata={"help": help})
+def help_field(default, help: str):
+    """A dataclass field with a help string (shown by ``python -m jaxgpt.train --help``); the run
+    config's sections (``jaxgpt.config``) use it too."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
+
+
+_f = help_field
 
 
 @dataclass

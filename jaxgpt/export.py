@@ -31,7 +31,7 @@ from flax import nnx
 
 from jaxgpt import compile_cache
 from jaxgpt.model import GPT2
-from jaxgpt.tokenizer import end_of_turn_id, load_tokenizer
+from jaxgpt.tokenizer import end_of_turn_id, has_tokenizer, load_tokenizer
 from jaxgpt.weights import is_hf_folder, load_pretrained, save_pretrained
 
 # Verification prompts: a chat turn (when the tokenizer has a template) and plain text.
@@ -75,8 +75,7 @@ def load_source(path: str | Path):
         raise ExportError(f"{path}: expected a checkpoint directory (training output_dir or a step dir), got a file")
     if is_hf_folder(path):
         model, _ = load_pretrained(path)
-        has_tokenizer = (path / "tokenizer_config.json").is_file() or (path / "vocab.json").is_file()
-        return model, load_tokenizer(path if has_tokenizer else None)  # with a pad token, as training has
+        return model, load_tokenizer(path if has_tokenizer(path) else None)  # with a pad token, as training has
     from jaxgpt.checkpoint import load_for_inference
 
     return load_for_inference(str(path.resolve()), dtype="float32")  # orbax wants absolute paths

@@ -64,7 +64,7 @@ from flax import nnx
 
 from jaxgpt import compile_cache
 from jaxgpt.model import DECODING_DTYPES, GPT2, INT8_DECODING, for_decoding, init_cache
-from jaxgpt.tokenizer import load_tokenizer, stop_token_ids
+from jaxgpt.tokenizer import has_tokenizer, load_tokenizer, stop_token_ids
 from jaxgpt.weights import folder_eos_ids, is_hf_folder, load_pretrained, resolve
 
 log = logging.getLogger("jaxgpt.sample")
@@ -260,7 +260,6 @@ def generate(model: GPT2, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
 
 # ----------------------------------------------------------------------------- loading
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
 PARAM_DTYPE_HELP = ("weights dtype. bfloat16 and int8 store them in the decoding layout, read at a half / a quarter "
@@ -289,7 +288,7 @@ def load_model(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str 
         folder = resolve(path_or_hub_id)
         model, _ = load_pretrained(folder, dtype=dtype, param_dtype=param_dtype)
         # The folder's own tokenizer (it may carry a chat template), else the vendored GPT-2 one.
-        tokenizer = load_tokenizer(folder if any((folder / f).exists() for f in TOKENIZER_FILES) else None)
+        tokenizer = load_tokenizer(folder if has_tokenizer(folder) else None)
     if decoding:
         model = for_decoding(model, decoding)
     return model, tokenizer

@@ -62,6 +62,14 @@ PLAIN_TEMPLATE = (
 TEMPLATES = {"chatml": CHATML_TEMPLATE, "plain": PLAIN_TEMPLATE}
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def has_tokenizer(folder: str | os.PathLike) -> bool:
+    """Whether a model folder carries its own tokenizer (else jaxgpt uses the vendored GPT-2 one)."""
+    return any((Path(folder) / f).exists() for f in TOKENIZER_FILES)
+
+
 class TokenizerError(ValueError):
     """A tokenizer could not be loaded or set up."""
 
@@ -77,9 +85,9 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> PreTrainedT
     else:
         from jaxgpt.weights import is_local_path, missing_folder
 
-        if is_local_path(str(name_or_path)) and not Path(name_or_path).expanduser().exists():
-            raise TokenizerError(missing_folder(str(name_or_path)))
         local = Path(name_or_path).expanduser()
+        if is_local_path(str(name_or_path)) and not local.exists():
+            raise TokenizerError(missing_folder(str(name_or_path)))
         try:
             tok = AutoTokenizer.from_pretrained(str(local if local.exists() else name_or_path), trust_remote_code=False)
         except (OSError, ValueError) as e:

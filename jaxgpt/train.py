@@ -236,7 +236,7 @@ def make_eval_step(graphdef, rest, *, mesh=None) -> Callable:
 
 def load_tokenizer_for(cfg: Config):
     """The tokenizer named by the config (the data adds its chat template later)."""
-    from jaxgpt.tokenizer import load_tokenizer
+    from jaxgpt.tokenizer import has_tokenizer, load_tokenizer
     from jaxgpt.weights import is_local_path, missing_folder
 
     for key in ("name_or_path", "tokenizer"):  # a mistyped folder: one line naming the key, before any hub lookup
@@ -251,7 +251,7 @@ def load_tokenizer_for(cfg: Config):
             folder = resolve(cfg.model.name_or_path)
         except WeightsError as e:
             raise ConfigError(f"model.name_or_path={e}") from None
-        if any((folder / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+        if has_tokenizer(folder):
             name = str(folder)
     return load_tokenizer(name)
 
