@@ -300,6 +300,11 @@ def run_worker(name: str, args: dict, timeout: float | None = None, cpu: bool = 
     return {"error": f"{name} exited {proc.returncode}: " + " | ".join(tail)}
 
 
+def run_cpu_worker(name: str, args: dict) -> dict:
+    """A worker of the CPU sections: the GPU hidden, and a hung worker reported instead of waited for."""
+    return run_worker(name, args, timeout=CPU_WORKER_TIMEOUT, cpu=True)
+
+
 # ----------------------------------------------------------------------------- sections
 
 def write_init_model(folder: Path, arch: dict, chat: bool) -> Path:
@@ -330,13 +335,12 @@ def section_train(work: Path, quick: bool, steps: int, warmup: int) -> list[dict
     for b, t in shapes:
         # segments=False: plain causal attention, as PyTorch's side (a packing mask would be jaxgpt's work only)
         args = {"model": str(folder), "batch": b, "seq": t, "steps": steps, "warmup": warmup, "segments": False}
-        res = {side: run_worker(f"train_{side}", args, timeout=CPU_WORKER_TIMEOUT, cpu=True) for side in ("jax", "torch")}
+        res = {side: run_cpu_worker(f"train_{side}", args) for side in ("jax", "torch")}
         # Start-up again with the compiled step in a persistent cache (filled by a first run).
         cache = str(work / f"xla-cache-{b}x{t}")
         shutil.rmtree(cache, ignore_errors=True)
         for _ in range(2):
-            res["jax_warm_cache"] = run_worker("train_jax", {**args, "steps": 1, "compile_cache": cache},
-                                               timeout=CPU_WORKER_TIMEOUT, cpu=True)
+            res["jax_warm_cache"] = run_cpu_worker("train_jax", {**args, "steps": 1, "compile_cache": cache})
         rows.append({"shape": f"{b}x{t}", **res})
         print_train_row(rows[-1])
     return rows
@@ -367,14 +371,14 @@ def section_finetune(work: Path, quick: bool, threads: int, seq: int, batch: int
     data.write_text("".join(json.dumps(r) + "\n" for r in read_threads(str(OASST), threads)))
     common = {"model": str(folder), "data": str(data), "threads": threads, "seq": seq, "batch": batch, "lr": 2e-5}
     res = {"threads": threads, "seq": seq, "batch": batch,
-           "jaxgpt": run_worker("finetune_jax", {**common, "out": str(work / "ft-jax")}, timeout=CPU_WORKER_TIMEOUT, cpu=True),  # remat auto: minimal on a CPU
+           "jaxgpt": run_cpu_worker("finetune_jax", {**common, "out": str(work / "ft-jax")}),  # remat auto: minimal on a CPU
            # (not in --quick: a third jaxgpt run of the same epoch)
            "jaxgpt_no_remat": ({"error": "skipped in --quick"} if quick else
-                               run_worker("finetune_jax", {**common, "remat": "none", "out": str(work / "ft-jax-none")}, timeout=CPU_WORKER_TIMEOUT, cpu=True)),
+                               run_cpu_worker("finetune_jax", {**common, "remat": "none", "out": str(work / "ft-jax-none")})),
            # TRL checkpoints gradients by default: this run makes the memory comparison like for like
-           "jaxgpt_full_remat": run_worker("finetune_jax", {**common, "remat": "full", "out": str(work / "ft-jax-full")}, timeout=CPU_WORKER_TIMEOUT, cpu=True),
-           "trl_defaults": run_worker("finetune_trl", {**common, "packing": False, "out": str(work / "ft-trl")}, timeout=CPU_WORKER_TIMEOUT, cpu=True),
-           "trl_packing": run_worker("finetune_trl", {**common, "packing": True, "out": str(work / "ft-trl-pack")}, timeout=CPU_WORKER_TIMEOUT, cpu=True)}
+           "jaxgpt_full_remat": run_cpu_worker("finetune_jax", {**common, "remat": "full", "out": str(work / "ft-jax-full")}),
+           "trl_defaults": run_cpu_worker("finetune_trl", {**common, "packing": False, "out": str(work / "ft-trl")}),
+           "trl_packing": run_cpu_worker("finetune_trl", {**common, "packing": True, "out": str(work / "ft-trl-pack")})}
     for jname, name in (("jaxgpt", "trl_defaults"), ("jaxgpt", "trl_packing"), ("jaxgpt_no_remat", "trl_defaults"),
                         ("jaxgpt_full_remat", "trl_defaults")):
         j, t = res[jname], res[name]
