@@ -1,7 +1,21 @@
 """jaxgpt: fine-tune Hugging Face GPT-2 into a chat model with JAX / Flax NNX."""
 
-from jaxgpt.model import GPT2, GPT2Config, init_cache
-from jaxgpt.weights import WeightsError, load_pretrained, save_pretrained
+import importlib
+from typing import TYPE_CHECKING
 
-__all__ = ["GPT2", "GPT2Config", "init_cache", "load_pretrained", "save_pretrained", "WeightsError"]
+if TYPE_CHECKING:  # for type checkers and editors; at run time the names load on first use (below)
+    from jaxgpt.model import GPT2, GPT2Config, init_cache
+    from jaxgpt.weights import WeightsError, load_pretrained, save_pretrained
+
+# Loaded on first use, so that ``python -m jaxgpt.train`` starts without jax (jaxgpt.host_memory
+# may restart that process first).
+_EXPORTS = {"GPT2": "jaxgpt.model", "GPT2Config": "jaxgpt.model", "init_cache": "jaxgpt.model",
+            "load_pretrained": "jaxgpt.weights", "save_pretrained": "jaxgpt.weights", "WeightsError": "jaxgpt.weights"}
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'jaxgpt' has no attribute {name!r}")

@@ -194,4 +194,7 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
+    from jaxgpt.host_memory import reexec_with_cpu_malloc
+
+    reexec_with_cpu_malloc()  # on a CPU host: restart once with malloc settings for XLA:CPU
     sys.exit(main())

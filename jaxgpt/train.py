@@ -30,13 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+if __name__ == "__main__":  # the CLI on a CPU host restarts once, before jax loads, with malloc settings
+    from jaxgpt.host_memory import reexec_with_cpu_malloc  # that make XLA:CPU's steps ~10% faster
+
+    reexec_with_cpu_malloc()
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from jaxgpt import compile_cache, sharding
+from jaxgpt import compile_cache, host_memory, sharding
 from jaxgpt.config import Config, ConfigError, help_text, load_config, validate
 from jaxgpt.loss import chunked_cross_entropy
 from jaxgpt.model import (SETTINGS, GPT2, GPT2Config, attention_implementation, num_params, remat_policy,
@@ -537,7 +542,8 @@ def train(cfg: Config) -> TrainResult:
                  f"steps {start}->{t.steps}, output {out}, compilation cache {cache_dir or 'off'}")
     logger.print(f"model: {gcfg.dtype} compute, {gcfg.param_dtype} weights, attention {attention_implementation(gcfg)}, "
                  f"blocks {'scanned' if scan_blocks(gcfg) else 'unrolled'}, remat {remat_policy(gcfg)}, "
-                 f"loss in {gcfg.loss_chunks} chunk(s)")
+                 f"loss in {gcfg.loss_chunks} chunk(s)"
+                 + (f", host malloc: {host_memory.describe()}" if jax.default_backend() == "cpu" else ""))
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(run_config(cfg, gcfg), indent=2) + "\n")

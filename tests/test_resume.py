@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 import pytest
 import yaml
 
+from jaxgpt import host_memory
 from tests.conftest import ROOT
 
 STEPS, SAVE_EVERY = 24, 4
@@ -136,6 +137,8 @@ def run_chain(tmp_path, plan: list[str]):
     (tmp_path / "ref.yaml").write_text(yaml.safe_dump(raw_config(ref_out)))
     run = Run(tmp_path / "ref.yaml", ref_out, env)
     assert run.finish() == 0, run.output()
+    if host_memory.why_not(env) is None:  # the CLI restarted itself with the malloc settings for XLA:CPU
+        assert "host malloc: glibc tuned for XLA:CPU" in Path(run.log.name).read_text(), run.output()
     ref_losses = {r["step"]: r["loss"] for r in metrics(ref_out) if "loss" in r}
     assert sorted(ref_losses) == list(range(1, STEPS + 1))
     events = [f"reference ({time.monotonic() - t0:.0f}s)"]

@@ -274,10 +274,16 @@ WORKERS = {"train_jax": worker_train_jax, "train_torch": worker_train_torch,
            "finetune_jax": worker_finetune_jax, "finetune_trl": worker_finetune_trl}
 
 
-def run_worker(name: str, args: dict, timeout: float | None = None, cpu: bool = False) -> dict:
+def run_worker(name: str, args: dict, timeout: float | None = None, cpu: bool = False,
+               malloc: str = "as_cli") -> dict:
     """Run one worker in a fresh Python process; returns its result dict (or {"error": ...}).
     ``cpu``: both libraries see the CPU only (the CPU sections; on a GPU host jax would take the GPU
-    and run float32 matmuls in TF32, torch in true float32)."""
+    and run float32 matmuls in TF32, torch in true float32).
+    ``malloc``: "as_cli" runs a jaxgpt worker with the glibc malloc settings jaxgpt's CLIs give
+    themselves on a CPU host (jaxgpt/host_memory.py) and a PyTorch one with the defaults, as each is
+    run; "tuned" gives any worker those settings (PyTorch too, for the like-for-like row)."""
+    from jaxgpt import host_memory
+
     args = {**args, "t_spawn": time.time()}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker-args", json.dumps(args)]
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # it would win over "off"
@@ -286,6 +292,8 @@ def run_worker(name: str, args: dict, timeout: float | None = None, cpu: bool = 
                 "JAXGPT_COMPILE_CACHE": "off"})  # cold starts: every jaxgpt worker compiles (unless it says otherwise)
     if cpu:
         env.update({"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""})
+    if (malloc == "tuned" or name.endswith("_jax")) and host_memory.why_not(env) is None:
+        env["GLIBC_TUNABLES"] = host_memory.TUNABLES
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -295,14 +303,15 @@ def run_worker(name: str, args: dict, timeout: float | None = None, cpu: bool = 
         if line.startswith(RESULT_TAG):
             out = json.loads(line[len(RESULT_TAG):])
             out["process_wall_s"] = time.time() - t0
+            out["glibc_tunables"] = env.get("GLIBC_TUNABLES")
             return out
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
     return {"error": f"{name} exited {proc.returncode}: " + " | ".join(tail)}
 
 
-def run_cpu_worker(name: str, args: dict) -> dict:
+def run_cpu_worker(name: str, args: dict, malloc: str = "as_cli") -> dict:
     """A worker of the CPU sections: the GPU hidden, and a hung worker reported instead of waited for."""
-    return run_worker(name, args, timeout=CPU_WORKER_TIMEOUT, cpu=True)
+    return run_worker(name, args, timeout=CPU_WORKER_TIMEOUT, cpu=True, malloc=malloc)
 
 
 # ----------------------------------------------------------------------------- sections
@@ -336,6 +345,8 @@ def section_train(work: Path, quick: bool, steps: int, warmup: int) -> list[dict
         # segments=False: plain causal attention, as PyTorch's side (a packing mask would be jaxgpt's work only)
         args = {"model": str(folder), "batch": b, "seq": t, "steps": steps, "warmup": warmup, "segments": False}
         res = {side: run_cpu_worker(f"train_{side}", args) for side in ("jax", "torch")}
+        # PyTorch with jaxgpt's malloc settings too: the like-for-like row (measured: no faster)
+        res["torch_tuned_malloc"] = run_cpu_worker("train_torch", args, malloc="tuned")
         # Start-up again with the compiled step in a persistent cache (filled by a first run).
         cache = str(work / f"xla-cache-{b}x{t}")
         shutil.rmtree(cache, ignore_errors=True)
@@ -356,6 +367,11 @@ def print_train_row(row: dict) -> None:
           f"{p['peak_rss_mb']:,.0f} MB | first step after {j['time_to_first_step_s']:.1f}s vs "
           f"{p['time_to_first_step_s']:.1f}s | loss@1 {j['first_loss']:.4f} vs {p['first_loss']:.4f}"
           + ("" if abs(j["first_loss"] - p["first_loss"]) <= 1e-3 else "  ** LOSSES DIFFER: not like for like **"))
+    q = row.get("torch_tuned_malloc", {})
+    if "tokens_per_s" in q:
+        tuned = "with" if q.get("glibc_tunables") else "without (not applicable here)"
+        print(f"  train {row['shape']}: torch {tuned} jaxgpt's malloc settings {q['tokens_per_s']:,.0f} tok/s "
+              f"-> jaxgpt {j['tokens_per_s'] / q['tokens_per_s']:.2f}x")
     w = row.get("jax_warm_cache", {})
     if "time_to_first_step_s" in w:
         print(f"  train {row['shape']}: jaxgpt first step after {w['time_to_first_step_s']:.1f}s with a warm "
