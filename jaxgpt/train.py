@@ -727,6 +727,9 @@ USAGE = """usage: python -m jaxgpt.train [--config FILE.yaml] [section.key=value
 
 Train GPT-2 with JAX. Without --config, runs configs/demo.yaml. Overrides are
 read as YAML values, e.g.: optimizer.lr=3e-5 train.steps=200 mesh.fsdp=-1
+On a CPU host the command restarts itself once, before jax loads, with glibc malloc
+settings that make XLA:CPU's steps faster (JAXGPT_MALLOC=default: it does not;
+docs/training.md, "Host memory on a CPU").
 
 keys (type = default):
 """
