@@ -260,8 +260,6 @@ def generate(model: GPT2, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
 
 # ----------------------------------------------------------------------------- loading
 
-
-
 PARAM_DTYPE_HELP = ("weights dtype. bfloat16 and int8 store them in the decoding layout, read at a half / a quarter "
                     "of float32's bytes per token; w8a8 = int8 weights and activations (quantised per token), the "
                     "fastest on a CPU at any batch size. Check a model's outputs with tools/decode_quality.py")
