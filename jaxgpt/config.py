@@ -55,7 +55,7 @@ class ModelConfig:
     scan_layers: bool | None = _f(None, "run the blocks as one lax.scan: compile time independent of depth, faster on CPU; null = on, except on a GPU (unrolled is faster there)")
     attention: str = _f("auto", "auto (cudnn on a GPU in bf16/fp16 without dropout, else einsum) | einsum (jaxgpt's own) | cudnn (fused flash attention) | xla")
     dropout: float = _f(0.0, "dropout rate on embeddings, attention and residuals (0 = off)")
-    loss_chunks: int = _f(1, "compute the LM head + cross-entropy in this many sequence chunks, never holding the whole [batch, seq, vocab] logits (saves memory; data.seq_len must divide by it)")
+    loss_chunks: int | None = _f(None, "compute the LM head + cross-entropy in this many sequence chunks, never holding the whole [batch, seq, vocab] logits (less memory; data.seq_len must divide by it); null = 8 on a GPU (faster there), 1 elsewhere")
 
 
 @dataclass
@@ -385,7 +385,7 @@ def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> tuple[int
                           "(attention=auto picks it only where it applies)")
     if cfg.model.remat not in (True, False, "auto", "none", "minimal", "full"):
         raise ConfigError(f"model.remat={cfg.model.remat!r}: choose from auto, none, minimal, full (or true / false)")
-    if cfg.model.loss_chunks < 1 or cfg.data.seq_len % cfg.model.loss_chunks:
+    if cfg.model.loss_chunks is not None and (cfg.model.loss_chunks < 1 or cfg.data.seq_len % cfg.model.loss_chunks):
         raise ConfigError(f"model.loss_chunks={cfg.model.loss_chunks}: must be at least 1 and divide "
                           f"data.seq_len={cfg.data.seq_len}")
     o, sc = cfg.optimizer, cfg.schedule

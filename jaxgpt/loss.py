@@ -46,11 +46,24 @@ def _chunked(h, targets, weights, chunks):
     return _split(h, chunks), _split(targets, chunks), _split(weights.astype(jnp.float32), chunks)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+# The head's rows are padded to a multiple of this inside the loss (zero rows, masked out of the
+# softmax). GPT-2's 50257 rows made XLA:GPU pick slow Triton GEMMs for the head: on an H200 its three
+# products took 27.8 ms of an 85 ms step, against 9.7 ms for 50304 rows (docs/benchmarks.md).
+ROW_MULTIPLE = 128
+
+
 def chunked_cross_entropy(h, w, targets, weights, vocab_size: int, chunks: int):
     """``sum(CE(h @ w.T, targets) * weights)`` in float32; h [B, T, E], w [V, E] (the tied
     embedding, maybe padded past ``vocab_size`` rows), targets / weights [B, T]; T must be a
     multiple of ``chunks``."""
+    pad = -w.shape[0] % ROW_MULTIPLE
+    if pad:  # jnp.pad's transpose slices the padded rows off w's gradient
+        w = jnp.pad(w, ((0, pad), (0, 0)))
+    return _chunked_cross_entropy(h, w, targets, weights, vocab_size, chunks)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked_cross_entropy(h, w, targets, weights, vocab_size: int, chunks: int):
     def body(total, xs):
         hc, tc, wc = xs
         return total + _chunk_terms(hc, w, tc, wc, vocab_size)[2], None
@@ -84,4 +97,4 @@ def _backward(vocab_size, chunks, residuals, g):
     return (g * dh).astype(dh.dtype), (g * dw).astype(dw.dtype), None, None  # targets / weights: no gradient
 
 
-chunked_cross_entropy.defvjp(_forward, _backward)
+_chunked_cross_entropy.defvjp(_forward, _backward)

@@ -44,8 +44,8 @@ from flax import nnx
 from jaxgpt import compile_cache, host_memory, sharding
 from jaxgpt.config import Config, ConfigError, help_text, load_config, validate
 from jaxgpt.loss import chunked_cross_entropy
-from jaxgpt.model import (SETTINGS, GPT2, GPT2Config, attention_implementation, num_params, remat_policy,
-                          resize_token_embeddings, scan_blocks)
+from jaxgpt.model import (SETTINGS, GPT2, GPT2Config, attention_implementation, loss_chunks, num_params,
+                          remat_policy, resize_token_embeddings, scan_blocks)
 
 log = logging.getLogger("jaxgpt.train")
 
@@ -148,7 +148,7 @@ def loss_terms(graphdef, params, rest, batch, *, mesh=None, train: bool = True, 
     # segment_ids (packing) are optional: without them attention is causal only.
     inputs = dict(positions=batch["positions"], segment_ids=batch.get("segment_ids"), constrain=constrain)
     mask = batch["loss_mask"].astype(jnp.float32)
-    chunks = model.config.loss_chunks
+    chunks = loss_chunks(model.config, batch["input_ids"].shape[1])
     if chunks > 1:  # the head one sequence chunk at a time (config.validate: seq_len divides by it)
         h = model(batch["input_ids"], hidden_only=True, **inputs)
         ce_sum = chunked_cross_entropy(h, model.wte[...].astype(h.dtype), batch["targets"], mask,
@@ -542,7 +542,7 @@ def train(cfg: Config) -> TrainResult:
                  f"steps {start}->{t.steps}, output {out}, compilation cache {cache_dir or 'off'}")
     logger.print(f"model: {gcfg.dtype} compute, {gcfg.param_dtype} weights, attention {attention_implementation(gcfg)}, "
                  f"blocks {'scanned' if scan_blocks(gcfg) else 'unrolled'}, remat {remat_policy(gcfg)}, "
-                 f"loss in {gcfg.loss_chunks} chunk(s)"
+                 f"loss in {loss_chunks(gcfg, cfg.data.seq_len)} chunk(s)"
                  + (f", host malloc: {host_memory.describe()}" if jax.default_backend() == "cpu" else ""))
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)

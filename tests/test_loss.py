@@ -92,3 +92,18 @@ def test_train_loss_with_loss_chunks_matches(tmp_path):
     for (path, a), (_, b) in zip(g1, g4):
         ref = a.get_value()
         assert float(jnp.abs(b.get_value() - ref).max()) <= 1e-5 * max(float(jnp.abs(ref).max()), 1e-12), path
+
+
+def test_default_loss_chunks_per_backend(monkeypatch):
+    """model.loss_chunks: null is 8 chunks on a GPU (the largest of 8 / 4 / 2 that divides the
+    sequence), 1 on a CPU; a set value is kept on any backend."""
+    from jaxgpt import model as model_lib
+    from jaxgpt.model import GPT2Config, loss_chunks
+
+    cfg = GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=VOCAB)
+    assert cfg.loss_chunks is None
+    assert loss_chunks(cfg, 1024) == 1  # these tests run on the CPU
+    assert loss_chunks(cfg.replace(loss_chunks=4), 1024) == 4
+    monkeypatch.setattr(model_lib.jax, "default_backend", lambda: "gpu")
+    assert [loss_chunks(cfg, t) for t in (1024, 36, 6, 7)] == [8, 4, 2, 1]
+    assert loss_chunks(cfg.replace(loss_chunks=1), 1024) == 1

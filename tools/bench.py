@@ -101,7 +101,7 @@ def worker_train_jax(a: dict) -> dict:
     cfg.model.vocab_multiple = a.get("vocab_multiple", 1)
     cfg.model.scan_layers = a.get("scan_layers")  # None: jaxgpt's default for the backend
     cfg.model.remat = a.get("remat", "auto")
-    cfg.model.loss_chunks = a.get("loss_chunks", 1)
+    cfg.model.loss_chunks = a.get("loss_chunks")  # None: jaxgpt's default for the backend
     cfg.train.steps = a["warmup"] + a["steps"]
     cfg.schedule.name = "constant"
     for k, v in optimizer_hparams().items():
@@ -138,6 +138,15 @@ def worker_train_jax(a: dict) -> dict:
         jax.block_until_ready(state)
         times.append(time.perf_counter() - t0)
     losses.append(float(m["loss"]))
+    profile = None
+    if a.get("profile_dir"):  # --profile: trace two more steps and summarise the device's kernels
+        from trace_summary import summarize
+
+        with jax.profiler.trace(a["profile_dir"], create_perfetto_trace=True):
+            for i in range(2):
+                state, m = step(state, batches[i], rng)
+            jax.block_until_ready(state)
+        profile = summarize(a["profile_dir"], steps=2)
     out = {**step_stats(times, b * t), "first_loss": losses[0],
            "last_loss": losses[-1], "time_to_first_step_s": t_first - a["t_spawn"], "peak_rss_mb": rss_mb(),
            "rss_after_load_mb": rss_loaded, "backend": jax.default_backend(), "n_devices": len(jax.devices()),
@@ -152,6 +161,8 @@ def worker_train_jax(a: dict) -> dict:
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         out["peak_device_mb"] = stats["peak_bytes_in_use"] / 2**20
+    if profile is not None:
+        out["profile"] = profile
     return out
 
 
@@ -423,20 +434,25 @@ def section_generate(work: Path, quick: bool) -> dict:
 
 # jaxgpt settings the --gpu run tries, one process each: (label, worker settings)
 GPU_VARIANTS = [
-    ("einsum attention, blocks scanned", dict(attention="einsum", scan_layers=True)),
-    ("cudnn attention, blocks scanned", dict(attention="cudnn", scan_layers=True)),
-    ("cudnn attention, vocab padded to 128, blocks scanned", dict(attention="cudnn", vocab_multiple=128, scan_layers=True)),
+    ("einsum attention, blocks scanned", dict(attention="einsum", scan_layers=True, loss_chunks=1)),
+    ("cudnn attention, blocks scanned", dict(attention="cudnn", scan_layers=True, loss_chunks=1)),
+    ("cudnn attention, vocab padded to 128, blocks scanned",
+     dict(attention="cudnn", vocab_multiple=128, scan_layers=True, loss_chunks=1)),
     ("cudnn attention, vocab padded to 128, blocks scanned, no packing mask",
-     dict(attention="cudnn", vocab_multiple=128, scan_layers=True, segments=False)),
-    ("cudnn attention, vocab padded to 128, blocks unrolled (the GPU defaults)",
+     dict(attention="cudnn", vocab_multiple=128, scan_layers=True, loss_chunks=1, segments=False)),
+    ("cudnn attention, vocab padded to 128, blocks unrolled, loss in one piece",
+     dict(attention="cudnn", vocab_multiple=128, scan_layers=False, loss_chunks=1)),
+    # model.loss_chunks: null (the default) is 8 on a GPU.
+    ("the GPU defaults: cudnn attention, vocab padded to 128, blocks unrolled, loss in 8 sequence chunks",
      dict(attention="cudnn", vocab_multiple=128, scan_layers=False)),
-    # Not run on a GPU yet: the f32 [32, 1024, 50304] logits and their gradient (13 GB) never exist.
-    ("same, head + cross-entropy in 8 sequence chunks (model.loss_chunks: 8)",
-     dict(attention="cudnn", vocab_multiple=128, scan_layers=False, loss_chunks=8)),
     # Not run on a GPU yet: the CPU's default (faster and smaller there); on a GPU it recomputes GELU / LayerNorm.
     ("the GPU defaults, model.remat: minimal", dict(attention="cudnn", vocab_multiple=128, scan_layers=False, remat="minimal")),
-    # Not run on a GPU yet: like for like with the PyTorch side, which keeps 50257 rows.
-    ("cudnn attention, blocks unrolled, vocab not padded", dict(attention="cudnn", scan_layers=False)),
+    ("cudnn attention, blocks unrolled, vocab not padded, loss in one piece",
+     dict(attention="cudnn", scan_layers=False, loss_chunks=1)),
+    # Batches without packing segment ids: causal attention only, no mask bias (as the PyTorch side).
+    ("the GPU defaults, no packing mask", dict(attention="cudnn", vocab_multiple=128, scan_layers=False, segments=False)),
+    # Like for like with the PyTorch side: 50257 rows, no packing mask (jaxgpt's own chunked loss kept).
+    ("the GPU defaults, vocab not padded, no packing mask", dict(attention="cudnn", scan_layers=False, segments=False)),
 ]
 
 
@@ -460,8 +476,10 @@ def run_gpu(args, work: Path) -> dict:
             args.out.write_text(json.dumps({"gpu": res}, indent=2) + "\n")
 
     chosen = [GPU_VARIANTS[int(i)] for i in args.gpu_variants.split(",")] if args.gpu_variants else GPU_VARIANTS
-    for label, settings in chosen:
-        r = run_worker("train_jax", {**common, **settings, "peak_flops": args.peak_flops}, timeout=args.worker_timeout)
+    for n, (label, settings) in enumerate(chosen):
+        extra = {"profile_dir": str(args.profile / f"variant{n}")} if args.profile else {}
+        r = run_worker("train_jax", {**common, **settings, **extra, "peak_flops": args.peak_flops},
+                       timeout=args.worker_timeout)
         res["jaxgpt"][label] = r
         save()
         if "error" in r:
@@ -472,6 +490,10 @@ def run_gpu(args, work: Path) -> dict:
               f"{seq}, first step after {r['time_to_first_step_s']:.0f} s, peak device memory "
               f"{r.get('peak_device_mb', float('nan')):,.0f} MiB, loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}",
               flush=True)
+        if "profile" in r:
+            from trace_summary import format_summary
+
+            print(format_summary(r["profile"]), flush=True)
     t = res["torch_eager_autocast"] = run_worker("train_torch", common, timeout=args.worker_timeout)
     save()
     if "error" in t:
@@ -501,6 +523,9 @@ def main(argv=None) -> int:
     p.add_argument("--peak-flops", type=float, default=H200_BF16_PEAK, help="--gpu: peak FLOP/s for MFU")
     p.add_argument("--gpu-variants", default=None, help="--gpu: which jaxgpt variants, as indices into GPU_VARIANTS (default all)")
     p.add_argument("--worker-timeout", type=float, default=None, help="--gpu: seconds one run may take")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="--gpu: trace two more steps of each jaxgpt variant into this folder and print where "
+                        "the device time goes (tools/trace_summary.py)")
     p.add_argument("--work-dir", type=Path, default=None, help="scratch folder (default: a temp dir)")
     p.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
