@@ -8,7 +8,8 @@ gradients with respect to the hidden states and the embedding are computed in th
 pass (as Liger-Kernel's fused linear cross-entropy does), so nothing is recomputed and only
 one chunk's logits exist at a time. Same FLOPs as the plain head.
 
-Used by ``jaxgpt.train.loss_terms`` when ``model.loss_chunks > 1``.
+Used by ``jaxgpt.train.loss_terms`` when the loss runs in more than one chunk
+(``model.loss_chunks``; by default 8 on a GPU, 1 elsewhere: ``jaxgpt.model.loss_chunks``).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _chunked(h, targets, weights, chunks):
 
 # The head's rows are padded to a multiple of this inside the loss (zero rows, masked out of the
 # softmax). GPT-2's 50257 rows made XLA:GPU pick slow Triton GEMMs for the head: on an H200 its three
-# products took 27.8 ms of an 85 ms step, against 9.7 ms for 50304 rows (docs/benchmarks.md).
+# products took 27.8 ms of an 85 ms step, against 9.6 ms for 50304 rows (docs/benchmarks.md).
 ROW_MULTIPLE = 128
 
 
