@@ -129,7 +129,7 @@ def run(args) -> int:
         out.rename(old)
         print(f"moved the previous run to {old}")
     m = cfg.model
-    print("jaxgpt demo: train a chat model on this CPU, offline, then export it to PyTorch.\n"
+    print("jaxgpt demo: train a chat model on this machine, offline, then export it to PyTorch.\n"
           f"Model: GPT-2 architecture, {m.n_layer} layers, width {m.n_embd}, {m.n_head} heads, trained FROM SCRATCH\n"
           "(no pretrained weights can be downloaded offline) with GPT-2's tokenizer + ChatML tokens, on\n"
           f"jaxgpt's bundled persona chats. {cfg.train.steps} steps of {cfg.train.batch_size} x {cfg.data.seq_len} tokens. "
