@@ -374,7 +374,11 @@ class MetricsLog:
         out.mkdir(parents=True, exist_ok=True)
         self.file = open(out / "metrics.jsonl", "a")
         if cfg.logging.tensorboard:
-            from tensorboardX import SummaryWriter
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError as e:  # a dependency of jaxgpt, but an image may lack it
+                raise ConfigError(f"logging.tensorboard=true needs tensorboardX ({e}): pip install tensorboardX, "
+                                  "or set logging.tensorboard=false") from None
 
             self.tb = SummaryWriter(str(out / "tensorboard"))
         if cfg.logging.progress_bar:

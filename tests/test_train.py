@@ -374,3 +374,17 @@ def test_loss_plot_reads_every_run_of_the_output_dir(tmp_path):
     losses, evals = logged_losses(tmp_path)
     assert losses == {1: 9.0, 2: 8.0, 3: 2.0, 4: 1.0, 5: 0.0} and evals == {4: 7.0}
     assert logged_losses(tmp_path / "missing") == ({}, {})
+
+
+def test_missing_tensorboardx_names_the_setting(tmp_path, monkeypatch):
+    """logging.tensorboard without tensorboardX installed (seen on a GPU machine's image): a
+    ConfigError that says how to go on, before any step runs."""
+    import sys
+
+    from jaxgpt.config import ConfigError
+
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # the import now raises ImportError
+    cfg = tiny_config(tmp_path, logging={"tensorboard": True})
+    with pytest.raises(ConfigError, match=r"logging.tensorboard=true needs tensorboardX .*logging.tensorboard=false"):
+        train(cfg)
+    assert not list((tmp_path / "run").glob("**/events.out.tfevents.*"))
