@@ -1,73 +1,18 @@
-"""import time, sys
-import numpy as np
-import jax, jax.numpy as jnp
-from jax._src.cudnn import fused_attention_stablehlo as fa
+"""Probe (GPU only): cuDNN's packed-segment attention against the additive-mask call jaxgpt uses.
 
-B, T, N, H, M = 32, 1024, 12, 64, int(sys.argv[1]) if len(sys.argv) > 1 else 32
-rng = np.random.default_rng(0)
-seg = np.zeros((B, T), np.int32)
-for b in range(B):
-    pos, s = 0, 1
-    while pos < T - 60:
-        L = int(rng.integers(30, 400))
-        L = min(L, T - 40 - pos) if b % 3 == 0 else min(L, T - pos)
-        seg[b, pos:pos + L] = s; pos += L; s += 1
-print("segments per row: max", max(len(set(r[r > 0])) for r in seg), "padding tokens", int((seg == 0).sum()))
+    python tools/probe_packed_attention.py [MAX_SEGMENTS_PER_ROW]   # default 32
 
-def offsets(seg, m):
-    b, t = seg.shape
-    start = jnp.concatenate([jnp.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
-    idx = jax.vmap(lambda s: jnp.nonzero(s, size=m + 1, fill_value=t)[0])(start)  # [B, M+1] starts, T-filled
-    nxt = jnp.concatenate([idx[:, 1:], jnp.full((b, 1), t, idx.dtype)], axis=1)
-    valid = idx < t
-    seqlen = jnp.where(valid, nxt - idx, -1)[:, :m].astype(jnp.int32)
-    offs = jnp.where(valid, idx, -1).at[:, m].set(-1).astype(jnp.int32)
-    return seqlen, offs
+jaxgpt turns a packing mask into an additive bias for cuDNN's flash attention
+(``jax.nn.dot_product_attention(mask=..., is_causal=True, implementation="cudnn")``); its backward
+also computes the bias's gradient. cuDNN can instead take the segments as per-row offsets and
+lengths (``q_offsets`` / ``q_seqlen`` of jax's private ``fused_attention_stablehlo``). This times
+one layer's forward + backward of both, and of causal attention alone, on random packed rows
+(32 x 1024, 12 heads of 64, trailing padding as one more segment), and compares the outputs and
+gradients on the non-padding tokens.
 
-def ref(q, k, v, seg):
-    mask = jnp.tril(jnp.ones((T, T), bool))[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=True, implementation="cudnn")
-
-def packed(q, k, v, seg):
-    seqlen, offs = offsets(seg, M)
-    return fa.dot_product_attention(q, k, v, q_seqlen=seqlen, kv_seqlen=seqlen, q_offsets=offs, kv_offsets=offs,
-                                    scale=1 / np.sqrt(H), mask_type=fa.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
-
-def causal(q, k, v, seg):
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-
-k0, k1, k2, k3 = jax.random.split(jax.random.key(0), 4)
-q, k, v, g = (jax.random.normal(kk, (B, T, N, H), jnp.bfloat16) for kk in (k0, k1, k2, k3))
-segj = jnp.asarray(seg)
-keep = (segj != 0)[:, :, None, None]
-g = jnp.where(keep, g, 0)
-
-def fb(f):
-    def run(q, k, v, g, seg):
-        out, vjp = jax.vjp(lambda q, k, v: f(q, k, v, seg), q, k, v)
-        return (out,) + vjp(g)
-    return jax.jit(run)
-
-res = {}
-for name, f in [("mask bias (jaxgpt now)", ref), (f"packed offsets M={M}", packed), ("causal only", causal)]:
-    try:
-        fn = fb(f)
-        outs = jax.block_until_ready(fn(q, k, v, g, segj))
-        ts = []
-        for _ in range(20):
-            t0 = time.perf_counter(); jax.block_until_ready(fn(q, k, v, g, segj)); ts.append(time.perf_counter() - t0)
-        res[name] = outs
-        print(f"{name}: fwd+bwd {np.median(ts) * 1e3:.3f} ms per layer-call (median of 20)", flush=True)
-    except Exception as e:
-        print(f"{name}: FAILED {type(e).__name__}: {str(e)[:600]}", flush=True)
-if len(res) >= 2 and "mask bias (jaxgpt now)" in res and f"packed offsets M={M}" in res:
-    a, b = res["mask bias (jaxgpt now)"], res[f"packed offsets M={M}"]
-    for nm, x, y in zip(["out", "dq", "dk", "dv"], a, b):
-        x = jnp.where(keep, x.astype(jnp.float32), 0); y = jnp.where(keep, y.astype(jnp.float32), 0)
-        rel = float(jnp.linalg.norm(x - y) / jnp.linalg.norm(x))
-        print(f"  {nm}: rel diff {rel:.2e}, max abs {float(jnp.max(jnp.abs(x - y))):.3e}, finite {bool(jnp.all(jnp.isfinite(y)))}")
-    # padding rows of the packed output must be finite too (they flow on through the MLP)
-    print("  packed out finite everywhere:", bool(jnp.all(jnp.isfinite(b[0]))))
+Measured on an H200 (2026-11-29, jax 0.11.2): correct (<= 9.1e-4 relative) but slower, 1.94 ms
+against 1.58 ms for the mask and 1.12 ms causal only (docs/benchmarks.md, section 6). Kept to
+re-check on newer cuDNN / jax versions.
 """
 
 from __future__ import annotations
