@@ -368,7 +368,14 @@ class MLP(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
     def __call__(self, x, constrain=_no_constraint):
-        h = self.act(_dense(self, "c_fc", x))
+        if self.out_in:  # the decoding layout: no gradients
+            h = self.act(_dense(self, "c_fc", x))
+        else:
+            # The bias and activation are recomputed in the backward pass from the product's output,
+            # which is kept anyway. Otherwise XLA:GPU stores tanh's [B, T, 4E] output for the backward:
+            # GPT-2 124M at 32 x 1024 on an H200 took 2.4 GiB more memory and 0.5 ms more a step.
+            h = jax.checkpoint(lambda y, bias: self.act(y + bias.astype(y.dtype)))(
+                linear(x, self.c_fc_kernel[...]), self.c_fc_bias[...])
         h = constrain(h, "batch", "seq", "mlp")
         return self.dropout(_dense(self, "c_proj", h))
 
