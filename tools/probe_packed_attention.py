@@ -3,8 +3,9 @@
     python tools/probe_packed_attention.py [MAX_SEGMENTS_PER_ROW]   # default 32
 
 jaxgpt turns a packing mask into an additive bias for cuDNN's flash attention
-(``jax.nn.dot_product_attention(mask=..., is_causal=True, implementation="cudnn")``); its backward
-also computes the bias's gradient. cuDNN can instead take the segments as per-row offsets and
+(``jax.nn.dot_product_attention(mask=..., is_causal=True, implementation="cudnn")``), which cuDNN's
+kernels read forward and backward (no bias gradient is computed: the optimised HLO of jax 0.11.2's
+backward call returns dQ, dK, dV only). cuDNN can instead take the segments as per-row offsets and
 lengths (``q_offsets`` / ``q_seqlen`` of jax's private ``fused_attention_stablehlo``). This times
 one layer's forward + backward of both, and of causal attention alone, on random packed rows
 (32 x 1024, 12 heads of 64, trailing padding as one more segment), and compares the outputs and
