@@ -65,8 +65,10 @@ def test_scanned_blocks_match_unrolled(dropout, remat):
 @pytest.mark.parametrize("scan", [True, False])
 def test_remat_policies_keep_what_they_say(scan):
     """What the backward pass keeps: everything with "none", the [B, H, T, T] attention
-    probabilities included; with "minimal" the weight matmuls' outputs but no [B, H, T, T]
-    array; with "full" neither (only each block's input). "auto" is minimal on the CPU."""
+    probabilities included, except GELU's insides: of the MLP's [B, T, 4E] arrays only the c_fc
+    product (bias + GELU are recomputed from it) and GELU's output (c_proj's input); with
+    "minimal" the weight matmuls' outputs but no [B, H, T, T] array; with "full" neither (only
+    each block's input). "auto" is minimal on the CPU."""
     b, t, h = 2, 16, 4
     base = dict(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=h, scan_layers=scan)
     ids = jnp.zeros((b, t), jnp.int32)
@@ -86,6 +88,8 @@ def test_remat_policies_keep_what_they_say(scan):
     scores = (h, t, t)
     none, minimal, full = (residual_shapes(r) for r in ("none", "minimal", "full"))
     assert kept(none, scores) and not kept(minimal, scores) and not kept(full, scores)
+    mlp_wide = [s for s in none if s[-2:] == (t, 4 * 64)]  # scanned: one [L, B, T, 4E] array each
+    assert len(mlp_wide) == 2 * (1 if scan else base["n_layer"]), mlp_wide
     assert kept(minimal, (t, 3 * 64)) and not kept(full, (t, 3 * 64))
     assert len(full) < len(minimal) < len(none)
     assert GPT2Config(**base).remat == "auto" and remat_policy(GPT2Config(**base)) == "minimal"
