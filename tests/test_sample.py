@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from conftest import shared_path
-from jaxgpt.model import DECODING_DTYPES, GPT2, GPT2Config, for_decoding, int8_matmul, quantize_int8
+from jaxgpt.model import (DECODING_DTYPES, GPT2, GPT2Config, few_rows_product, for_decoding, int8_matmul,
+                          quantize_int8)
 from jaxgpt.sample import (SampleError, bucket, decode, decode_no_hoisting, generate, load_model, prefill,
                            sample_logits, split_for_inference, stream)
 from jaxgpt.weights import save_pretrained
@@ -45,11 +46,15 @@ def hf_model(model, tmp_path_factory):
 
 # ----------------------------------------------------------------------------- 1. PyTorch parity
 
-def test_greedy_matches_transformers_generate_batched(model, hf_model):
+@pytest.mark.parametrize("layout", ["training", "float32"])
+def test_greedy_matches_transformers_generate_batched(model, hf_model, layout):
+    """Both float32 layouts: the training one, and the decoding one that ``load_model`` gives on a
+    CPU (kernels [out, in]; several rows take ``few_rows_product`` there)."""
     import torch
 
     new = 24
-    ours = generate(model, PROMPTS, max_new_tokens=new, stop_ids=[CFG.eos_token_id])
+    decoder = model if layout == "training" else for_decoding(model, "float32")
+    ours = generate(decoder, PROMPTS, max_new_tokens=new, stop_ids=[CFG.eos_token_id])
     # transformers: the same batch, left padding + attention_mask (positions from the mask).
     width = max(map(len, PROMPTS))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])
@@ -279,6 +284,35 @@ def test_for_decoding_layout(model, decoding):
         for_decoding(model, "float16")
 
 
+@pytest.mark.parametrize("rows", [1, 2, 5, 40])
+def test_float32_decoding_layout_gives_the_same_logits(model, rows):
+    """``for_decoding(model, "float32")``: the same float32 numbers with the kernels stored [out, in].
+    One row, a few rows (``few_rows_product`` on a CPU) and many rows (40 > its 32) give the
+    training layout's logits up to float32 summation order (1e-5 of the largest logit)."""
+    f32 = for_decoding(model, "float32")
+    assert f32.decoding_layout == "float32" and f32.config.param_dtype == "float32"
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(f32, nnx.Param)))
+    np.testing.assert_array_equal(np.asarray(f32.h[0].mlp.c_fc_kernel[...]), np.asarray(model.h[0].mlp.c_fc_kernel[...]).T)
+    ids = jnp.asarray(np.random.default_rng(rows).integers(0, CFG.vocab_size, (rows, 1)))
+    ref, got = model(ids), f32(ids)
+    assert got.dtype == jnp.float32 and got.shape == ref.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0, atol=1e-5 * float(jnp.abs(ref).max()))
+
+
+@pytest.mark.parametrize("rows", [2, 8, 32])
+def test_few_rows_product(rows):
+    """``x @ kernel.T`` against float64 numpy, and computed in the orientation that XLA:CPU streams
+    the weights in: the compiled program's product is [out, rows] (without the barrier, XLA
+    folds the transpose back into a [rows, out] product, 1.8x slower for GPT-2's head)."""
+    rng = np.random.default_rng(rows)
+    x, w = rng.normal(size=(rows, 64)).astype(np.float32), rng.normal(size=(96, 64)).astype(np.float32)
+    got = few_rows_product(jnp.asarray(x), jnp.asarray(w))
+    assert got.shape == (rows, 96)
+    np.testing.assert_allclose(np.asarray(got), x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-5)
+    hlo = jax.jit(few_rows_product).lower(jnp.asarray(x), jnp.asarray(w)).compile().as_text()
+    assert re.search(rf"f32\[96,{rows}\]\{{[0-9,]+\}} dot\(", hlo), hlo
+
+
 def test_quantize_int8():
     """Symmetric per-row int8: the largest weight of each row maps to +-127, every weight is
     within half a step, and an all-zero row (vocabulary padding) gets a usable scale."""
@@ -369,8 +403,9 @@ def test_load_model_gives_the_decoding_layout(model, tmp_path):
     w8a8, _ = load_model(str(folder), param_dtype="w8a8")  # the same int8 weights, float32 elsewhere
     assert w8a8.decoding_layout == "w8a8" and w8a8.config.param_dtype == "float32"
     np.testing.assert_array_equal(np.asarray(w8a8.wte[...]), np.asarray(q.wte[...]))
-    plain, _ = load_model(str(folder))
-    assert not plain.decoding_layout
+    plain, _ = load_model(str(folder))  # float32: the same weights, stored [out, in] on a CPU
+    assert plain.decoding_layout == ("float32" if jax.default_backend() == "cpu" else None)
+    assert plain.config.param_dtype == "float32"
     with pytest.raises(SampleError, match="param_dtype 'int4'"):
         load_model(str(folder), param_dtype="int4")
 
