@@ -271,7 +271,8 @@ def few_rows_product(x2, kernel):
     streams the [out, in] weights through the product once; as ``x2 @ kernel.T`` (and as
     ``x2 @ W`` with W [in, out], the training layout) it reads them at about half the memory
     bandwidth. GPT-2 124M, 8 rows, 2-core AMD EPYC (docs/benchmarks.md): the 50,304 x 768 head
-    9.4 ms against 16.7 ms; the 48 block products 19.4 ms against 29.6 ms in the training layout.
+    9.4 ms against 16.7 ms; a chain of the 48 block products 19.4 ms against 29.6 ms with the
+    training layout's W.
     One row runs at the bandwidth either way; bfloat16 weights ran 3x slower this way.
     """
     y = jax.lax.dot_general(kernel, x2, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -553,7 +554,8 @@ def for_decoding(model: GPT2, dtype: str = "bfloat16") -> GPT2:
 
     ``dtype="float32"``: every parameter in float32, the same numbers; only the kernels'
     orientation changes, for the products ``linear`` runs fastest on a CPU (GPT-2 124M, greedy,
-    2-core AMD EPYC: 1.35x the training layout's tokens/s at batch 1, 1.7x at batch 8).
+    2-core AMD EPYC, alternating processes: 1.03-1.10x the training layout's tokens/s at batch 1,
+    1.32x at batch 8).
     ``jaxgpt.sample.load_model`` gives it for float32 on a CPU.
     ``dtype="bfloat16"``: every parameter in bfloat16. ``dtype="int8"``: the kernels and the
     tied embedding ``wte`` in int8 with one float32 scale per output row (``quantize_int8``,

@@ -263,7 +263,7 @@ def generate(model: GPT2, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
 
 PARAM_DTYPE_HELP = ("weights dtype. bfloat16 and int8 store them in the decoding layout, read at a half / a quarter "
                     "of float32's bytes per token; w8a8 = int8 weights and activations (quantised per token), the "
-                    "fastest on a CPU at any batch size. Check a model's outputs with tools/decode_quality.py")
+                    "fastest on a CPU at batch 8. Check a model's outputs with tools/decode_quality.py")
 
 
 def load_model(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str = "float32"):

@@ -8,7 +8,8 @@
 
 Both sides load the same weights: a random-init jaxgpt GPT-2 (config only, no
 download) written once with ``save_pretrained`` and read by
-``GPT2LMHeadModel.from_pretrained`` and ``jaxgpt.sample.load_model``. Greedy,
+``GPT2LMHeadModel.from_pretrained`` and ``jaxgpt.sample.load_model`` (on a CPU, jaxgpt's float32
+side is its float32 decoding layout: the same weights stored [out, in]). Greedy,
 no stop token (every row makes exactly ``--new-tokens``), random prompts of
 ``--prompt-len`` tokens. Each measurement runs in its own fresh process (so
 thread pools and allocators of the two frameworks never meet); one untimed call
