@@ -117,6 +117,11 @@ SETTINGS = tuple(_FIELDS[_FIELDS.index("eos_token_id") + 1:])
 # einsum step's tokens/s, 42% less memory; docs/benchmarks.md). "auto": "cudnn" where it
 # applies (a GPU, bf16/fp16, no dropout), else "einsum".
 ATTENTION = ("auto", "einsum", "xla", "cudnn")
+# On a CPU, "einsum" attention over CHUNKED_FROM positions or more runs in chunks of queries
+# (Attention._attend_chunked): two, or as many as it takes to keep them to QUERY_CHUNK rows (at
+# most 8). GPT-2 124M's train step, 2-core AMD EPYC, against one chunk: 8 x 128 +4-9% (2 chunks),
+# 4 x 256 +10% (2; 4 chunks: +3%), 8 x 512 +17% (2 or 4 chunks alike).
+CHUNKED_FROM, QUERY_CHUNK = 128, 256
 
 
 def attention_implementation(cfg: "GPT2Config") -> str:
@@ -337,6 +342,8 @@ class Attention(nnx.Module):
             return self._project(out, x), None
         if layer_cache is not None:
             return self._attend_cached(q, k, v, x, mask, layer_cache, cache_index)
+        if t >= CHUNKED_FROM and jax.default_backend() == "cpu":
+            return self._project(self._attend_chunked(q, k, v, mask), x), None
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(self.head_dim)
         scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
@@ -344,6 +351,30 @@ class Attention(nnx.Module):
         probs = self.dropout(probs)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dt), v)
         return self._project(out, x), layer_cache
+
+    def _attend_chunked(self, q, k, v, mask):
+        """Causal attention in chunks of queries, each against the keys up to its last query.
+
+        The keys after a chunk are masked for all of its queries, so skipping them changes no
+        result (except on padding rows, which see no key at all and nothing reads). In n chunks
+        the [B, H, T, T] scores shrink to (n + 1) / 2n of their size, in pieces that stay in the
+        CPU's caches better. Heads lead ([B, H, T, D]), the layout XLA:CPU's batched dots ran
+        fastest. GPT-2 124M's attention alone, forward + backward, one layer at 8 x 512, 2-core
+        AMD EPYC: 234 ms in 4 chunks against 384 ms whole (PyTorch's SDPA: 198 ms).
+        """
+        dt, (b, t, h, d) = q.dtype, q.shape
+        q, k, v = (jnp.transpose(a, (0, 2, 1, 3)) for a in (q, k, v))  # [B, H, T, D]
+        n = min(8, max(2, -(-t // QUERY_CHUNK)))
+        c = -(-t // n)
+        outs = []
+        for start in range(0, t, c):
+            stop = min(start + c, t)
+            scores = jnp.einsum("bhqd,bhkd->bhqk", q[:, :, start:stop], k[:, :, :stop],
+                                preferred_element_type=jnp.float32) / math.sqrt(d)
+            scores = jnp.where(mask[:, None, start:stop, :stop], scores, jnp.finfo(jnp.float32).min)
+            probs = self.dropout(jax.nn.softmax(scores, axis=-1))
+            outs.append(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(dt), v[:, :, :stop]))
+        return jnp.transpose(jnp.concatenate(outs, axis=2), (0, 2, 1, 3))
 
     def _attend_cached(self, q, k, v, x, mask, layer_cache, cache_index):
         """Write the new keys/values into the cache at ``cache_index`` and attend to it.

@@ -119,6 +119,41 @@ def test_library_attention_matches_einsum(scan):
     _assert_grads_close(x_grads, e_grads)
 
 
+def test_chunked_attention_matches_whole(monkeypatch):
+    """On a CPU, attention over ``CHUNKED_FROM`` positions or more runs in chunks of queries,
+    each against the keys up to its last query (``Attention._attend_chunked``). Uneven chunks
+    (100 positions in 7 chunks of 15 or 10), packed segments and a padded tail: the logits of
+    every real token to 1e-5 relative, the gradients within 1e-5 of the largest, float32.
+    The chunked program never makes the whole [B, H, T, T] score matrix."""
+    from jaxgpt import model as model_lib
+
+    cfg = GPT2Config(vocab_size=300, n_positions=128, n_embd=64, n_layer=2, n_head=4)
+    model = GPT2(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (3, 100)))
+    seg = np.ones((3, 100), np.int32)
+    seg[0, 40:], seg[1, 90:] = 2, 0  # row 0: two packed segments; row 1: 10 padding slots
+    pos = jnp.asarray(np.where(np.arange(100) < 40, np.arange(100), np.arange(100) - 40)[None].repeat(3, 0))
+    seg, real = jnp.asarray(seg), np.asarray(seg) != 0
+
+    def loss(m):
+        logits = m(ids, segment_ids=seg, positions=pos)
+        return jnp.sum(jnp.where(seg[..., None] != 0, jax.nn.log_softmax(logits), 0.0)[..., :8]), logits
+
+    runs = {}
+    for chunk in (10**6, 16):
+        monkeypatch.setattr(model_lib, "CHUNKED_FROM", chunk)
+        monkeypatch.setattr(model_lib, "QUERY_CHUNK", 16)
+        jaxpr = str(jax.make_jaxpr(lambda m: m(ids, segment_ids=seg, positions=pos))(model))
+        runs[chunk] = (nnx.value_and_grad(loss, has_aux=True)(model), "f32[3,4,100,100]" in jaxpr)
+    ((_, whole), grads_whole), whole_scores = runs[10**6]
+    ((_, chunked), grads_chunked), chunked_scores = runs[16]
+    assert whole_scores and not chunked_scores
+    scale = float(jnp.abs(whole).max())
+    np.testing.assert_allclose(np.asarray(chunked)[real], np.asarray(whole)[real], rtol=0, atol=1e-5 * scale)
+    _assert_grads_close(nnx.state(grads_chunked, nnx.Param), nnx.state(grads_whole, nnx.Param))
+
+
 def test_library_attention_keeps_segments_apart():
     """Changing the first packed segment's tokens leaves the second segment's logits alone."""
     cfg = GPT2Config(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4, attention="xla")

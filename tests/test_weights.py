@@ -56,12 +56,19 @@ def hf_folders(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_logits_match_transformers(hf_folders, name):
+def test_logits_match_transformers(hf_folders, name, monkeypatch):
+    """Last, in chunks of at most 8 queries: the chunked attention of long sequences on a CPU."""
+    from jaxgpt import model as model_lib
+
     folder = hf_folders[name]
     ref = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
     model, cfg = jaxgpt.load_pretrained(folder)
     rng = np.random.default_rng(0)
-    for batch, length in [(1, 1), (2, 7), (3, min(33, cfg.n_positions))]:
+    for batch, length, chunk in [(1, 1, None), (2, 7, None), (3, min(33, cfg.n_positions), None),
+                                 (2, min(33, cfg.n_positions), 8)]:
+        if chunk:
+            monkeypatch.setattr(model_lib, "CHUNKED_FROM", chunk)
+            monkeypatch.setattr(model_lib, "QUERY_CHUNK", chunk)
         ids = rng.integers(0, cfg.vocab_size, (batch, length))
         ours = np.asarray(model(jnp.asarray(ids)))
         assert ours.shape == (batch, length, cfg.vocab_size)
