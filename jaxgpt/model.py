@@ -596,8 +596,8 @@ def for_decoding(model: GPT2, dtype: str = "bfloat16") -> GPT2:
     The block kernels become 2-D [out, in] matrices (``wte`` already is one); ``linear`` then
     runs the products XLA:CPU does fastest with such weights. Decoding reads every weight
     once per token, and this reads a half (a quarter) of float32's bytes. Measured on a
-    2-core Cascade Lake with GPT-2 124M (docs/benchmarks.md): bfloat16 1.3-1.45x the float32
-    tokens/s at batch 8, about even at batch 1; int8 1.28x float32 at batch 1, about float32's
+    2-core Cascade Lake with GPT-2 124M, against float32 in the training layout
+    (docs/benchmarks.md): bfloat16 1.3-1.45x the float32 tokens/s at batch 8, about even at batch 1; int8 1.28x float32 at batch 1, about float32's
     speed at batch 8; w8a8 1.6-1.8x float32 at batch 1 and 1.8x at batch 8 (the weight-only
     layouts' one-row products are XLA loops; w8a8's run on the int8 GEMM kernel).
     ``tools/decode_quality.py`` compares the outputs with float32.
