@@ -360,7 +360,8 @@ class Attention(nnx.Module):
         the [B, H, T, T] scores shrink to (n + 1) / 2n of their size, in pieces that stay in the
         CPU's caches better. Heads lead ([B, H, T, D]), the layout XLA:CPU's batched dots ran
         fastest. GPT-2 124M's attention alone, forward + backward, one layer at 8 x 512, 2-core
-        AMD EPYC: 234 ms in 4 chunks against 384 ms whole (PyTorch's SDPA: 198 ms).
+        AMD EPYC: 234 ms in 4 chunks against 384 ms whole (PyTorch's SDPA: 198 ms); in the
+        train step, 2 and 4 chunks ran alike there.
         """
         dt, (b, t, h, d) = q.dtype, q.shape
         q, k, v = (jnp.transpose(a, (0, 2, 1, 3)) for a in (q, k, v))  # [B, H, T, D]
@@ -597,8 +598,8 @@ def for_decoding(model: GPT2, dtype: str = "bfloat16") -> GPT2:
     runs the products XLA:CPU does fastest with such weights. Decoding reads every weight
     once per token, and this reads a half (a quarter) of float32's bytes. Measured on a
     2-core Cascade Lake with GPT-2 124M, against float32 in the training layout
-    (docs/benchmarks.md): bfloat16 1.3-1.45x the float32 tokens/s at batch 8, about even at batch 1; int8 1.28x float32 at batch 1, about float32's
-    speed at batch 8; w8a8 1.6-1.8x float32 at batch 1 and 1.8x at batch 8 (the weight-only
+    (docs/benchmarks.md): bfloat16 1.3-1.45x the float32 tokens/s at batch 8, about even at
+    batch 1; int8 1.28x float32 at batch 1, about float32's speed at batch 8; w8a8 1.6-1.8x float32 at batch 1 and 1.8x at batch 8 (the weight-only
     layouts' one-row products are XLA loops; w8a8's run on the int8 GEMM kernel).
     ``tools/decode_quality.py`` compares the outputs with float32.
     Activations and the KV cache keep ``model.config.dtype``. For sampling and evaluation only:
