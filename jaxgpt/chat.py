@@ -22,7 +22,7 @@ import sys
 from typing import Callable
 
 from jaxgpt import compile_cache
-from jaxgpt.model import DECODING_DTYPES
+from jaxgpt.model import DECODING_LAYOUTS
 from jaxgpt.sample import PARAM_DTYPE_HELP, SampleError, check_sampling, load_model, stop_ids_for, stream
 from jaxgpt.tokenizer import add_chat_template
 
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--system", default=None, help="system message (kept when old turns are dropped)")
     ap.add_argument("--chunk", type=int, default=8, help="tokens decoded between screen updates (default %(default)s)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (default %(default)s)")
-    ap.add_argument("--param-dtype", default="float32", choices=["float32", *DECODING_DTYPES], help=PARAM_DTYPE_HELP)
+    ap.add_argument("--param-dtype", default="float32", choices=DECODING_LAYOUTS, help=PARAM_DTYPE_HELP)
     args = ap.parse_args(argv)
     if args.chunk < 1:
         ap.error(f"--chunk must be at least 1, got {args.chunk}")

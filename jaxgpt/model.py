@@ -252,7 +252,7 @@ def linear(x, kernel, bias=None, *, out_in: bool = False, scale=None, kernel_sum
         y, scale = int8_matmul(x2.astype(jnp.float32), kernel, scale, kernel_sum), None
     elif kernel.dtype != jnp.float32 and rows == 1 and jax.default_backend() == "cpu":
         y = jnp.dot(x2[0].astype(jnp.float32), kernel.T.astype(jnp.float32))[None]
-    elif kernel.dtype == jnp.float32 and 1 < rows <= _FEW_ROWS and jax.default_backend() == "cpu":
+    elif takes_few_rows_product(rows, kernel.dtype):
         y = few_rows_product(x2.astype(jnp.float32), kernel)
     else:
         if scale is not None:  # scaled before the product: a bare int8 -> bf16 cast fused into it ran 4x slower
@@ -267,6 +267,11 @@ def linear(x, kernel, bias=None, *, out_in: bool = False, scale=None, kernel_sum
 
 
 _FEW_ROWS = 32  # the most rows measured for few_rows_product (2-32)
+
+
+def takes_few_rows_product(rows: int, dtype) -> bool:
+    """Whether a product of ``rows`` rows with ``dtype`` weights runs ``few_rows_product``."""
+    return dtype == jnp.float32 and 1 < rows <= _FEW_ROWS and jax.default_backend() == "cpu"
 
 
 def few_rows_product(x2, kernel):
@@ -529,8 +534,7 @@ class GPT2(nnx.Module):
             logits = linear(x.astype(jnp.float32), self.wte[...], out_in=True,
                             scale=None if wte_scale is None else wte_scale[...],
                             kernel_sum=None if wte_sum is None else wte_sum[...])
-        elif (cache is not None and dt == jnp.float32 and 1 < x.shape[0] * x.shape[1] <= _FEW_ROWS
-              and jax.default_backend() == "cpu"):  # batched decoding with the training layout's wte [V, E]
+        elif cache is not None and takes_few_rows_product(x.shape[0] * x.shape[1], dt):  # training layout: wte [V, E]
             logits = few_rows_product(x.reshape(-1, x.shape[-1]), self.wte[...]).reshape(*x.shape[:2], -1)
         else:
             logits = jnp.einsum("bte,ve->btv", x, self.wte[...].astype(dt), preferred_element_type=jnp.float32)
@@ -599,8 +603,9 @@ def for_decoding(model: GPT2, dtype: str = "bfloat16") -> GPT2:
     once per token, and this reads a half (a quarter) of float32's bytes. Measured on a
     2-core Cascade Lake with GPT-2 124M, against float32 in the training layout
     (docs/benchmarks.md): bfloat16 1.3-1.45x the float32 tokens/s at batch 8, about even at
-    batch 1; int8 1.28x float32 at batch 1, about float32's speed at batch 8; w8a8 1.6-1.8x float32 at batch 1 and 1.8x at batch 8 (the weight-only
-    layouts' one-row products are XLA loops; w8a8's run on the int8 GEMM kernel).
+    batch 1; int8 1.28x float32 at batch 1, about float32's speed at batch 8; w8a8 1.6-1.8x
+    float32 at batch 1 and 1.8x at batch 8 (the weight-only layouts' one-row products are XLA
+    loops; w8a8's run on the int8 GEMM kernel).
     ``tools/decode_quality.py`` compares the outputs with float32.
     Activations and the KV cache keep ``model.config.dtype``. For sampling and evaluation only:
     the copy cannot be trained, saved or exported (``jaxgpt.weights`` refuses it).

@@ -64,7 +64,7 @@ import numpy as np
 from flax import nnx
 
 from jaxgpt import compile_cache
-from jaxgpt.model import DECODING_DTYPES, GPT2, INT8_DECODING, for_decoding, init_cache
+from jaxgpt.model import DECODING_DTYPES, DECODING_LAYOUTS, GPT2, INT8_DECODING, for_decoding, init_cache
 from jaxgpt.tokenizer import has_tokenizer, load_tokenizer, stop_token_ids
 from jaxgpt.weights import folder_eos_ids, is_hf_folder, load_pretrained, resolve
 
@@ -276,8 +276,8 @@ def load_model(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str 
     numbers with the kernels stored [out, in], which XLA:CPU multiplies faster while decoding.
     Models in a decoding layout sample and evaluate; they cannot be trained, saved or exported.
     """
-    if param_dtype not in ("float32", *DECODING_DTYPES):
-        raise SampleError(f"param_dtype {param_dtype!r}: choose from float32, {', '.join(DECODING_DTYPES)}")
+    if param_dtype not in DECODING_LAYOUTS:
+        raise SampleError(f"param_dtype {param_dtype!r}: choose from {', '.join(DECODING_LAYOUTS)}")
     decoding = None if param_dtype == "float32" else param_dtype
     if decoding is None and dtype == "float32" and jax.default_backend() == "cpu":
         decoding = "float32"  # the same float32 weights, stored [out, in]: faster products on a CPU
@@ -327,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
     ap.add_argument("--num-samples", type=int, default=1, help="samples drawn in one batch (default %(default)s)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (default %(default)s)")
-    ap.add_argument("--param-dtype", default="float32", choices=["float32", *DECODING_DTYPES], help=PARAM_DTYPE_HELP)
+    ap.add_argument("--param-dtype", default="float32", choices=DECODING_LAYOUTS, help=PARAM_DTYPE_HELP)
     args = ap.parse_args(argv)
     compile_cache.enable()
     try:
