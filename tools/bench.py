@@ -4,6 +4,7 @@
     python tools/bench.py --quick         # tiny model, ~2.5-3.5 min on 2 cores: a regular smoke of every section
     python tools/bench.py --gpu           # tokens/s + MFU of GPT-2 124M, seq 1024, bf16 (tools/bench_gpu.sh)
     python tools/bench.py --sections train,finetune
+    python tools/bench.py --sections train --rounds 3   # the sides alternate 3 times; median ratio
 
 Sections (each side runs in its own fresh process, one after the other, so
 start-up, compile and peak memory are measured per side; both read the same
@@ -347,7 +348,7 @@ def write_init_model(folder: Path, arch: dict, chat: bool) -> Path:
     return folder
 
 
-def section_train(work: Path, quick: bool, steps: int, warmup: int) -> list[dict]:
+def section_train(work: Path, quick: bool, steps: int, warmup: int, rounds: int = 1) -> list[dict]:
     arch = TINY if quick else GPT2_124M
     folder = write_init_model(work / ("init-tiny" if quick else "init-124m"), arch, chat=False)
     shapes = [(4, 64)] if quick else [(4, 256), (8, 128)]
@@ -355,9 +356,18 @@ def section_train(work: Path, quick: bool, steps: int, warmup: int) -> list[dict
     for b, t in shapes:
         # segments=False: plain causal attention, as PyTorch's side (a packing mask would be jaxgpt's work only)
         args = {"model": str(folder), "batch": b, "seq": t, "steps": steps, "warmup": warmup, "segments": False}
-        res = {side: run_cpu_worker(f"train_{side}", args) for side in ("jax", "torch")}
-        # PyTorch with jaxgpt's malloc settings too: the like-for-like row (measured: no faster)
-        res["torch_tuned_malloc"] = run_cpu_worker("train_torch", args, malloc="tuned")
+        # Rounds alternate the sides (jaxgpt, PyTorch, PyTorch with jaxgpt's malloc settings: the
+        # like-for-like row), so a shared machine's slow minutes fall on both; the row's top-level
+        # results are round 1's, its medians are over all rounds.
+        res = {"rounds": []}
+        for i in range(rounds):
+            one = {side: run_cpu_worker(f"train_{side}", args) for side in ("jax", "torch")}
+            one["torch_tuned_malloc"] = run_cpu_worker("train_torch", args, malloc="tuned")
+            res["rounds"].append(one)
+            if rounds > 1:
+                print(f"  train {b}x{t}: round {i + 1}/{rounds}: {round_ratios(one)}", flush=True)
+        res.update(res["rounds"][0])
+        res.update(median_ratios(res["rounds"]))
         # Start-up again with the compiled step in a persistent cache (filled by a first run).
         cache = str(work / f"xla-cache-{b}x{t}")
         shutil.rmtree(cache, ignore_errors=True)
@@ -383,10 +393,37 @@ def print_train_row(row: dict) -> None:
         tuned = "with" if q.get("glibc_tunables") else "without (not applicable here)"
         print(f"  train {row['shape']}: torch {tuned} jaxgpt's malloc settings {q['tokens_per_s']:,.0f} tok/s "
               f"-> jaxgpt {j['tokens_per_s'] / q['tokens_per_s']:.2f}x")
+    if len(row.get("rounds", [])) > 1 and row["median_ratio"] is not None:
+        per = ", ".join(f"{r:.2f}" for r in row["ratio_per_round"])
+        tuned = row["median_ratio_tuned_malloc"]
+        print(f"  train {row['shape']}: median over {len(row['rounds'])} rounds: jaxgpt / torch "
+              f"{row['median_ratio']:.2f}x ({per})" + (f", same malloc {tuned:.2f}x" if tuned else ""))
     w = row.get("jax_warm_cache", {})
     if "time_to_first_step_s" in w:
         print(f"  train {row['shape']}: jaxgpt first step after {w['time_to_first_step_s']:.1f}s with a warm "
               f"compilation cache")
+
+
+def _ratio(one: dict, ref: str) -> float | None:
+    j, p = one.get("jax", {}), one.get(ref, {})
+    return j["tokens_per_s"] / p["tokens_per_s"] if "tokens_per_s" in j and "tokens_per_s" in p else None
+
+
+def round_ratios(one: dict) -> str:
+    r, q = _ratio(one, "torch"), _ratio(one, "torch_tuned_malloc")
+    return (f"jaxgpt / torch {r:.2f}x" if r else "jaxgpt / torch: error") + (f", same malloc {q:.2f}x" if q else "")
+
+
+def median_ratios(rounds: list[dict]) -> dict:
+    """Per-round ratios of jaxgpt's tokens/s over PyTorch's, and their medians."""
+    import statistics
+
+    out = {}
+    for ref, key in (("torch", "ratio"), ("torch_tuned_malloc", "ratio_tuned_malloc")):
+        ratios = [r for r in (_ratio(one, ref) for one in rounds) if r is not None]
+        out[f"{key}_per_round"] = ratios
+        out[f"median_{key}"] = statistics.median(ratios) if ratios else None
+    return out
 
 
 def section_finetune(work: Path, quick: bool, threads: int, seq: int, batch: int) -> dict:
@@ -518,6 +555,9 @@ def main(argv=None) -> int:
     p.add_argument("--sections", default="train,finetune,generate")
     p.add_argument("--steps", type=int, default=None, help="timed train steps (default 5); tokens/s from the median step")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (the first one compiles)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="train: run the sides N times, alternating, and report the median ratio (a shared "
+                        "machine's speed drifts by 10-20%% over minutes)")
     p.add_argument("--threads", type=int, default=None, help="oasst threads for the fine-tuning epoch (64; quick 8)")
     p.add_argument("--batch", type=int, default=None, help="batch rows: fine-tuning (8) / --gpu (32)")
     p.add_argument("--peak-flops", type=float, default=H200_BF16_PEAK, help="--gpu: peak FLOP/s for MFU")
@@ -537,6 +577,8 @@ def main(argv=None) -> int:
         print(RESULT_TAG + json.dumps(res), flush=True)
         return 0
 
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     if args.warmup < 1:
         p.error("--warmup must be at least 1: the first step compiles, and is never timed")
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -554,7 +596,7 @@ def main(argv=None) -> int:
         args.batch = args.batch or 32  # as configs/gpt2-chat.yaml
         results["gpu"] = run_gpu(args, work)
         sections = []  # the GPU run writes --out as it goes; the whole record follows below
-    runs = {"train": lambda: section_train(work, args.quick, steps, args.warmup),
+    runs = {"train": lambda: section_train(work, args.quick, steps, args.warmup, args.rounds),
             "finetune": lambda: section_finetune(work, args.quick, args.threads or (8 if args.quick else 64),
                                                  seq=128 if args.quick else 512, batch=args.batch or 8),
             "generate": lambda: section_generate(work, args.quick)}
