@@ -18,7 +18,6 @@ its logits match jaxgpt's (max abs diff and top-k agreement are printed).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from dataclasses import dataclass

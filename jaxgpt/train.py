@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 if __name__ == "__main__":  # the CLI on a CPU host restarts once, before jax loads, with malloc settings
     from jaxgpt.host_memory import reexec_with_cpu_malloc  # that make XLA:CPU's steps ~10% faster
