@@ -88,7 +88,6 @@ def worker_train_jax(a: dict) -> dict:
         from jaxgpt import compile_cache
         compile_cache.enable()
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from jaxgpt import sharding
@@ -152,13 +151,13 @@ def worker_train_jax(a: dict) -> dict:
            "last_loss": losses[-1], "time_to_first_step_s": t_first - a["t_spawn"], "peak_rss_mb": rss_mb(),
            "rss_after_load_mb": rss_loaded, "backend": jax.default_backend(), "n_devices": len(jax.devices()),
            "device_kind": jax.devices()[0].device_kind}
+    # The model's own FLOPs: padding rows of the embedding (vocab_multiple) do not count.
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    n_params -= (gcfg.padded_vocab_size - gcfg.vocab_size) * gcfg.n_embd
+    fpt = flops_per_token(gcfg, n_params, t)
+    out.update(flops_per_token=fpt, n_params=n_params)
     if a.get("peak_flops"):
-        # The model's own FLOPs: padding rows of the embedding (vocab_multiple) do not count.
-        n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-        n_params -= (gcfg.padded_vocab_size - gcfg.vocab_size) * gcfg.n_embd
-        fpt = flops_per_token(gcfg, n_params, t)
-        out.update(flops_per_token=fpt, n_params=n_params,
-                   mfu=out["tokens_per_s"] * fpt / (a["peak_flops"] * len(jax.devices())))
+        out["mfu"] = out["tokens_per_s"] * fpt / (a["peak_flops"] * len(jax.devices()))
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         out["peak_device_mb"] = stats["peak_bytes_in_use"] / 2**20
@@ -383,7 +382,9 @@ def print_train_row(row: dict) -> None:
     if "error" in j or "error" in p:
         print(f"  train {row['shape']}: jax {j.get('error', 'ok')} | torch {p.get('error', 'ok')}")
         return
-    print(f"  train {row['shape']}: jaxgpt {j['tokens_per_s']:,.0f} tok/s, torch {p['tokens_per_s']:,.0f} tok/s "
+    fpt = j["flops_per_token"]  # the same model on both sides: 6N + attention (jaxgpt.train.flops_per_token)
+    print(f"  train {row['shape']}: jaxgpt {j['tokens_per_s']:,.0f} tok/s ({j['tokens_per_s'] * fpt / 1e9:.0f} GFLOP/s), "
+          f"torch {p['tokens_per_s']:,.0f} tok/s ({p['tokens_per_s'] * fpt / 1e9:.0f} GFLOP/s) "
           f"-> {j['tokens_per_s'] / p['tokens_per_s']:.2f}x | peak RSS {j['peak_rss_mb']:,.0f} vs "
           f"{p['peak_rss_mb']:,.0f} MB | first step after {j['time_to_first_step_s']:.1f}s vs "
           f"{p['time_to_first_step_s']:.1f}s | loss@1 {j['first_loss']:.4f} vs {p['first_loss']:.4f}"

@@ -2,7 +2,8 @@
 
 On a CPU both train steps spend most of their time in these products, so this separates the
 GEMM libraries' speed (XLA:CPU's YNNPACK / oneDNN / Eigen against PyTorch's) from everything
-else in the step. Each shape runs on both sides in turn, best of ``--repeats``:
+else in the step. Each shape runs on both sides in turn, best of ``--repeats``; a square 4096^3
+product first, for scale (the machine's float32 GEMM speed on an easy shape):
 
     python tools/bench_gemm.py                       # GPT-2 124M shapes at 8 x 512 and 4 x 256 tokens
     python tools/bench_gemm.py --tokens 4096 --repeats 7
@@ -55,20 +56,27 @@ def main(argv=None) -> int:
     print(f"jax {jax.__version__} ({jax.default_backend()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}), "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
     rng = np.random.default_rng(0)
+
+    def row(name, x, y, eq):
+        lhs, rhs = eq.split("->")[0].split(",")
+        flop = 2.0 * np.prod(list({**dict(zip(lhs, x.shape)), **dict(zip(rhs, y.shape))}.values()), dtype=np.float64)
+        f = jax.jit(lambda u, v: jnp.einsum(eq, u, v))
+        jx, jy = jnp.asarray(x), jnp.asarray(y)
+        tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+        t_jax = best_of(lambda: f(jx, jy).block_until_ready(), a.repeats)
+        t_torch = best_of(lambda: torch.einsum(eq, tx, ty), a.repeats)
+        print(f"  {name:34s} {t_jax * 1e3:8.1f} {flop / t_jax / 1e9:6.1f} {t_torch * 1e3:10.1f} "
+              f"{flop / t_torch / 1e9:6.1f}   {t_torch / t_jax:.2f}x", flush=True)
+
+    print(f"\nfor scale{'':29s}   jax ms   GF/s   torch ms   GF/s   jax/torch speed")
+    sq = rng.standard_normal((4096, 4096), dtype=np.float32)
+    row("square, 4096 x 4096 x 4096", sq, sq, "mk,kn->mn")
     for m in a.tokens:
         dims = {"M": m, "E": a.embed, "F": 4 * a.embed, "V": a.vocab}
         print(f"\nM = {m} tokens{'':22s}   jax ms   GF/s   torch ms   GF/s   jax/torch speed")
         for name, ls, rs, eq in SHAPES:
-            x = rng.standard_normal([dims[d] for d in ls], dtype=np.float32)
-            y = rng.standard_normal([dims[d] for d in rs], dtype=np.float32)
-            flop = 2 * np.prod([dims[d] for d in sorted(set(ls) | set(rs))], dtype=np.float64)
-            f = jax.jit(lambda u, v, eq=eq: jnp.einsum(eq, u, v))
-            jx, jy = jnp.asarray(x), jnp.asarray(y)
-            tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-            t_jax = best_of(lambda: f(jx, jy).block_until_ready(), a.repeats)
-            t_torch = best_of(lambda: torch.einsum(eq, tx, ty), a.repeats)
-            print(f"  {name:34s} {t_jax * 1e3:8.1f} {flop / t_jax / 1e9:6.1f} {t_torch * 1e3:10.1f} "
-                  f"{flop / t_torch / 1e9:6.1f}   {t_torch / t_jax:.2f}x", flush=True)
+            row(name, rng.standard_normal([dims[d] for d in ls], dtype=np.float32),
+                rng.standard_normal([dims[d] for d in rs], dtype=np.float32), eq)
     return 0
 
 
