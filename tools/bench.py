@@ -5,6 +5,7 @@
     python tools/bench.py --gpu           # tokens/s + MFU of GPT-2 124M, seq 1024, bf16 (tools/bench_gpu.sh)
     python tools/bench.py --sections train,finetune
     python tools/bench.py --sections train --rounds 3   # the sides alternate 3 times; median ratio
+    python tools/bench.py --sections finetune --rounds 3   # + 2 more rounds of jaxgpt's and TRL's defaults
 
 Sections (each side runs in its own fresh process, one after the other, so
 start-up, compile and peak memory are measured per side; both read the same
@@ -37,6 +38,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -417,8 +419,6 @@ def round_ratios(one: dict) -> str:
 
 def median_ratios(rounds: list[dict]) -> dict:
     """Per-round ratios of jaxgpt's tokens/s over PyTorch's, and their medians."""
-    import statistics
-
     out = {}
     for ref, key in (("torch", "ratio"), ("torch_tuned_malloc", "ratio_tuned_malloc")):
         ratios = [r for r in (_ratio(one, ref) for one in rounds) if r is not None]
@@ -427,7 +427,7 @@ def median_ratios(rounds: list[dict]) -> dict:
     return out
 
 
-def section_finetune(work: Path, quick: bool, threads: int, seq: int, batch: int) -> dict:
+def section_finetune(work: Path, quick: bool, threads: int, seq: int, batch: int, rounds: int = 1) -> dict:
     if not OASST.exists():
         return {"error": f"skipped: {OASST} not found (the ../shared checkout)"}
     arch = TINY if quick else GPT2_124M
@@ -455,6 +455,21 @@ def section_finetune(work: Path, quick: bool, threads: int, seq: int, batch: int
               f"{j['peak_rss_mb']:,.0f} vs {t['peak_rss_mb']:,.0f} MB | trained tokens {j['trained_tokens']:,} vs "
               f"{t['trained_tokens']:,} | final loss {j['final_loss']:.3f} vs {t['final_loss']:.3f} | steps "
               f"{j['steps']} vs {t['steps']}")
+    # More rounds of the target's pair (jaxgpt's defaults, TRL's defaults), alternating; round 1 is the run above.
+    res["rounds"] = [{"jaxgpt": res["jaxgpt"], "trl_defaults": res["trl_defaults"]}]
+    for i in range(1, rounds):
+        res["rounds"].append({"jaxgpt": run_cpu_worker("finetune_jax", {**common, "out": str(work / "ft-jax")}),
+                              "trl_defaults": run_cpu_worker("finetune_trl", {**common, "packing": False,
+                                                                              "out": str(work / "ft-trl")})})
+    ratios = [r["jaxgpt"]["train_wall_s"] / r["trl_defaults"]["train_wall_s"] for r in res["rounds"]
+              if "train_wall_s" in r["jaxgpt"] and "train_wall_s" in r["trl_defaults"]]
+    res["time_ratio_per_round"] = ratios
+    res["median_time_ratio"] = statistics.median(ratios) if ratios else None
+    if rounds > 1 and ratios:
+        walls = ", ".join(f"{r['jaxgpt'].get('train_wall_s', float('nan')):.0f}s / "
+                          f"{r['trl_defaults'].get('train_wall_s', float('nan')):.0f}s" for r in res["rounds"])
+        print(f"  finetune epoch, jaxgpt / TRL defaults over {rounds} rounds ({walls}): "
+              f"median {res['median_time_ratio']:.2f}x time ({', '.join(f'{r:.2f}' for r in ratios)})")
     return res
 
 
@@ -557,8 +572,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed train steps (default 5); tokens/s from the median step")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (the first one compiles)")
     p.add_argument("--rounds", type=int, default=1,
-                   help="train: run the sides N times, alternating, and report the median ratio (a shared "
-                        "machine's speed drifts by 10-20%% over minutes)")
+                   help="train, finetune: run the sides N times, alternating, and report the median ratio (a "
+                        "shared machine's speed drifts by 10-20%% over minutes); finetune repeats jaxgpt's and "
+                        "TRL's defaults only")
     p.add_argument("--threads", type=int, default=None, help="oasst threads for the fine-tuning epoch (64; quick 8)")
     p.add_argument("--batch", type=int, default=None, help="batch rows: fine-tuning (8) / --gpu (32)")
     p.add_argument("--peak-flops", type=float, default=H200_BF16_PEAK, help="--gpu: peak FLOP/s for MFU")
@@ -599,7 +615,8 @@ def main(argv=None) -> int:
         sections = []  # the GPU run writes --out as it goes; the whole record follows below
     runs = {"train": lambda: section_train(work, args.quick, steps, args.warmup, args.rounds),
             "finetune": lambda: section_finetune(work, args.quick, args.threads or (8 if args.quick else 64),
-                                                 seq=128 if args.quick else 512, batch=args.batch or 8),
+                                                 seq=128 if args.quick else 512, batch=args.batch or 8,
+                                                 rounds=args.rounds),
             "generate": lambda: section_generate(work, args.quick)}
     for name in sections:
         try:
