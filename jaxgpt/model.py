@@ -275,10 +275,11 @@ def matmul_out_in_grad(x2, w):
     ([out, in]) and transposed after a barrier, the training layout's products on a CPU.
 
     Autodiff's ``X^T @ dY`` contracts the rows of both operands; XLA:CPU hands that product to
-    Eigen rather than YNNPACK, and it ran 10-17% slower than ``dY^T @ X`` on GPT-2 124M's block
+    Eigen rather than YNNPACK, and it ran up to 17% slower than ``dY^T @ X`` on GPT-2 124M's block
     shapes (MLP ``c_proj`` at 1,024 rows: 173 against 203 GF/s). Without the barrier XLA folds the
     transpose back into the product. The whole train step, GPT-2 124M, float32, 2-core AMD EPYC,
-    alternating processes: 5-9% more tokens/s at 4 x 256, 2-13% at 8 x 128; the same losses.
+    alternating processes: 5-9% more tokens/s at 4 x 256, 2-13% at 8 x 128, 2.5% at 8 x 512; the
+    same losses.
     """
     return x2 @ w
 
