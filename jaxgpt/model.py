@@ -376,8 +376,10 @@ class Attention(nnx.Module):
         if layer_cache is not None:
             return self._attend_cached(q, k, v, x, mask, layer_cache, cache_index)
         if t >= CHUNKED_FROM and jax.default_backend() == "cpu":
-            return self._project(self._attend_chunked(q, k, v, mask), x), None
-        return self._project(self._softmax_attention(q, k, v, mask, heads_leading=False), x), layer_cache
+            out = self._attend_chunked(q, k, v, mask)
+        else:
+            out = self._softmax_attention(q, k, v, mask, heads_leading=False)
+        return self._project(out, x), None
 
     def _softmax_attention(self, q, k, v, mask, heads_leading):
         """softmax(q k^T / sqrt(d), where mask) v, the scores in float32; [B, T, H, D] or, with
