@@ -368,7 +368,8 @@ def section_train(work: Path, quick: bool, steps: int, warmup: int, rounds: int 
             if rounds > 1:
                 print(f"  train {b}x{t}: round {i + 1}/{rounds}: {round_ratios(one)}", flush=True)
         res.update(res["rounds"][0])
-        res.update(median_ratios(res["rounds"]))
+        res.update(median_ratios(res["rounds"], "jax", {"ratio": "torch", "ratio_tuned_malloc": "torch_tuned_malloc"},
+                                 "tokens_per_s"))
         # Start-up again with the compiled step in a persistent cache (filled by a first run).
         cache = str(work / f"xla-cache-{b}x{t}")
         shutil.rmtree(cache, ignore_errors=True)
@@ -407,23 +408,25 @@ def print_train_row(row: dict) -> None:
               f"compilation cache")
 
 
-def _ratio(one: dict, ref: str) -> float | None:
-    j, p = one.get("jax", {}), one.get(ref, {})
-    return j["tokens_per_s"] / p["tokens_per_s"] if "tokens_per_s" in j and "tokens_per_s" in p else None
+def _ratio(one: dict, side: str, ref: str, key: str) -> float | None:
+    """``one[side][key] / one[ref][key]`` for one round, or None where a worker failed."""
+    a, b = one.get(side, {}), one.get(ref, {})
+    return a[key] / b[key] if key in a and key in b else None
 
 
 def round_ratios(one: dict) -> str:
-    r, q = _ratio(one, "torch"), _ratio(one, "torch_tuned_malloc")
+    r, q = (_ratio(one, "jax", ref, "tokens_per_s") for ref in ("torch", "torch_tuned_malloc"))
     return (f"jaxgpt / torch {r:.2f}x" if r else "jaxgpt / torch: error") + (f", same malloc {q:.2f}x" if q else "")
 
 
-def median_ratios(rounds: list[dict]) -> dict:
-    """Per-round ratios of jaxgpt's tokens/s over PyTorch's, and their medians."""
+def median_ratios(rounds: list[dict], side: str, refs: dict[str, str], key: str) -> dict:
+    """For each ``name: ref`` of ``refs``, the per-round ratios of ``side``'s ``key`` over ``ref``'s
+    (``{name}_per_round``) and their median (``median_{name}``)."""
     out = {}
-    for ref, key in (("torch", "ratio"), ("torch_tuned_malloc", "ratio_tuned_malloc")):
-        ratios = [r for r in (_ratio(one, ref) for one in rounds) if r is not None]
-        out[f"{key}_per_round"] = ratios
-        out[f"median_{key}"] = statistics.median(ratios) if ratios else None
+    for name, ref in refs.items():
+        ratios = [r for r in (_ratio(one, side, ref, key) for one in rounds) if r is not None]
+        out[f"{name}_per_round"] = ratios
+        out[f"median_{name}"] = statistics.median(ratios) if ratios else None
     return out
 
 
@@ -461,10 +464,8 @@ def section_finetune(work: Path, quick: bool, threads: int, seq: int, batch: int
         res["rounds"].append({"jaxgpt": run_cpu_worker("finetune_jax", {**common, "out": str(work / "ft-jax")}),
                               "trl_defaults": run_cpu_worker("finetune_trl", {**common, "packing": False,
                                                                               "out": str(work / "ft-trl")})})
-    ratios = [r["jaxgpt"]["train_wall_s"] / r["trl_defaults"]["train_wall_s"] for r in res["rounds"]
-              if "train_wall_s" in r["jaxgpt"] and "train_wall_s" in r["trl_defaults"]]
-    res["time_ratio_per_round"] = ratios
-    res["median_time_ratio"] = statistics.median(ratios) if ratios else None
+    res.update(median_ratios(res["rounds"], "jaxgpt", {"time_ratio": "trl_defaults"}, "train_wall_s"))
+    ratios = res["time_ratio_per_round"]
     if rounds > 1 and ratios:
         walls = ", ".join(f"{r['jaxgpt'].get('train_wall_s', float('nan')):.0f}s / "
                           f"{r['trl_defaults'].get('train_wall_s', float('nan')):.0f}s" for r in res["rounds"])
