@@ -84,17 +84,16 @@ def step_stats(times: list[float], tokens_per_step: int) -> dict:
 
 # ----------------------------------------------------------------------------- workers (one process each)
 
-def worker_train_jax(a: dict) -> dict:
-    if a.get("compile_cache"):  # jaxgpt's commands use one by default; the workers start without
-        os.environ["JAXGPT_COMPILE_CACHE"] = a["compile_cache"]
-        from jaxgpt import compile_cache
-        compile_cache.enable()
+def train_setup(a: dict):
+    """jaxgpt's side of the train section for the worker args ``a``: (step, state, batches, rng,
+    model config), the state placed as ``jaxgpt.train.train`` places it. tools/ab_step.py builds
+    one per variant."""
     import jax
     import numpy as np
 
     from jaxgpt import sharding
     from jaxgpt.config import Config
-    from jaxgpt.train import build_model, flops_per_token, make_optimizer, make_train_step
+    from jaxgpt.train import build_model, make_optimizer, make_train_step
 
     cfg = Config()
     cfg.model.name_or_path = a["model"]
@@ -118,7 +117,6 @@ def worker_train_jax(a: dict) -> dict:
     opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
     state = {"params": params, "opt_state": opt_state}
     step = make_train_step(graphdef, rest, tx, mesh=mesh, state_shardings={"params": p_shard, "opt_state": o_shard})
-    rss_loaded = rss_mb()
     b, t = a["batch"], a["seq"]
     pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
     batches = [{"input_ids": x[None, :, :-1], "targets": x[None, :, 1:], "loss_mask": np.ones((1, b, t), np.int32),
@@ -127,7 +125,21 @@ def worker_train_jax(a: dict) -> dict:
     if not a.get("segments", True):  # no packing: causal attention only
         batches = [{k: v for k, v in x.items() if k != "segment_ids"} for x in batches]
     batches = [jax.device_put(x) for x in batches]
-    rng = jax.random.key_data(jax.random.key(0))
+    return step, state, batches, jax.random.key_data(jax.random.key(0)), gcfg
+
+
+def worker_train_jax(a: dict) -> dict:
+    if a.get("compile_cache"):  # jaxgpt's commands use one by default; the workers start without
+        os.environ["JAXGPT_COMPILE_CACHE"] = a["compile_cache"]
+        from jaxgpt import compile_cache
+        compile_cache.enable()
+    import jax
+
+    from jaxgpt.train import flops_per_token
+
+    step, state, batches, rng, gcfg = train_setup(a)
+    rss_loaded = rss_mb()
+    b, t = a["batch"], a["seq"]
     losses, t_first = [], None
     for i in range(a["warmup"]):
         state, m = step(state, batches[i], rng)
