@@ -114,7 +114,7 @@ SETTINGS = tuple(_FIELDS[_FIELDS.index("eos_token_id") + 1:])
 # that reads a KV cache). "xla" / "cudnn": ``jax.nn.dot_product_attention`` with that
 # implementation; "cudnn" is cuDNN's fused flash attention (NVIDIA GPUs, bf16/fp16 compute):
 # the [B, H, T, T] scores are never stored (GPT-2 124M, seq 1024 on an H200: 1.65x the
-# einsum step's tokens/s, 42% less memory; docs/benchmarks.md). "auto": "cudnn" where it
+# einsum step's tokens/s, 42% less memory; docs/benchmarks-history.md). "auto": "cudnn" where it
 # applies (a GPU, bf16/fp16, no dropout), else "einsum".
 ATTENTION = ("auto", "einsum", "xla", "cudnn")
 # On a CPU, "einsum" attention over CHUNKED_FROM positions or more runs in chunks of queries
@@ -152,7 +152,7 @@ def remat_policy(cfg: "GPT2Config") -> str:
 def scan_blocks(cfg: "GPT2Config") -> bool:
     """Whether the full forward runs the blocks as one ``lax.scan``. By default (None) yes,
     except on a GPU: on an H200 the unrolled blocks ran 1.27x faster in 30% less memory,
-    while on XLA:CPU the scan is the faster one (docs/benchmarks.md)."""
+    while on XLA:CPU the scan is the faster one (docs/benchmarks-history.md)."""
     return cfg.scan_layers if cfg.scan_layers is not None else jax.default_backend() != "gpu"
 
 
@@ -161,7 +161,7 @@ def loss_chunks(cfg: "GPT2Config", seq_len: int) -> int:
     By default (None) 8 on a GPU, where the float32 [B, T, vocab] logits and their gradient
     are the largest tensors of the step (GPT-2 124M at 32 x 1024 on an H200: 1.17x the
     tokens/s in 43% less memory), else 1: XLA:CPU re-packs the embedding for every chunk
-    (docs/benchmarks.md). The default falls back to fewer chunks if seq_len does not divide."""
+    (docs/benchmarks-history.md). The default falls back to fewer chunks if seq_len does not divide."""
     if cfg.loss_chunks is not None:
         return cfg.loss_chunks
     if jax.default_backend() != "gpu":
@@ -220,14 +220,19 @@ def int8_matmul(x2, kernel, scale, kernel_sum):
 def linear(x, kernel, bias=None, *, out_in: bool = False, scale=None, kernel_sum=None):
     """``x @ kernel + bias`` over the last axis of ``x``, in ``x``'s dtype (no bias: None).
 
-    ``kernel`` is stored [in, ...] (HF Conv1D's layout, the one jaxgpt trains in; on a CPU the
-    product is ``matmul_out_in_grad``, for a faster weight gradient), or, with
-    ``out_in``, as a 2-D [out, in] matrix: the decoding layout of ``for_decoding``. float32
+    ``kernel`` is stored [in, ...] (HF Conv1D's layout, the one jaxgpt trains in), or, with
+    ``out_in``, as a 2-D [out, in] matrix: the decoding layout of ``for_decoding``. On a CPU the
+    training layout's product runs on ``x`` as a 2-D [rows, in] matrix, so that autodiff's weight
+    gradient ``X^T @ dY`` contracts one axis, not two (batch and sequence). GPT-2 124M's train
+    step, float32, 2-core AMD EPYC, its variants taking turns in one process: 7% faster than the
+    3-D product at 4 x 256, and 2.5-7% faster than a custom VJP computing ``dY^T @ X`` ([out, in],
+    a YNNPACK product) and transposing it, at 1,024 and 2,048 rows; at 4,096 rows (8 x 512) that
+    one was 1.5-2.3% faster (docs/benchmarks-history.md, eighteenth session). float32
     [out, in] kernels: several rows (up to 32) on a CPU run ``few_rows_product``; one row, and
     any row count elsewhere, a plain ``x @ kernel.T`` (one row: at the memory bandwidth on a
     CPU, 1.5x faster than ``x @ W`` with the training layout's W in a chain of GPT-2 124M's
     block products). For narrower kernels, the two products that XLA:CPU ran fastest with
-    bfloat16 weights on GPT-2 124M's shapes (docs/benchmarks.md):
+    bfloat16 weights on GPT-2 124M's shapes (docs/benchmarks-history.md):
     - one row on a CPU (batch-1 decoding): a float32 vector-matrix product with the
       converted weights, which XLA emits as one loop that converts each weight as it reads
       it. In a loop this needs a compilation without loop-invariant code motion, which
@@ -247,7 +252,7 @@ def linear(x, kernel, bias=None, *, out_in: bool = False, scale=None, kernel_sum
     if not out_in:
         w = kernel.astype(dt).reshape(x.shape[-1], -1)
         y = x @ w if jax.default_backend() != "cpu" else (
-            matmul_out_in_grad(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[1]))
+            (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[1]))
         return y if bias is None else y + bias.astype(dt).reshape(-1)
     rows = math.prod(x.shape[:-1])
     x2 = x.reshape(rows, x.shape[-1])
@@ -269,32 +274,6 @@ def linear(x, kernel, bias=None, *, out_in: bool = False, scale=None, kernel_sum
     return y.astype(dt).reshape(*x.shape[:-1], kernel.shape[0])
 
 
-@jax.custom_vjp
-def matmul_out_in_grad(x2, w):
-    """``x2 @ w`` (x2 [rows, in], w [in, out]) whose weight gradient is computed as ``dY^T @ X``
-    ([out, in]) and transposed after a barrier, the training layout's products on a CPU.
-
-    Autodiff's ``X^T @ dY`` contracts the rows of both operands; XLA:CPU hands that product to
-    Eigen rather than YNNPACK, and it ran up to 17% slower than ``dY^T @ X`` on GPT-2 124M's block
-    shapes (MLP ``c_proj`` at 1,024 rows: 173 against 203 GF/s). Without the barrier XLA folds the
-    transpose back into the product. The whole train step, GPT-2 124M, float32, 2-core AMD EPYC,
-    alternating processes: 5-9% more tokens/s at 4 x 256, 2-13% at 8 x 128, 2.5% at 8 x 512; the
-    same losses.
-    """
-    return x2 @ w
-
-
-def _matmul_fwd(x2, w):
-    return x2 @ w, (x2, w)
-
-
-def _matmul_bwd(res, dy):
-    x2, w = res
-    return dy @ w.T, jax.lax.optimization_barrier(dy.T @ x2).T
-
-
-matmul_out_in_grad.defvjp(_matmul_fwd, _matmul_bwd)
-
 _FEW_ROWS = 32  # the most rows measured for few_rows_product (2-32)
 
 
@@ -309,7 +288,7 @@ def few_rows_product(x2, kernel):
     (without it XLA folds the transpose back into the product). In that orientation XLA:CPU
     streams the [out, in] weights through the product once; as ``x2 @ kernel.T`` (and as
     ``x2 @ W`` with W [in, out], the training layout) it reads them at about half the memory
-    bandwidth. GPT-2 124M, 8 rows, 2-core AMD EPYC (docs/benchmarks.md): the 50,304 x 768 head
+    bandwidth. GPT-2 124M, 8 rows, 2-core AMD EPYC (docs/benchmarks-history.md): the 50,304 x 768 head
     9.4 ms against 16.7 ms; a chain of the 48 block products 19.4 ms against 29.6 ms with the
     training layout's W.
     One row runs at the bandwidth either way; bfloat16 weights ran 3x slower this way.
@@ -630,7 +609,7 @@ def for_decoding(model: GPT2, dtype: str = "bfloat16") -> GPT2:
     runs the products XLA:CPU does fastest with such weights. Decoding reads every weight
     once per token, and this reads a half (a quarter) of float32's bytes. Measured on a
     2-core Cascade Lake with GPT-2 124M, against float32 in the training layout
-    (docs/benchmarks.md): bfloat16 1.3-1.45x the float32 tokens/s at batch 8, about even at
+    (docs/benchmarks-history.md): bfloat16 1.3-1.45x the float32 tokens/s at batch 8, about even at
     batch 1; int8 1.28x float32 at batch 1, about float32's speed at batch 8; w8a8 1.6-1.8x
     float32 at batch 1 and 1.8x at batch 8 (the weight-only layouts' one-row products are XLA
     loops; w8a8's run on the int8 GEMM kernel).

@@ -88,11 +88,11 @@ def test_remat_policies_keep_what_they_say(scan):
     scores = (h, t, t)
     none, minimal, full = (residual_shapes(r) for r in ("none", "minimal", "full"))
     assert kept(none, scores) and not kept(minimal, scores) and not kept(full, scores)
-    # scanned: one [L, B, T, 4E] array each; on a CPU matmul_out_in_grad keeps c_proj's input
-    # as [B * T, 4E] (the same array, reshaped)
+    # scanned: one [L, B, T, 4E] array each; on a CPU the 2-D block products (model.linear) keep
+    # c_proj's input as [B * T, 4E] (the same array, reshaped)
     mlp_wide = [s for s in none if s[-2:] in ((t, 4 * 64), (b * t, 4 * 64))]
     assert len(mlp_wide) == 2 * (1 if scan else base["n_layer"]), mlp_wide
-    c_attn_out = ((t, 3 * 64), (b * t, 3 * 64))  # [B * T, 3E] from matmul_out_in_grad on a CPU
+    c_attn_out = ((t, 3 * 64), (b * t, 3 * 64))  # [B * T, 3E] from the 2-D products on a CPU
     assert kept(minimal, *c_attn_out) and not kept(full, *c_attn_out)
     assert len(full) < len(minimal) < len(none)
     assert GPT2Config(**base).remat == "auto" and remat_policy(GPT2Config(**base)) == "minimal"
@@ -155,26 +155,6 @@ def test_chunked_attention_matches_whole(monkeypatch):
     scale = float(jnp.abs(whole).max())
     np.testing.assert_allclose(np.asarray(chunked)[real], np.asarray(whole)[real], rtol=0, atol=1e-5 * scale)
     _assert_grads_close(nnx.state(grads_chunked, nnx.Param), nnx.state(grads_whole, nnx.Param))
-
-
-def test_matmul_out_in_grad_matches_autodiff():
-    """``matmul_out_in_grad`` (the training layout's product on a CPU): its value and both
-    gradients equal autodiff of ``x @ w`` to 1e-5 relative (float32, against float64 numpy too),
-    and its compiled weight gradient is the [out, in] product, transposed after it: the
-    orientation the custom VJP exists for. A model's gradients through it are checked against
-    transformers' by tests/test_train.py."""
-    from jaxgpt.model import matmul_out_in_grad
-
-    rng = np.random.default_rng(0)
-    x, w, dy = (rng.standard_normal(s).astype(np.float32) for s in ((24, 16), (16, 48), (24, 48)))
-    loss = lambda f: (lambda x, w: jnp.sum(f(x, w) * dy))  # noqa: E731
-    got = jax.value_and_grad(loss(matmul_out_in_grad), argnums=(0, 1))(x, w)
-    want = jax.value_and_grad(loss(lambda x, w: x @ w), argnums=(0, 1))(x, w)
-    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(got[1][1], x.astype(np.float64).T @ dy, rtol=1e-5, atol=1e-5)
-    hlo = jax.jit(jax.grad(loss(matmul_out_in_grad), argnums=1)).lower(x, w).compile().as_text()
-    assert re.search(r"f32\[48,16\]\S* (dot|fusion)\(", hlo), "no [out, in] weight-gradient product in the HLO"
 
 
 def test_library_attention_keeps_segments_apart():
