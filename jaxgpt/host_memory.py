@@ -5,7 +5,7 @@ XLA:CPU allocates a step's temporaries afresh on every call, in large blocks (GP
 back to the kernel when freed, so every step touches 2.3 GB of new pages again: ~590,000 page
 faults and ~1.2 s of kernel time a step. With ``TUNABLES`` below, freed memory stays in
 malloc's heap (backed by transparent huge pages) and is reused: ~1,200 page faults a step, and
-the step ran a median 9% faster on the AMD EPYC host (docs/training.md, docs/benchmarks.md).
+the step ran a median 9% faster on the AMD EPYC host (docs/training.md, docs/benchmarks-history.md).
 Peak memory is unchanged; what changes is that the process keeps its peak after the peak (as
 PyTorch's and jax's own GPU allocators do).
 

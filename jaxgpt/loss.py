@@ -49,7 +49,7 @@ def _chunked(h, targets, weights, chunks):
 
 # The head's rows are padded to a multiple of this inside the loss (zero rows, masked out of the
 # softmax). GPT-2's 50257 rows made XLA:GPU pick slow Triton GEMMs for the head: on an H200 its three
-# products took 27.8 ms of an 85 ms step, against 9.6 ms for 50304 rows (docs/benchmarks.md).
+# products took 27.8 ms of an 85 ms step, against 9.6 ms for 50304 rows (docs/benchmarks-history.md).
 ROW_MULTIPLE = 128
 
 

@@ -28,7 +28,7 @@ weights from one safetensors folder and the same batches from one seed):
             bf16, each of GPU_VARIANTS, vs torch eager + autocast; tokens/s and MFU.
 
 Results are printed as a table and written to --out (JSON); docs/benchmarks.md
-holds the recorded numbers.
+holds the current numbers, docs/benchmarks-history.md every earlier run.
 """
 
 from __future__ import annotations

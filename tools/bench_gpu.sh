@@ -12,7 +12,8 @@
 # without a packing mask) in its own process, then torch.
 # MFU = tokens/s x training FLOPs per token (6N + attention, as jaxgpt.train logs it) / peak bf16
 # FLOP/s of the device (989 TFLOP/s dense for H100/H200 SXM; override with PEAK_FLOPS).
-# Results: printed, and written to $RESULTS (default bench_gpu.json); record them in docs/benchmarks.md.
+# Results: printed, and written to $RESULTS (default bench_gpu.json); record them in docs/benchmarks.md
+# (current numbers) and docs/benchmarks-history.md (the run's details).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}

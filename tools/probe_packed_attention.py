@@ -12,7 +12,7 @@ one layer's forward + backward of both, and of causal attention alone, on random
 gradients on the non-padding tokens.
 
 Measured on an H200 (2026-11-29, jax 0.11.2): correct (<= 9.1e-4 relative) but slower, 1.94 ms
-against 1.58 ms for the mask and 1.12 ms causal only (docs/benchmarks.md, section 6). Kept to
+against 1.58 ms for the mask and 1.12 ms causal only (docs/benchmarks-history.md, section 6). Kept to
 re-check on newer cuDNN / jax versions.
 """
 
