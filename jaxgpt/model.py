@@ -135,25 +135,67 @@ def attention_implementation(cfg: "GPT2Config") -> str:
 # What the backward pass recomputes. "none": every activation is kept. "full": each block is
 # recomputed from its input. "minimal" (MaxText's name): the outputs of the weight matmuls
 # are kept, and LayerNorm, GELU, the attention scores and softmax are recomputed from them.
-# "auto": "minimal" on a CPU, "none" elsewhere. On XLA:CPU minimal was a little faster than
-# keeping everything and took half the memory: GPT-2 124M at 4 x 256, 10.0 s a step against
-# 11.0 s; at 8 x 512, 41.5 s against 45.3 s, peak RSS 6.9 GB against 13.1 GB (docs/training.md).
+# "auto": "none", except for scanned blocks on a CPU: "minimal". In the scan, minimal was a
+# little faster than keeping everything and took half the memory (GPT-2 124M at 4 x 256,
+# 10.0 s a step against 11.0 s; at 8 x 512, 41.5 s against 45.3 s, peak RSS 6.9 GB against
+# 13.1 GB; docs/training.md). Unrolled on a CPU, minimal keeps as much as none: XLA:CPU drops
+# the optimization barriers that keep the recomputation apart before its CSE pass, which then
+# merges it with the forward (the same 8.0 GiB of temporaries at 8 x 512), and runs slower.
 REMAT = ("auto", "none", "minimal", "full")
 _REMAT_POLICIES = {"minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable, "full": None}
 
+# On a CPU, "auto" blocks (scan_layers None) run unrolled for a micro-batch of at most this many
+# rows (batch x seq), and as one scan above it. Unrolled, the step skips the scan's bookkeeping
+# (stacking the weights, zero-filling and writing the stacked gradients: ~0.2 s a step for
+# GPT-2 124M) but keeps every layer's activations. GPT-2 124M on 2 AMD EPYC cores, unrolled
+# against the scan: 1,024 rows 1.03-1.05x the speed in less memory (peak RSS 4.1 against
+# 4.4 GiB); 4,096 rows the same speed in 10.3 against 6.8 GiB (docs/benchmarks-history.md).
+UNROLL_ROWS = 2048
 
-def remat_policy(cfg: "GPT2Config") -> str:
-    """What ``cfg.remat`` means on the default backend: "none", "minimal" or "full"."""
+
+def scan_blocks(cfg: "GPT2Config", rows: int) -> bool:
+    """Whether a full forward over ``rows`` (batch x seq) positions runs the blocks as one
+    ``lax.scan``. By default (None): never on a GPU (on an H200 the unrolled blocks ran 1.27x
+    faster in 30% less memory), above ``UNROLL_ROWS`` on a CPU, always elsewhere (compile time
+    independent of depth, as in MaxText)."""
+    if cfg.scan_layers is not None:
+        return cfg.scan_layers
+    backend = jax.default_backend()
+    return backend != "gpu" and not (backend == "cpu" and rows <= UNROLL_ROWS)
+
+
+def remat_policy(cfg: "GPT2Config", rows: int) -> str:
+    """What ``cfg.remat`` means for a full forward over ``rows`` positions on the default
+    backend: "none", "minimal" or "full"."""
     if cfg.remat != "auto":
         return cfg.remat
-    return "minimal" if jax.default_backend() == "cpu" else "none"
+    return "minimal" if jax.default_backend() == "cpu" and scan_blocks(cfg, rows) else "none"
 
 
-def scan_blocks(cfg: "GPT2Config") -> bool:
-    """Whether the full forward runs the blocks as one ``lax.scan``. By default (None) yes,
-    except on a GPU: on an H200 the unrolled blocks ran 1.27x faster in 30% less memory,
-    while on XLA:CPU the scan is the faster one (docs/benchmarks-history.md)."""
-    return cfg.scan_layers if cfg.scan_layers is not None else jax.default_backend() != "gpu"
+@jax.custom_vjp
+def gradient_fence(x):
+    """The identity, whose gradient XLA must materialise as it is: the unrolled blocks' input on a CPU.
+
+    Unrolled, XLA:CPU fused the residual stream's gradient, an elementwise chain through every
+    later layer's LayerNorm backward, into each layer's consumers of it: fusions of up to 229
+    operands for GPT-2 124M, the work quadratic in depth (docs/benchmarks-history.md).
+    ``lax.optimization_barrier`` does not stop it (XLA:CPU removes barriers before fusing); a
+    loop whose trip count XLA cannot know does. Its body negates, so the gradient passes
+    unchanged, bit for bit, after its two trips (none when its first element is NaN).
+    """
+    return x
+
+
+def _fence_fwd(x):
+    return x, None
+
+
+def _fence_bwd(_, g):
+    trips = 2 * (~jnp.isnan(g.reshape(-1)[0])).astype(jnp.int32)
+    return (jax.lax.fori_loop(0, trips, lambda _, v: -v, g),)
+
+
+gradient_fence.defvjp(_fence_fwd, _fence_bwd)
 
 
 def loss_chunks(cfg: "GPT2Config", seq_len: int) -> int:
@@ -519,12 +561,15 @@ class GPT2(nnx.Module):
         x = constrain(self.drop(x), "batch", "seq", None)
 
         new_layers = []
-        remat = "none" if cache is not None else remat_policy(cfg)
-        if cache is None and scan_blocks(cfg) and len(self.h) > 1:
+        remat = "none" if cache is not None else remat_policy(cfg, b * t)
+        fence = cache is None and jax.default_backend() == "cpu"
+        if cache is None and scan_blocks(cfg, b * t) and len(self.h) > 1:
             x = self._scan_blocks(x, mask, constrain, remat)
         else:
             for i, block in enumerate(self.h):
                 layer_cache = None if cache is None else cache["layers"][i]
+                if fence:
+                    x = gradient_fence(x)
                 if remat != "none":
                     x, _ = nnx.remat(lambda blk, y, m: blk(y, m, constrain=constrain),
                                      policy=_REMAT_POLICIES[remat])(block, x, mask)
@@ -555,11 +600,9 @@ class GPT2(nnx.Module):
         """The blocks as one ``lax.scan`` over their states, stacked on the fly.
 
         Parameters stay stored per layer (``h.0``, ``h.1``, ... as in HF); only the
-        computation is a loop. That makes compile time independent of depth and keeps the
-        residual stream's gradient one materialised loop carry: unrolled, XLA:CPU fused the
-        whole chain of later layers' residual gradients into every layer's weight-gradient
-        transpose (work quadratic in depth: 10 s -> 8 s a step for GPT-2 124M at 4x256).
-        The blocks' non-parameter state (dropout RNG streams) goes through the loop and
+        computation is a loop. That makes compile time independent of depth, and the
+        residual stream's gradient is one materialised loop carry (the unrolled blocks need
+        ``gradient_fence`` on a CPU for that). The blocks' non-parameter state (dropout RNG streams) goes through the loop and
         comes back updated, as in the unrolled loop.
         """
         graphdef = nnx.graphdef(self.h[0])

@@ -544,8 +544,9 @@ def train(cfg: Config) -> TrainResult:
     logger.print(f"jaxgpt: {n_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}, {jax.process_count()} process(es), "
                  f"global batch {t.batch_size} x {cfg.data.seq_len} tokens ({t.grad_accum} micro-batches), "
                  f"steps {start}->{t.steps}, output {out}, compilation cache {cache_dir or 'off'}")
+    rows = t.batch_size // t.grad_accum * cfg.data.seq_len  # one micro-batch's positions (what the model sees)
     logger.print(f"model: {gcfg.dtype} compute, {gcfg.param_dtype} weights, attention {attention_implementation(gcfg)}, "
-                 f"blocks {'scanned' if scan_blocks(gcfg) else 'unrolled'}, remat {remat_policy(gcfg)}, "
+                 f"blocks {'scanned' if scan_blocks(gcfg, rows) else 'unrolled'}, remat {remat_policy(gcfg, rows)}, "
                  f"loss in {loss_chunks(gcfg, cfg.data.seq_len)} chunk(s)"
                  + (f", host malloc: {host_memory.describe()}" if jax.default_backend() == "cpu" else ""))
     if jax.process_index() == 0:

@@ -1,7 +1,8 @@
 """The model's alternative code paths compute the same thing.
 
-``scan_layers=True`` (the default off a GPU) runs the blocks as one ``lax.scan`` over their
-stacked states; ``False`` unrolls them (the KV-cache path always does). Both must give
+``scan_layers=True`` (by default on a CPU above ``UNROLL_ROWS`` positions, and on a TPU) runs
+the blocks as one ``lax.scan`` over their stacked states; ``False`` unrolls them (the KV-cache
+path always does). Both must give
 the same loss, the same gradients and the same dropout masks, and leave the dropout
 RNG streams in the same state. Likewise ``attention="xla"`` (``jax.nn.dot_product_attention``,
 the call ``attention="cudnn"`` makes on a GPU with another implementation) must match
@@ -95,10 +96,54 @@ def test_remat_policies_keep_what_they_say(scan):
     c_attn_out = ((t, 3 * 64), (b * t, 3 * 64))  # [B * T, 3E] from the 2-D products on a CPU
     assert kept(minimal, *c_attn_out) and not kept(full, *c_attn_out)
     assert len(full) < len(minimal) < len(none)
-    assert GPT2Config(**base).remat == "auto" and remat_policy(GPT2Config(**base)) == "minimal"
+    # "auto" on a CPU: minimal for scanned blocks (above UNROLL_ROWS positions, or scan_layers=True), else none
+    assert GPT2Config(**base).remat == "auto"
+    assert remat_policy(GPT2Config(**base), 8) == ("minimal" if scan else "none")
+    assert remat_policy(GPT2Config(**{**base, "scan_layers": None}), 4096) == "minimal"
+    assert remat_policy(GPT2Config(**{**base, "scan_layers": None}), 2048) == "none"
     assert GPT2Config(**base, remat=True).remat == "full" and GPT2Config(**base, remat=False).remat == "none"
     with pytest.raises(ValueError, match="remat='some'"):
         GPT2Config(**base, remat="some")
+
+
+def test_gradient_fence_is_the_identity():
+    """The fence changes no value and no gradient, bit for bit: NaN, inf and -0.0 included,
+    and a NaN first element (the loop then runs no trips)."""
+    from jaxgpt.model import gradient_fence
+
+    x = jnp.arange(24, dtype=jnp.float32).reshape(2, 3, 4) / 7 - 1
+    cot = jnp.array(np.random.default_rng(0).normal(size=(2, 3, 4)), jnp.float32)
+    cot = cot.at[0, 0, 1].set(jnp.inf).at[1, 2, 3].set(-0.0).at[1, 0, 0].set(jnp.nan)
+    for g in (cot, cot.at[0, 0, 0].set(jnp.nan)):
+        y, vjp = jax.jit(lambda v: jax.vjp(gradient_fence, v))(x)
+        (dx,) = jax.jit(vjp)(g)
+        np.testing.assert_array_equal(np.asarray(y).view(np.uint32), np.asarray(x).view(np.uint32))
+        np.testing.assert_array_equal(np.asarray(dx).view(np.uint32), np.asarray(g).view(np.uint32))
+
+
+def _widest_loop_fusion(n_layer: int) -> int:
+    """Operands of the widest elementwise (kLoop) fusion in the compiled unrolled backward pass."""
+    cfg = GPT2Config(vocab_size=300, n_positions=64, n_embd=64, n_layer=n_layer, n_head=4, scan_layers=False,
+                     remat="none")
+    graphdef, params, rest = nnx.split(GPT2(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    ids = (jnp.arange(32).reshape(2, 16) * 7) % cfg.vocab_size
+    hlo = jax.jit(jax.grad(lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(ids) ** 2))).lower(params).compile().as_text()
+    return max(len(re.findall(r"%[\w.\-]+", m.group(1))) for m in re.finditer(r" fusion\((.*?)\), kind=kLoop", hlo))
+
+
+def test_unrolled_backward_does_not_fuse_across_layers(monkeypatch):
+    """On a CPU the unrolled blocks' input goes through ``gradient_fence``: XLA's fusions of the
+    backward pass then stay within a layer, as wide for 4 layers as for 2. Without it (the
+    control), the residual gradient's chain through every later layer fused into each layer:
+    fusions that grow with depth, the work quadratic in it."""
+    from jaxgpt import model as model_lib
+
+    assert jax.default_backend() == "cpu"
+    fenced = [_widest_loop_fusion(n) for n in (2, 4)]
+    assert fenced[0] == fenced[1], fenced
+    monkeypatch.setattr(model_lib, "gradient_fence", lambda x: x)
+    unfenced = [_widest_loop_fusion(n) for n in (2, 4)]
+    assert unfenced[1] > unfenced[0] > fenced[0], (fenced, unfenced)
 
 
 def _assert_grads_close(a, b):
@@ -178,14 +223,20 @@ def test_attention_setting_is_checked(kw, needle):
 
 
 def test_backend_defaults(monkeypatch):
-    """attention="auto" is cuDNN only where it applies; scan_layers=None scans except on a GPU."""
+    """attention="auto" is cuDNN only where it applies; scan_layers=None scans on a CPU above
+    UNROLL_ROWS positions, never on a GPU, always elsewhere."""
     from jaxgpt import model as model_lib
 
     assert model_lib.attention_implementation(GPT2Config(dtype="bfloat16")) == "einsum"  # this CPU
-    assert model_lib.scan_blocks(GPT2Config()) is True
+    rows = model_lib.UNROLL_ROWS
+    assert model_lib.scan_blocks(GPT2Config(), rows) is False and model_lib.scan_blocks(GPT2Config(), rows + 1) is True
+    assert model_lib.scan_blocks(GPT2Config(scan_layers=True), 8) is True
+    assert model_lib.scan_blocks(GPT2Config(scan_layers=False), 10**6) is False
+    monkeypatch.setattr(model_lib.jax, "default_backend", lambda: "tpu")
+    assert model_lib.scan_blocks(GPT2Config(), 8) is True and model_lib.remat_policy(GPT2Config(), 8) == "none"
     monkeypatch.setattr(model_lib.jax, "default_backend", lambda: "gpu")
-    assert model_lib.scan_blocks(GPT2Config()) is False
-    assert model_lib.scan_blocks(GPT2Config(scan_layers=True)) is True
+    assert model_lib.scan_blocks(GPT2Config(), 10**6) is False and model_lib.remat_policy(GPT2Config(), 10**6) == "none"
+    assert model_lib.scan_blocks(GPT2Config(scan_layers=True), 8) is True
     assert model_lib.attention_implementation(GPT2Config(dtype="bfloat16")) == "cudnn"
     assert model_lib.attention_implementation(GPT2Config(dtype="float32")) == "einsum"
     assert model_lib.attention_implementation(GPT2Config(dtype="bfloat16", dropout=0.1)) == "einsum"
