@@ -148,8 +148,9 @@ _REMAT_POLICIES = {"minimal": jax.checkpoint_policies.dots_with_no_batch_dims_sa
 # rows (batch x seq), and as one scan above it. Unrolled, the step skips the scan's bookkeeping
 # (stacking the weights, zero-filling and writing the stacked gradients: ~0.2 s a step for
 # GPT-2 124M) but keeps every layer's activations. GPT-2 124M on 2 AMD EPYC cores, unrolled
-# against the scan: 1,024 rows 1.03-1.05x the speed in less memory (peak RSS 4.1 against
-# 4.4 GiB); 4,096 rows the same speed in 10.3 against 6.8 GiB (docs/benchmarks-history.md).
+# against the scan: 1,024 rows 1.04-1.05x the speed taking turns in one process (1.01-1.05x in
+# fresh processes) in less memory (peak RSS 4.1 against 4.4 GiB); 4,096 rows the same speed in
+# 10.3 against 6.8 GiB (docs/benchmarks-history.md).
 UNROLL_ROWS = 2048
 
 
