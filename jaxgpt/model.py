@@ -175,7 +175,7 @@ def remat_policy(cfg: "GPT2Config", rows: int) -> str:
 
 @jax.custom_vjp
 def gradient_fence(x):
-    """The identity, whose gradient XLA must materialise as it is: the unrolled blocks' input on a CPU.
+    """The identity, whose gradient XLA must materialise as it is (the unrolled blocks' input on a CPU).
 
     Unrolled, XLA:CPU fused the residual stream's gradient, an elementwise chain through every
     later layer's LayerNorm backward, into each layer's consumers of it: fusions of up to 229
@@ -603,8 +603,8 @@ class GPT2(nnx.Module):
         Parameters stay stored per layer (``h.0``, ``h.1``, ... as in HF); only the
         computation is a loop. That makes compile time independent of depth, and the
         residual stream's gradient is one materialised loop carry (the unrolled blocks need
-        ``gradient_fence`` on a CPU for that). The blocks' non-parameter state (dropout RNG streams) goes through the loop and
-        comes back updated, as in the unrolled loop.
+        ``gradient_fence`` on a CPU for that). The blocks' non-parameter state (dropout RNG
+        streams) goes through the loop and comes back updated, as in the unrolled loop.
         """
         graphdef = nnx.graphdef(self.h[0])
         states = [nnx.state(block) for block in self.h]

@@ -127,7 +127,8 @@ def _widest_loop_fusion(n_layer: int) -> int:
                      remat="none")
     graphdef, params, rest = nnx.split(GPT2(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
     ids = (jnp.arange(32).reshape(2, 16) * 7) % cfg.vocab_size
-    hlo = jax.jit(jax.grad(lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(ids) ** 2))).lower(params).compile().as_text()
+    grad = jax.jit(jax.grad(lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(ids) ** 2)))
+    hlo = grad.lower(params).compile().as_text()
     return max(len(re.findall(r"%[\w.\-]+", m.group(1))) for m in re.finditer(r" fusion\((.*?)\), kind=kLoop", hlo))
 
 
@@ -229,13 +230,15 @@ def test_backend_defaults(monkeypatch):
 
     assert model_lib.attention_implementation(GPT2Config(dtype="bfloat16")) == "einsum"  # this CPU
     rows = model_lib.UNROLL_ROWS
-    assert model_lib.scan_blocks(GPT2Config(), rows) is False and model_lib.scan_blocks(GPT2Config(), rows + 1) is True
+    assert model_lib.scan_blocks(GPT2Config(), rows) is False
+    assert model_lib.scan_blocks(GPT2Config(), rows + 1) is True
     assert model_lib.scan_blocks(GPT2Config(scan_layers=True), 8) is True
     assert model_lib.scan_blocks(GPT2Config(scan_layers=False), 10**6) is False
     monkeypatch.setattr(model_lib.jax, "default_backend", lambda: "tpu")
     assert model_lib.scan_blocks(GPT2Config(), 8) is True and model_lib.remat_policy(GPT2Config(), 8) == "none"
     monkeypatch.setattr(model_lib.jax, "default_backend", lambda: "gpu")
-    assert model_lib.scan_blocks(GPT2Config(), 10**6) is False and model_lib.remat_policy(GPT2Config(), 10**6) == "none"
+    assert model_lib.scan_blocks(GPT2Config(), 10**6) is False
+    assert model_lib.remat_policy(GPT2Config(), 10**6) == "none"
     assert model_lib.scan_blocks(GPT2Config(scan_layers=True), 8) is True
     assert model_lib.attention_implementation(GPT2Config(dtype="bfloat16")) == "cudnn"
     assert model_lib.attention_implementation(GPT2Config(dtype="float32")) == "einsum"
