@@ -2,12 +2,12 @@
 
 ``scan_layers=True`` (by default on a CPU above ``UNROLL_ROWS`` positions, and on a TPU) runs
 the blocks as one ``lax.scan`` over their stacked states; ``False`` unrolls them (the KV-cache
-path always does). Both must give
-the same loss, the same gradients and the same dropout masks, and leave the dropout
-RNG streams in the same state. Likewise ``attention="xla"`` (``jax.nn.dot_product_attention``,
-the call ``attention="cudnn"`` makes on a GPU with another implementation) must match
-jaxgpt's own einsum attention, packed segments included. The reference for the default
-model itself is transformers' PyTorch GPT-2 (tests/test_weights.py, tests/test_train.py).
+path always does). Both must give the same loss, the same gradients and the same dropout
+masks, and leave the dropout RNG streams in the same state. Likewise ``attention="xla"``
+(``jax.nn.dot_product_attention``, the call ``attention="cudnn"`` makes on a GPU with another
+implementation) must match jaxgpt's own einsum attention, packed segments included. The
+reference for the default model itself is transformers' PyTorch GPT-2 (tests/test_weights.py,
+tests/test_train.py).
 """
 
 from __future__ import annotations
