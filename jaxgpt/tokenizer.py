@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
+from transformers import GPT2Tokenizer, PreTrainedTokenizerBase
 
 VENDORED_GPT2 = Path(__file__).resolve().parent / "assets" / "gpt2-tokenizer"
 
@@ -88,6 +88,10 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> PreTrainedT
         local = Path(name_or_path).expanduser()
         if is_local_path(str(name_or_path)) and not local.exists():
             raise TokenizerError(missing_folder(str(name_or_path)))
+        # Imported here: AutoTokenizer loads transformers' model configs, which import torch when it is
+        # installed (~1.3 s), and the vendored tokenizer needs none of that.
+        from transformers import AutoTokenizer
+
         try:
             tok = AutoTokenizer.from_pretrained(str(local if local.exists() else name_or_path), trust_remote_code=False)
         except (OSError, ValueError) as e:

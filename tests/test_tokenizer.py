@@ -1,5 +1,8 @@
 """jaxgpt.tokenizer: the offline GPT-2 tokenizer and the chat templates, checked against transformers' own API."""
 
+import subprocess
+import sys
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -23,6 +26,16 @@ def test_vendored_tokenizer_is_gpt2():
     assert tok("Hello world")["input_ids"] == [15496, 995]  # from the shared data README
     assert tok.eos_token == ENDOFTEXT and tok.eos_token_id == 50256
     assert tok.pad_token == ENDOFTEXT
+
+
+def test_training_and_sampling_do_not_import_torch():
+    # torch (installed here as the tests' reference) costs ~1.3 s of every command's start-up when
+    # transformers' AutoTokenizer drags it in; only a tokenizer folder or the export's check need it.
+    code = ("import sys, jaxgpt.train, jaxgpt.sample, jaxgpt.chat, jaxgpt.tokenizer as t; t.load_tokenizer(); "
+            "print(sorted(m for m in ('torch', 'transformers.models.auto') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-1] == "[]", r.stdout
 
 
 def test_vendored_matches_shared_copy():
