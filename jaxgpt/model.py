@@ -623,6 +623,20 @@ class GPT2(nnx.Module):
         return x
 
 
+def abstract_model(cfg: GPT2Config, seed: int = 0, rest_sharding=None) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, params, rest) of ``GPT2(cfg, rngs=nnx.Rngs(seed))`` without creating its weights:
+    the parameters as shapes (``ShapeDtypeStruct`` values, their ``axes`` kept), the rest (the
+    dropout RNG streams) computed, placed by ``rest_sharding`` if given.
+
+    Call it once per model: each trace of the construction takes ~0.3 s at 124M and grows faster
+    than the depth (~4 s at 48 layers; flax probes the sharding of every RNG-counter update).
+    """
+    graphdef, params, _ = nnx.split(nnx.eval_shape(lambda: GPT2(cfg, rngs=nnx.Rngs(seed))), nnx.Param, ...)
+    # jit drops the unused weight init: only the RNG streams are computed.
+    rest = jax.jit(lambda: nnx.split(GPT2(cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)[2], out_shardings=rest_sharding)()
+    return graphdef, params, rest
+
+
 DECODING_DTYPES = ("bfloat16", "int8", "w8a8")  # the layouts that read fewer bytes than float32
 DECODING_LAYOUTS = ("float32", *DECODING_DTYPES)
 INT8_DECODING = ("int8", "w8a8")  # the layouts with int8 weights, quantised from float32 ones

@@ -44,8 +44,8 @@ from flax import nnx
 from jaxgpt import compile_cache, host_memory, sharding
 from jaxgpt.config import Config, ConfigError, help_text, load_config, validate
 from jaxgpt.loss import chunked_cross_entropy
-from jaxgpt.model import (SETTINGS, GPT2, GPT2Config, attention_implementation, loss_chunks, num_params,
-                          remat_policy, resize_token_embeddings, scan_blocks)
+from jaxgpt.model import (SETTINGS, GPT2, GPT2Config, abstract_model, attention_implementation, loss_chunks,
+                          num_params, remat_policy, resize_token_embeddings, scan_blocks)
 
 log = logging.getLogger("jaxgpt.train")
 
@@ -300,15 +300,11 @@ def build_model(cfg: Config, vocab_size: int, mesh, gcfg: GPT2Config | None = No
     else:
         from jaxgpt import weights
 
-        abstract = nnx.eval_shape(lambda: GPT2(gcfg, rngs=nnx.Rngs(0)))
-        _, abs_params, _ = nnx.split(abstract, nnx.Param, ...)
-        place = sharding.make_place(abs_params, mesh)
-        model, gcfg = weights.load_pretrained(weights.resolve(m.name_or_path), place=place, **gcfg.settings())
-        graphdef, params, _ = nnx.split(model, nnx.Param, ...)
-        # The non-parameter state (dropout RNG streams) must be one replicated array on the whole
-        # mesh (load_pretrained's copy lives on one local device); jit drops the unused parameter init.
-        rest = jax.jit(lambda: nnx.split(GPT2(gcfg, rngs=nnx.Rngs(m.init_seed)), nnx.Param, ...)[2],
-                       out_shardings=sharding.replicated(mesh))()
+        tensors, source = weights.read_hf_tensors(weights.resolve(m.name_or_path))
+        # The non-parameter state (dropout RNG streams): one replicated array on the whole mesh.
+        graphdef, abstract, rest = abstract_model(gcfg, m.init_seed, sharding.replicated(mesh))
+        params = weights.params_from_hf(gcfg, tensors, abstract, source=str(source),
+                                        place=sharding.make_place(abstract, mesh))
     if vocab_size > gcfg.vocab_size:
         model = resize_token_embeddings(nnx.merge(graphdef, params, rest), vocab_size)
         gcfg = model.config

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxgpt.model import DTYPES, GPT2, GPT2Config
+from jaxgpt.model import DTYPES, GPT2, GPT2Config, abstract_model
 
 
 class WeightsError(ValueError):
@@ -358,25 +358,27 @@ def load_pretrained(
 
 def from_hf_tensors(cfg: GPT2Config, tensors: dict[str, np.ndarray], *, source: str = "checkpoint",
                     place: Callable[[str, np.ndarray], jax.Array] | None = None) -> GPT2:
+    graphdef, abstract, rest = abstract_model(cfg)
+    return nnx.merge(graphdef, params_from_hf(cfg, tensors, abstract, source=source, place=place), rest)
+
+
+def params_from_hf(cfg: GPT2Config, tensors: dict[str, np.ndarray], abstract: nnx.State, *,
+                   source: str = "checkpoint", place: Callable[[str, np.ndarray], jax.Array] | None = None
+                   ) -> nnx.State:
+    """The parameters (``abstract``: ``abstract_model(cfg)``'s) filled from HF tensors, each put on
+    its devices by ``place(path, array)``."""
     hf_state = tensors_to_state(cfg, tensors, source)
-    abstract = nnx.eval_shape(lambda: GPT2(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
     pdtype = DTYPES[cfg.param_dtype]
     place = place or (lambda _path, x: jax.device_put(x))
-    # Non-parameters (dropout RNG streams) are cheap: build them for real; jit drops the unused weight init.
-    rest = dict(nnx.to_flat_state(jax.jit(lambda: nnx.state(GPT2(cfg, rngs=nnx.Rngs(0)), nnx.Not(nnx.Param)))()))
     flat = []
-    for path, var in nnx.to_flat_state(state):
+    for path, var in nnx.to_flat_state(abstract):
         key = ".".join(str(p) for p in path)
-        if key not in hf_state:
-            flat.append((path, rest[path]))
-            continue
         value = np.asarray(hf_state[key])
         if key == "wte" and value.shape[0] < var.shape[0]:  # padded vocab rows: zeros, masked from logits
             value = np.concatenate([value, np.zeros((var.shape[0] - value.shape[0], value.shape[1]), value.dtype)])
         value = value.reshape(var.shape).astype(pdtype)
         flat.append((path, var.replace(place(key, value))))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return nnx.from_flat_state(flat)
 
 
 def to_hf_tensors(model: GPT2, dtype: str | None = None) -> dict[str, np.ndarray]:
