@@ -146,7 +146,7 @@ def _tokenizer_files(tokenizer) -> dict:
 
 
 def _tokenizer_from_files(item: dict, source: str):
-    from transformers import AutoTokenizer
+    from jaxgpt.tokenizer import from_pretrained
 
     with tempfile.TemporaryDirectory() as tmp:
         for name, content in item["files"].items():
@@ -156,7 +156,7 @@ def _tokenizer_from_files(item: dict, source: str):
                 path.write_text(content["text"], encoding="utf-8")
             else:
                 path.write_bytes(base64.b64decode(content["base64"]))
-        tok = AutoTokenizer.from_pretrained(tmp)  # reads everything now; tmp may go
+        tok = from_pretrained(tmp)  # reads everything now; tmp may go
     tok.name_or_path = source
     return tok
 

@@ -23,6 +23,7 @@ token straddles a prompt/reply boundary.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -74,6 +75,23 @@ class TokenizerError(ValueError):
     """A tokenizer could not be loaded or set up."""
 
 
+def from_pretrained(name_or_path: str) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained``, without importing it for a local folder of GPT-2's own class.
+
+    Importing AutoTokenizer loads transformers' model configs, which import torch when it is
+    installed: ~1.3 s of every command's start-up, for a class that GPT-2 folders name anyway.
+    """
+    config = Path(name_or_path) / "tokenizer_config.json"
+    if config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class") in GPT2_CLASSES:
+        return GPT2Tokenizer.from_pretrained(name_or_path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+
+
+GPT2_CLASSES = ("GPT2Tokenizer", "GPT2TokenizerFast")  # one class in transformers 5
+
+
 def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
     """GPT-2's tokenizer: the vendored files (offline) for None, else a local folder or hub id.
 
@@ -88,12 +106,8 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> PreTrainedT
         local = Path(name_or_path).expanduser()
         if is_local_path(str(name_or_path)) and not local.exists():
             raise TokenizerError(missing_folder(str(name_or_path)))
-        # Imported here: AutoTokenizer loads transformers' model configs, which import torch when it is
-        # installed (~1.3 s), and the vendored tokenizer needs none of that.
-        from transformers import AutoTokenizer
-
         try:
-            tok = AutoTokenizer.from_pretrained(str(local if local.exists() else name_or_path), trust_remote_code=False)
+            tok = from_pretrained(str(local if local.exists() else name_or_path))
         except (OSError, ValueError) as e:
             raise TokenizerError(f"cannot load a tokenizer from {name_or_path}: {e}") from e
     if len(tok) == 0:

@@ -7,7 +7,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from jaxgpt.tokenizer import (ENDOFTEXT, IM_END, IM_START, TokenizerError, add_chat_template, end_of_turn_id,
-                              load_tokenizer, stop_token_ids, template_name)
+                              from_pretrained, load_tokenizer, stop_token_ids, template_name)
 
 from conftest import shared_path
 
@@ -28,14 +28,34 @@ def test_vendored_tokenizer_is_gpt2():
     assert tok.pad_token == ENDOFTEXT
 
 
-def test_training_and_sampling_do_not_import_torch():
+def test_training_and_sampling_do_not_import_torch(tmp_path):
     # torch (installed here as the tests' reference) costs ~1.3 s of every command's start-up when
-    # transformers' AutoTokenizer drags it in; only a tokenizer folder or the export's check need it.
+    # transformers' AutoTokenizer drags it in; only the export's check needs it.
+    add_chat_template(load_tokenizer()).save_pretrained(tmp_path)
     code = ("import sys, jaxgpt.train, jaxgpt.sample, jaxgpt.chat, jaxgpt.tokenizer as t; t.load_tokenizer(); "
+            f"assert len(t.load_tokenizer({str(tmp_path)!r})) == 50259; "
             "print(sorted(m for m in ('torch', 'transformers.models.auto') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split()[-1] == "[]", r.stdout
+
+
+@pytest.mark.parametrize("folder", ["chatml", "tiny-random-gpt2"])
+def test_from_pretrained_is_autotokenizers_choice(folder, tmp_path):
+    if folder == "chatml":
+        add_chat_template(load_tokenizer()).save_pretrained(tmp_path)
+        folder = tmp_path
+    else:
+        folder = shared_path("models", folder)
+    ours, auto = from_pretrained(str(folder)), AutoTokenizer.from_pretrained(str(folder))
+    assert type(ours) is type(auto)
+    assert (len(ours), ours.special_tokens_map, ours.chat_template, ours.added_tokens_decoder) == \
+        (len(auto), auto.special_tokens_map, auto.chat_template, auto.added_tokens_decoder)
+    text = "Hi <|im_start|>user\n  naïve 東京<|im_end|><|endoftext|>"
+    assert ours(text)["input_ids"] == auto(text)["input_ids"]
+    if ours.chat_template:
+        kw = dict(tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        assert ours.apply_chat_template(CHAT, **kw) == auto.apply_chat_template(CHAT, **kw)
 
 
 def test_vendored_matches_shared_copy():
