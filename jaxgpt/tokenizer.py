@@ -75,6 +75,9 @@ class TokenizerError(ValueError):
     """A tokenizer could not be loaded or set up."""
 
 
+GPT2_CLASSES = ("GPT2Tokenizer", "GPT2TokenizerFast")  # one class in transformers 5
+
+
 def from_pretrained(name_or_path: str) -> PreTrainedTokenizerBase:
     """``AutoTokenizer.from_pretrained``, without importing it for a local folder of GPT-2's own class.
 
@@ -87,9 +90,6 @@ def from_pretrained(name_or_path: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
-
-
-GPT2_CLASSES = ("GPT2Tokenizer", "GPT2TokenizerFast")  # one class in transformers 5
 
 
 def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
