@@ -628,13 +628,20 @@ def abstract_model(cfg: GPT2Config, seed: int = 0, rest_sharding=None) -> tuple[
     the parameters as shapes (``ShapeDtypeStruct`` values, their ``axes`` kept), the rest (the
     dropout RNG streams) computed, placed by ``rest_sharding`` if given.
 
-    Call it once per model: each trace of the construction takes ~0.3 s at 124M and grows faster
-    than the depth (~4 s at 48 layers; flax probes the sharding of every RNG-counter update).
+    The construction is traced once (~0.3-0.8 s at 124M, growing faster than the depth: ~4 s at 48
+    layers; flax probes the sharding of every RNG-counter update, jax-ml/jax#40041): the trace that
+    computes the rest also records the graphdef and the parameters' shapes.
     """
-    graphdef, params, _ = nnx.split(nnx.eval_shape(lambda: GPT2(cfg, rngs=nnx.Rngs(seed))), nnx.Param, ...)
+    found = {}
+
+    def make_rest():
+        graphdef, params, rest = nnx.split(GPT2(cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)
+        found.update(graphdef=graphdef, params=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
+        return rest
+
     # jit drops the unused weight init: only the RNG streams are computed.
-    rest = jax.jit(lambda: nnx.split(GPT2(cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)[2], out_shardings=rest_sharding)()
-    return graphdef, params, rest
+    rest = jax.jit(make_rest, out_shardings=rest_sharding)()
+    return found["graphdef"], found["params"], rest
 
 
 DECODING_DTYPES = ("bfloat16", "int8", "w8a8")  # the layouts that read fewer bytes than float32
