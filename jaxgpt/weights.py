@@ -362,6 +362,21 @@ def from_hf_tensors(cfg: GPT2Config, tensors: dict[str, np.ndarray], *, source: 
     return nnx.merge(graphdef, params_from_hf(cfg, tensors, abstract, source=source, place=place), rest)
 
 
+def grow_vocab(cfg: GPT2Config, tensors: dict[str, np.ndarray], vocab_size: int, source: str = "checkpoint"
+               ) -> tuple[dict[str, np.ndarray], GPT2Config]:
+    """(tensors, config) with ``vocab_size`` token rows, the added ones (chat tokens) at the mean of the
+    existing rows: ``jaxgpt.model.resize_token_embeddings``'s rule, applied to the host arrays before
+    any model is built. The tensors are checked against ``cfg`` (the checkpoint's own) first."""
+    if vocab_size < cfg.vocab_size:
+        raise ValueError(f"cannot shrink the vocabulary from {cfg.vocab_size} to {vocab_size}")
+    tensors_to_state(cfg, tensors, source)
+    wte = tensors["wte.weight"].astype(np.float32, copy=False)
+    mean = wte.mean(0, keepdims=True)
+    grown = {k: v for k, v in tensors.items() if k != "lm_head.weight"}  # tied to wte: checked equal above
+    grown["wte.weight"] = np.concatenate([wte, np.repeat(mean, vocab_size - cfg.vocab_size, 0)])
+    return grown, cfg.replace(vocab_size=vocab_size)
+
+
 def params_from_hf(cfg: GPT2Config, tensors: dict[str, np.ndarray], abstract: nnx.State, *,
                    source: str = "checkpoint", place: Callable[[str, np.ndarray], jax.Array] | None = None
                    ) -> nnx.State:
@@ -376,7 +391,7 @@ def params_from_hf(cfg: GPT2Config, tensors: dict[str, np.ndarray], abstract: nn
         value = np.asarray(hf_state[key])
         if key == "wte" and value.shape[0] < var.shape[0]:  # padded vocab rows: zeros, masked from logits
             value = np.concatenate([value, np.zeros((var.shape[0] - value.shape[0], value.shape[1]), value.dtype)])
-        value = value.reshape(var.shape).astype(pdtype)
+        value = value.reshape(var.shape).astype(pdtype, copy=False)  # place() copies it onto its devices
         flat.append((path, var.replace(place(key, value))))
     return nnx.from_flat_state(flat)
 

@@ -254,6 +254,43 @@ def test_model_settings_reach_the_model(tmp_path):
         assert nnx.merge(graphdef, params, rest).h[0].attn.implementation == "xla"
 
 
+def test_pretrained_vocabulary_grows_as_resize_token_embeddings_grows_it(tmp_path):
+    """Chat tokens added to a pretrained model: build_model grows the embedding on the host, before
+    the model is built. The result must be resize_token_embeddings' (new rows at the mean of the
+    old ones, padding rows zero), and a checkpoint that disagrees with its config still names the
+    tensor."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from jaxgpt import sharding
+    from jaxgpt.model import GPT2, GPT2Config, resize_token_embeddings
+    from jaxgpt.train import build_model
+    from jaxgpt.weights import WeightsError, load_pretrained, save_pretrained
+
+    mesh = sharding.make_mesh((1, len(jax.devices()), 1))
+    arch = dict(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    folder = save_pretrained(GPT2(GPT2Config(**arch), rngs=nnx.Rngs(0)), tmp_path / "hf")
+    cfg = tiny_config(tmp_path, model={"name_or_path": str(folder), "vocab_multiple": 64})
+    graphdef, params, rest, gcfg = build_model(cfg, 302, mesh)
+    assert (gcfg.vocab_size, gcfg.padded_vocab_size) == (302, 320)
+    ref_model, _ = load_pretrained(folder, vocab_multiple=64)
+    ref = nnx.state(resize_token_embeddings(ref_model, 302), nnx.Param)
+    flat, ref_flat = dict(nnx.to_flat_state(params)), dict(nnx.to_flat_state(ref))
+    assert flat.keys() == ref_flat.keys()
+    for path, var in flat.items():  # the mean rows: summed in another order (float32 rounding)
+        np.testing.assert_allclose(np.asarray(var[...]), np.asarray(ref_flat[path][...]), rtol=0, atol=1e-7,
+                                   err_msg=str(path))
+    wte = np.asarray(params["wte"][...])
+    assert not wte[302:].any() and np.array_equal(wte[300], wte[301]) and wte[300].any()
+
+    hf = GPT2Config(**{**arch, "n_embd": 64})  # weights of another width under the same config.json
+    bad = save_pretrained(GPT2(hf, rngs=nnx.Rngs(0)), tmp_path / "bad")
+    (bad / "config.json").write_text((folder / "config.json").read_text())
+    cfg = tiny_config(tmp_path, model={"name_or_path": str(bad)})
+    with pytest.raises(WeightsError, match=r"model\.safetensors: tensor wte\.weight has shape \(300, 64\)"):
+        build_model(cfg, 302, mesh)
+
 def test_fresh_run_refused_where_checkpoints_exist(tmp_path):
     """checkpoint.resume=false in a folder that holds checkpoints would skip saving every step the
     old run has (export / chat would load the old model): refused, before anything is built."""
