@@ -51,7 +51,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxgpt.model import GPT2, GPT2Config
+from jaxgpt.model import GPT2Config, abstract_model
 from jaxgpt.weights import WEIGHT_FILES, is_hf_folder
 
 log = logging.getLogger(__name__)
@@ -634,7 +634,8 @@ def _load_step(step_dir: Path, dtype: str, param_dtype: str):
         raise CheckpointError(f"{step_dir}: cannot read the saved config: {_short(e)}") from None
     cfg = model_config_from(config, str(step_dir / "config"))
     cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype, dropout=0.0, remat="auto", attention="auto")
-    graphdef, abs_params, _ = nnx.split(nnx.eval_shape(lambda: GPT2(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+    # The rest (dropout RNG streams) as a fresh init makes it; the parameters as shapes, to restore into.
+    graphdef, abs_params, rest = abstract_model(cfg)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abs_pure = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                             nnx.to_pure_dict(abs_params))
@@ -648,9 +649,6 @@ def _load_step(step_dir: Path, dtype: str, param_dtype: str):
     except Exception as e:
         raise CheckpointError(f"{step_dir}: cannot read parameters (corrupt?): {_short(e)}") from None
     nnx.replace_by_pure_dict(abs_params, pure)
-    # Non-parameter state (dropout RNG streams) as a fresh init makes it; under
-    # jit the unused parameter initialisers are dead code, so this is cheap.
-    rest = jax.jit(lambda: nnx.split(GPT2(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)[2])()
     model = nnx.merge(graphdef, abs_params, rest)
     tokenizer = _read_tokenizer(step_dir)
     if tokenizer is None:
