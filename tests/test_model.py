@@ -244,3 +244,37 @@ def test_backend_defaults(monkeypatch):
     assert model_lib.attention_implementation(GPT2Config(dtype="float32")) == "einsum"
     assert model_lib.attention_implementation(GPT2Config(dtype="bfloat16", dropout=0.1)) == "einsum"
     assert model_lib.attention_implementation(GPT2Config(dtype="bfloat16", attention="einsum")) == "einsum"
+
+
+def test_abstract_model_is_the_model_without_its_weights():
+    """abstract_model builds the model eagerly with shapes for parameters: the graphdef, every
+    parameter's shape, dtype and logical axes, and the dropout RNG streams (keys and counts, which
+    depend on how many draws the construction made) must be a real construction's. Placed on a mesh,
+    the streams are the same numbers."""
+    from jaxgpt import sharding
+    from jaxgpt.model import abstract_model
+
+    cfg = GPT2Config(vocab_size=300, n_positions=32, n_embd=32, n_layer=3, n_head=4, dropout=0.1)
+    graphdef, params, rest = nnx.split(GPT2(cfg, rngs=nnx.Rngs(7)), nnx.Param, ...)
+    mesh = sharding.make_mesh((1, len(jax.devices()), 1))
+    for placed in (None, sharding.replicated(mesh)):
+        g, p, r = abstract_model(cfg, 7, placed)
+        assert g == graphdef
+        flat, ref = nnx.to_flat_state(p), nnx.to_flat_state(params)
+        assert [k for k, _ in flat] == [k for k, _ in ref]
+        for (path, var), (_, real) in zip(flat, ref):
+            shape = var.get_value()
+            assert isinstance(shape, jax.ShapeDtypeStruct), path
+            assert (shape.shape, shape.dtype, var.get_metadata()) == (real[...].shape, real[...].dtype,
+                                                                      real.get_metadata()), path
+        got, want = jax.tree.leaves(r), jax.tree.leaves(rest)
+        assert len(got) == len(want) == 2 * (1 + 2 * cfg.n_layer)  # a key and a count per Dropout
+        for a, b in zip(got, want):
+            if jax.dtypes.issubdtype(b.dtype, jax.dtypes.prng_key):
+                a, b = jax.random.key_data(a), jax.random.key_data(b)
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        if placed is not None:
+            assert all(x.sharding == placed for x in got)
+    # A different seed gives different streams: the comparison above can fail.
+    other = jax.tree.leaves(abstract_model(cfg, 8)[2])
+    assert not np.array_equal(jax.random.key_data(other[1]), jax.random.key_data(jax.tree.leaves(rest)[1]))
