@@ -769,7 +769,7 @@ def resize_token_embeddings(model: GPT2, vocab_size: int) -> GPT2:
     if vocab_size < cfg.vocab_size:
         raise ValueError(f"cannot shrink the vocabulary from {cfg.vocab_size} to {vocab_size}")
     new_cfg = cfg.replace(vocab_size=vocab_size)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT2(new_cfg, rngs=nnx.Rngs(0))))
+    graphdef = abstract_model(new_cfg)[0]
     old = nnx.state(model)
     wte = old["wte"][...]
     real = wte[: cfg.vocab_size]
