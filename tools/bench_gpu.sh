@@ -5,6 +5,7 @@
 #   bash tools/bench_gpu.sh                 # uses .venv if present, else python3
 #   BATCH=16 STEPS=20 bash tools/bench_gpu.sh   # batch rows of 1024 tokens (default 32, as gpt2-chat.yaml)
 #   PROFILE=/tmp/prof bash tools/bench_gpu.sh   # also trace each variant and print where the device time goes
+#   bash tools/bench_gpu.sh --gpu-variants 5,6,8  # more tools/bench.py options: here three of GPU_VARIANTS only
 #
 # Needs a CUDA build of jax (pip install "jaxgpt[cuda]") and, for the PyTorch side, a CUDA torch.
 # First tools/check_gpu.py (versions; cuDNN attention against jaxgpt's own on the device), then
@@ -21,4 +22,4 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
 "$PY" tools/check_gpu.py
 exec "$PY" tools/bench.py --gpu --batch "${BATCH:-32}" --steps "${STEPS:-10}" --worker-timeout "${WORKER_TIMEOUT:-300}" \
-  ${PEAK_FLOPS:+--peak-flops "$PEAK_FLOPS"} ${PROFILE:+--profile "$PROFILE"} --out "${RESULTS:-bench_gpu.json}"
+  ${PEAK_FLOPS:+--peak-flops "$PEAK_FLOPS"} ${PROFILE:+--profile "$PROFILE"} --out "${RESULTS:-bench_gpu.json}" "$@"
