@@ -636,9 +636,10 @@ def abstract_model(cfg: GPT2Config, seed: int = 0, rest_sharding=None) -> tuple[
     dropout RNG streams) computed, placed by ``rest_sharding`` if given.
 
     The model is constructed eagerly, each parameter's RNG draw made but its initialiser not run:
-    0.25 s at 124M, 0.4 s at 48 layers. (Traced instead, by ``nnx.eval_shape`` or ``jax.jit``, it
-    took 0.8-1.2 s and 6-13 s: flax probes the sharding of every RNG-counter update, and jax builds
-    each probe's error message by walking the trace so far, jax-ml/jax#40041.)
+    0.25-0.45 s at 124M and at 48 layers, plus 0.1-0.4 s to place the streams on a mesh. (Traced
+    instead, by ``nnx.eval_shape`` or ``jax.jit``, it took 0.8-1.2 s and 6-13 s: flax probes the
+    sharding of every RNG-counter update, and jax builds each probe's error message by walking the
+    trace so far, jax-ml/jax#40041.)
     """
     token = _SHAPES_ONLY.set(True)
     try:
