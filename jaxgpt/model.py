@@ -32,7 +32,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -630,41 +629,21 @@ class GPT2(nnx.Module):
         return x
 
 
-def abstract_model(cfg: GPT2Config, seed: int = 0, rest_sharding=None) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+def abstract_model(cfg: GPT2Config, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """(graphdef, params, rest) of ``GPT2(cfg, rngs=nnx.Rngs(seed))`` without creating its weights:
     the parameters as shapes (``ShapeDtypeStruct`` values, their ``axes`` kept), the rest (the
-    dropout RNG streams) computed, placed by ``rest_sharding`` if given.
+    dropout RNG streams) computed on this host (``jaxgpt.sharding.from_host`` places them on a mesh).
 
     The model is constructed eagerly, each parameter's RNG draw made but its initialiser not run:
-    0.25-0.45 s at 124M and at 48 layers, plus 0.1-0.4 s to place the streams on a mesh. (Traced
-    instead, by ``nnx.eval_shape`` or ``jax.jit``, it took 0.8-1.2 s and 6-13 s: flax probes the
-    sharding of every RNG-counter update, and jax builds each probe's error message by walking the
-    trace so far, jax-ml/jax#40041.)
+    0.25-0.45 s at 124M and at 48 layers. (Traced instead, by ``nnx.eval_shape`` or ``jax.jit``, it
+    took 0.8-1.2 s and 6-13 s: flax probes the sharding of every RNG-counter update, and jax builds
+    each probe's error message by walking the trace so far, jax-ml/jax#40041.)
     """
     token = _SHAPES_ONLY.set(True)
     try:
-        graphdef, params, rest = nnx.split(GPT2(cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)
+        return nnx.split(GPT2(cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)
     finally:
         _SHAPES_ONLY.reset(token)
-    if rest_sharding is not None:
-        rest = _placed_from_host(rest, rest_sharding)
-    return graphdef, params, rest
-
-
-def _placed_from_host(tree, sharding):
-    """``tree`` (small arrays: the dropout streams' keys and counts) placed by ``sharding`` from this
-    host's copy, by a jit without arguments that every process of a pod runs alike (``device_put``
-    refuses a sharding over other processes' devices)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = [jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) for x in leaves]
-    host = [np.asarray(jax.random.key_data(x) if k else x) for x, k in zip(leaves, keys)]
-    impls = [jax.random.key_impl(x) if k else None for x, k in zip(leaves, keys)]
-
-    def build():
-        return jax.tree.unflatten(treedef, [jax.random.wrap_key_data(h, impl=i) if i is not None else jnp.asarray(h)
-                                            for h, i in zip(host, impls)])
-
-    return jax.jit(build, out_shardings=sharding)()
 
 
 DECODING_DTYPES = ("bfloat16", "int8", "w8a8")  # the layouts that read fewer bytes than float32

@@ -104,6 +104,22 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def from_host(tree, sharding: NamedSharding):
+    """``tree`` (small arrays: e.g. the dropout streams' keys and counts) placed by ``sharding`` from
+    this host's copy, by a jit without arguments that every process of a pod runs alike
+    (``device_put`` refuses a sharding over other processes' devices)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = [jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) for x in leaves]
+    host = [np.asarray(jax.random.key_data(x) if k else x) for x, k in zip(leaves, keys)]
+    impls = [jax.random.key_impl(x) if k else None for x, k in zip(leaves, keys)]
+
+    def build():
+        return jax.tree.unflatten(treedef, [jax.random.wrap_key_data(h, impl=i) if i is not None
+                                            else jax.numpy.asarray(h) for h, i in zip(host, impls)])
+
+    return jax.jit(build, out_shardings=sharding)()
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """[batch, seq] arrays: rows split over (data, fsdp), sequence whole."""
     return NamedSharding(mesh, P(RULES["batch"], None))

@@ -303,8 +303,9 @@ def build_model(cfg: Config, vocab_size: int, mesh, gcfg: GPT2Config | None = No
         tensors, source = weights.read_hf_tensors(weights.resolve(m.name_or_path))
         if vocab_size > gcfg.vocab_size:  # added chat tokens: grown on the host, before the model is built
             tensors, gcfg = weights.grow_vocab(gcfg, tensors, vocab_size, str(source))
+        graphdef, abstract, rest = abstract_model(gcfg, m.init_seed)
         # The non-parameter state (dropout RNG streams): one replicated array on the whole mesh.
-        graphdef, abstract, rest = abstract_model(gcfg, m.init_seed, sharding.replicated(mesh))
+        rest = sharding.from_host(rest, sharding.replicated(mesh))
         params = weights.params_from_hf(gcfg, tensors, abstract, source=str(source),
                                         place=sharding.make_place(abstract, mesh))
     if vocab_size > gcfg.vocab_size:

@@ -291,6 +291,7 @@ def test_pretrained_vocabulary_grows_as_resize_token_embeddings_grows_it(tmp_pat
     with pytest.raises(WeightsError, match=r"model\.safetensors: tensor wte\.weight has shape \(300, 64\)"):
         build_model(cfg, 302, mesh)
 
+
 def test_fresh_run_refused_where_checkpoints_exist(tmp_path):
     """checkpoint.resume=false in a folder that holds checkpoints would skip saving every step the
     old run has (export / chat would load the old model): refused, before anything is built."""
