@@ -607,7 +607,7 @@ def load_for_inference(path: str | os.PathLike, *, dtype: str = "float32", param
     """(GPT2, tokenizer) from a training output_dir (latest complete step) or a step dir.
 
     Restores the parameters only (no optimizer state) onto one device, cast to
-    ``param_dtype`` (default: ``dtype``); dropout off, remat and attention
+    ``param_dtype`` (default: ``dtype``); dropout off, remat, attention and kernels
     "auto" (whatever this device and dtype run; training may have used cuDNN's). For an
     output_dir, an incomplete or corrupt latest step is reported and the
     previous one used.
@@ -633,7 +633,7 @@ def _load_step(step_dir: Path, dtype: str, param_dtype: str):
     except Exception as e:
         raise CheckpointError(f"{step_dir}: cannot read the saved config: {_short(e)}") from None
     cfg = model_config_from(config, str(step_dir / "config"))
-    cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype, dropout=0.0, remat="auto", attention="auto")
+    cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype, dropout=0.0, remat="auto", attention="auto", kernels="auto")
     # The rest (dropout RNG streams) as a fresh init makes it; the parameters as shapes, to restore into.
     graphdef, abs_params, rest = abstract_model(cfg)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

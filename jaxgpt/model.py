@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxgpt import kernels
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -60,6 +62,7 @@ class GPT2Config:
     scan_layers: bool | None = None  # blocks as one lax.scan (full forward only); None: see scan_blocks()
     attention: str = "auto"  # full-sequence attention: see ATTENTION
     loss_chunks: int | None = None  # training loss: the head + cross-entropy in chunks; None: see loss_chunks()
+    kernels: str = "auto"  # LayerNorm, bias + GELU, the loss's log-sum-exp: see KERNELS
 
     def settings(self) -> dict[str, Any]:
         """jaxgpt's knobs (everything after ``eos_token_id``), as keyword arguments."""
@@ -78,6 +81,8 @@ class GPT2Config:
                 raise ValueError(f"{key}={getattr(self, key)!r}: choose from {sorted(DTYPES)}")
         if self.attention not in ATTENTION:
             raise ValueError(f"attention={self.attention!r}: choose from {list(ATTENTION)}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels={self.kernels!r}: choose from {list(KERNELS)}")
         if self.loss_chunks is not None and self.loss_chunks < 1:
             raise ValueError(f"loss_chunks={self.loss_chunks}: must be at least 1")
         if isinstance(self.remat, bool):  # configs written before the policies
@@ -131,6 +136,25 @@ def attention_implementation(cfg: "GPT2Config") -> str:
         return cfg.attention
     fused = jax.default_backend() == "gpu" and cfg.dtype != "float32" and not cfg.dropout
     return "cudnn" if fused else "einsum"
+
+
+# LayerNorm, the MLP's bias + GELU and the chunked loss's log-sum-exp. "xla": jax.numpy, fused by
+# XLA. "pallas": jaxgpt.kernels' Pallas (Triton) kernels: NVIDIA GPUs, one device (they have no
+# sharding rule: XLA would run them whole on every device). "auto": "pallas" on one GPU with bf16 /
+# fp16 compute (GPT-2 124M at 32 x 1024 on an H200: 1.067x the tokens/s on packed rows, in the same
+# run; 1.06x without the packing mask; docs/benchmarks-history.md), else "xla".
+KERNELS = ("auto", "xla", "pallas")
+
+
+def fused_kernels(cfg: "GPT2Config") -> bool:
+    """Whether LayerNorm, bias + GELU and the loss's log-sum-exp run as jaxgpt.kernels' Pallas kernels."""
+    gpu, one = jax.default_backend() == "gpu", jax.device_count() == 1
+    if cfg.kernels == "pallas" and not (gpu and one):
+        raise ValueError(f"kernels='pallas' runs on one NVIDIA GPU (here: {jax.device_count()} "
+                         f"{jax.default_backend()} device(s)); use kernels='xla' or 'auto'")
+    if cfg.kernels == "auto":
+        return gpu and one and cfg.dtype != "float32"
+    return cfg.kernels == "pallas"
 
 
 # What the backward pass recomputes. "none": every activation is kept. "full": each block is
@@ -356,18 +380,15 @@ def _dense(module, name: str, x):
 
 
 class LayerNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, param_dtype, rngs: nnx.Rngs):
-        self.eps = eps
+    def __init__(self, dim: int, eps: float, param_dtype, rngs: nnx.Rngs, fused: bool = False):
+        self.eps, self.fused = eps, fused
         self.scale = _param(rngs, nnx.initializers.ones, (dim,), ("embed",), param_dtype)
         self.bias = _param(rngs, nnx.initializers.zeros, (dim,), ("embed",), param_dtype)
 
     def __call__(self, x):
         # Statistics in float32 whatever the compute dtype.
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+        norm = kernels.layer_norm if self.fused else kernels.reference_layer_norm
+        return norm(x, self.scale[...], self.bias[...], self.eps)
 
 
 class Attention(nnx.Module):
@@ -476,6 +497,7 @@ class MLP(nnx.Module):
         proj = nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layer))
         zeros = nnx.initializers.zeros
         self.act = ACTIVATIONS[cfg.activation_function]
+        self.fused = fused_kernels(cfg) and cfg.activation_function in ("gelu_new", "gelu_pytorch_tanh")
         self.out_in = False  # kernels in the decoding layout (for_decoding)
         self.c_fc_kernel = _param(rngs, normal, (e, i), ("embed", "mlp"), pd)
         self.c_fc_bias = _param(rngs, zeros, (i,), ("mlp",), pd)
@@ -486,6 +508,8 @@ class MLP(nnx.Module):
     def __call__(self, x, constrain=_no_constraint):
         if self.out_in:  # the decoding layout: no gradients
             h = self.act(_dense(self, "c_fc", x))
+        elif self.fused:  # bias + GELU as one kernel each way, recomputed in the backward too
+            h = kernels.bias_gelu(linear(x, self.c_fc_kernel[...]), self.c_fc_bias[...])
         else:
             # The bias and activation are recomputed in the backward pass from the product's output,
             # which is kept anyway. Otherwise XLA:GPU stores tanh's [B, T, 4E] output for the backward:
@@ -499,9 +523,10 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
         pd = DTYPES[cfg.param_dtype]
-        self.ln_1 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, pd, rngs)
+        fused = fused_kernels(cfg)
+        self.ln_1 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, pd, rngs, fused)
         self.attn = Attention(cfg, rngs)
-        self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, pd, rngs)
+        self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, pd, rngs, fused)
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x, mask, layer_cache=None, cache_index=None, constrain=_no_constraint):
@@ -523,7 +548,7 @@ class GPT2(nnx.Module):
         self.wpe = _param(rngs, nnx.initializers.normal(0.01), (cfg.n_positions, cfg.n_embd), (None, "embed"), pd)
         self.drop = nnx.Dropout(cfg.dropout, rngs=rngs)
         self.h = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
-        self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, pd, rngs)
+        self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, pd, rngs, fused_kernels(cfg))
         self.decoding_layout = None  # "bfloat16", "int8" or "w8a8": set by for_decoding()
 
     def __call__(self, input_ids, *, positions=None, segment_ids=None, cache=None, last_only=False,

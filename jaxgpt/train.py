@@ -44,7 +44,7 @@ from flax import nnx
 from jaxgpt import compile_cache, host_memory, sharding
 from jaxgpt.config import Config, ConfigError, help_text, load_config, validate
 from jaxgpt.loss import chunked_cross_entropy
-from jaxgpt.model import (SETTINGS, GPT2, GPT2Config, abstract_model, attention_implementation, loss_chunks,
+from jaxgpt.model import (SETTINGS, GPT2, GPT2Config, abstract_model, attention_implementation, fused_kernels, loss_chunks,
                           num_params, remat_policy, resize_token_embeddings, scan_blocks)
 
 log = logging.getLogger("jaxgpt.train")
@@ -152,7 +152,7 @@ def loss_terms(graphdef, params, rest, batch, *, mesh=None, train: bool = True, 
     if chunks > 1:  # the head one sequence chunk at a time (config.validate: seq_len divides by it)
         h = model(batch["input_ids"], hidden_only=True, **inputs)
         ce_sum = chunked_cross_entropy(h, model.wte[...].astype(h.dtype), batch["targets"], mask,
-                                       model.config.vocab_size, chunks)
+                                       model.config.vocab_size, chunks, fused_kernels(model.config))
         return ce_sum, jnp.sum(mask)
     logits = model(batch["input_ids"], **inputs)
     if mesh is not None:  # the largest activation: keep it split on batch and vocab

@@ -1,0 +1,144 @@
+"""jaxgpt.kernels' Pallas kernels, run in Pallas' interpreter on the CPU, against float32 math on
+the same inputs (values and gradients), and in the model and the chunked loss against the XLA path.
+How fast they are is measured on a GPU (tools/probe_kernels_gpu.py), not here."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgpt import kernels
+from tests.test_train import tiny_config
+
+EPS = 1e-5
+
+
+def rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.abs(want).max() > 0
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def value_and_grads(fn, args, cotangent):
+    out, vjp = jax.vjp(fn, *args)
+    return out, vjp(cotangent.astype(out.dtype))
+
+
+# 70 rows: not a multiple of any tiling's rows per program; widths not powers of two.
+@pytest.mark.parametrize("dtype,width", [(jnp.float32, 96), (jnp.bfloat16, 96), (jnp.bfloat16, 200)])
+def test_layer_norm_kernels_match_float32_math(dtype, width):
+    k = jax.random.split(jax.random.key(0), 4)
+    x = (jax.random.normal(k[0], (2, 35, width)) * 3 + 1).astype(dtype)
+    scale = 1 + 0.2 * jax.random.normal(k[1], (width,))
+    bias = 0.2 * jax.random.normal(k[2], (width,))
+    dy = jax.random.normal(k[3], x.shape).astype(dtype)
+    truth = value_and_grads(lambda x, s, b: kernels.reference_layer_norm(x.astype(jnp.float32), s, b, EPS),
+                            (x, scale, bias), dy.astype(jnp.float32))
+    got = value_and_grads(lambda x, s, b: kernels.layer_norm(x, s, b, EPS, interpret=True), (x, scale, bias), dy)
+    assert got[0].dtype == dtype and [g.dtype for g in got[1]] == [dtype, jnp.float32, jnp.float32]
+    # float32: rounding only. bf16: the output and dx are rounded to bf16 (2^-8 relative); the
+    # scale and bias gradients are float32 sums over rows, as in the reference.
+    tol = 1e-5 if dtype == jnp.float32 else 8e-3
+    assert rel_err(got[0], truth[0]) <= tol
+    assert rel_err(got[1][0], truth[1][0]) <= tol
+    assert rel_err(got[1][1], truth[1][1]) <= 1e-5
+    assert rel_err(got[1][2], truth[1][2]) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_bias_gelu_kernels_match_float32_math(dtype):
+    k = jax.random.split(jax.random.key(1), 3)
+    y = (jax.random.normal(k[0], (3, 23, 600)) * 2).astype(dtype)  # 600 columns: a partial column block
+    bias = 0.3 * jax.random.normal(k[1], (600,))
+    dh = jax.random.normal(k[2], y.shape).astype(dtype)
+    truth = value_and_grads(lambda y, b: kernels.reference_bias_gelu(y.astype(jnp.float32), b), (y, bias),
+                            dh.astype(jnp.float32))
+    got = value_and_grads(lambda y, b: kernels.bias_gelu(y, b, interpret=True), (y, bias), dh)
+    assert got[0].dtype == dtype and [g.dtype for g in got[1]] == [dtype, jnp.float32]
+    tol = 1e-5 if dtype == jnp.float32 else 8e-3
+    assert rel_err(got[0], truth[0]) <= tol
+    assert rel_err(got[1][0], truth[1][0]) <= tol
+    assert rel_err(got[1][1], truth[1][1]) <= 1e-5
+
+
+def test_logsumexp_kernel_skips_the_padding_columns():
+    x = jax.random.normal(jax.random.key(2), (3, 7, 2500)) * 6
+    x = x.at[..., 2400:].set(1e4)  # padding columns: they would dominate if they were read
+    kernels_lse = kernels.logsumexp(x, 2400, interpret=True)
+    assert kernels_lse.shape == (3, 7) and kernels_lse.dtype == jnp.float32
+    np.testing.assert_allclose(kernels_lse, jax.nn.logsumexp(x[..., :2400], axis=-1), rtol=1e-6)
+    np.testing.assert_allclose(kernels.logsumexp(x[0], interpret=True), jax.nn.logsumexp(x[0], axis=-1), rtol=1e-6)
+
+
+def test_one_pass_logsumexp_of_the_loss():
+    from jaxgpt.loss import _logsumexp
+
+    x = jax.random.normal(jax.random.key(3), (5, 1000)) * 8
+    x = x.at[:, 900:].set(jnp.finfo(jnp.float32).min)  # the head's padding rows, as the loss masks them
+    np.testing.assert_allclose(jax.jit(_logsumexp)(x), jax.nn.logsumexp(x[:, :900], axis=-1), rtol=1e-6)
+
+
+def test_train_step_with_kernels_matches_xla(tmp_path, monkeypatch):
+    """jaxgpt.train.loss_terms on a packed batch, the model built with the kernels (in the
+    interpreter) and without, the same weights: loss and every parameter gradient agree in float32.
+    The loss runs in 2 chunks, so its log-sum-exp kernel runs too."""
+    from flax import nnx
+
+    from jaxgpt import model as model_lib
+    from jaxgpt import sharding, train
+    from jaxgpt.data import build_datasets
+
+    fused = {"on": False}
+    for module in (model_lib, train):  # the CPU has no Triton: the kernels run in the interpreter
+        monkeypatch.setattr(module, "fused_kernels", lambda cfg: fused["on"])
+    for name in ("layer_norm", "bias_gelu", "logsumexp"):
+        monkeypatch.setattr(kernels, name, lambda *a, _f=getattr(kernels, name), **kw: _f(*a, **kw, interpret=True))
+
+    mesh = sharding.make_mesh((1, 1, 1))
+    cfg = tiny_config(tmp_path, model={"loss_chunks": 2, "vocab_multiple": 64})
+    tok = train.load_tokenizer_for(cfg)
+    rows, _ = build_datasets(cfg.data, tok)
+    batch = {k: jnp.asarray(v) for k, v in rows.batch(range(4)).items()}
+    results = []
+    for on in (False, True):
+        fused["on"] = on
+        graphdef, params, rest, _ = train.build_model(cfg, len(tok), mesh)
+        assert nnx.merge(graphdef, params, rest).h[0].ln_1.fused is on
+        loss, grads = jax.jit(jax.value_and_grad(
+            lambda p: (lambda s, n: s / n)(*train.loss_terms(graphdef, p, rest, batch, mesh=mesh))))(params)
+        results.append((float(loss), nnx.to_flat_state(grads)))
+    (l0, g0), (l1, g1) = results
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    for (path, a), (_, b) in zip(g0, g1):
+        ref = a.get_value()
+        assert float(jnp.abs(b.get_value() - ref).max()) <= 1e-5 * max(float(jnp.abs(ref).max()), 1e-12), path
+
+
+def test_kernels_setting(monkeypatch):
+    """model.kernels: auto is the kernels on one GPU with bf16 / fp16 compute only; pallas elsewhere
+    is an error that says why; a bad value is refused by name."""
+    from jaxgpt import model as model_lib
+    from jaxgpt.config import Config, ConfigError, validate
+    from jaxgpt.model import GPT2Config, fused_kernels
+
+    cfg = GPT2Config(n_layer=1, n_head=2, n_embd=8, dtype="bfloat16")
+    assert fused_kernels(cfg) is False  # the CPU
+    with pytest.raises(ValueError, match="one NVIDIA GPU"):
+        fused_kernels(cfg.replace(kernels="pallas"))
+    with pytest.raises(ValueError, match="kernels='triton'"):
+        cfg.replace(kernels="triton")
+    monkeypatch.setattr(model_lib.jax, "default_backend", lambda: "gpu")
+    assert fused_kernels(cfg) is True
+    assert fused_kernels(cfg.replace(dtype="float32")) is False
+    assert fused_kernels(cfg.replace(dtype="float32", kernels="pallas")) is True
+    assert fused_kernels(cfg.replace(kernels="xla")) is False
+    monkeypatch.setattr(model_lib.jax, "device_count", lambda: 2)
+    assert fused_kernels(cfg) is False
+    with pytest.raises(ValueError, match="2 gpu device"):
+        fused_kernels(cfg.replace(kernels="pallas"))
+    run = Config()
+    run.model.kernels = "triton"
+    with pytest.raises(ConfigError, match="model.kernels"):
+        validate(run, 1)
