@@ -5,14 +5,16 @@
 #   bash tools/bench_gpu.sh                 # uses .venv if present, else python3
 #   BATCH=16 STEPS=20 bash tools/bench_gpu.sh   # batch rows of 1024 tokens (default 32, as gpt2-chat.yaml)
 #   PROFILE=/tmp/prof bash tools/bench_gpu.sh   # also trace each variant and print where the device time goes
-#   bash tools/bench_gpu.sh --gpu-variants 5,6,8  # more tools/bench.py options: here three of GPU_VARIANTS only
+#   bash tools/bench_gpu.sh --gpu-variants 5,8,9  # more tools/bench.py options: here three of GPU_VARIANTS only
 #
 # Needs a CUDA build of jax (pip install "jaxgpt[cuda]") and, for the PyTorch side, a CUDA torch.
 # First tools/check_gpu.py (versions; cuDNN attention against jaxgpt's own on the device), then
 # tools/bench.py --gpu: each jaxgpt variant (attention einsum / cudnn, vocab padding, with and
 # without a packing mask) in its own process, then torch.
 # MFU = tokens/s x training FLOPs per token (6N + attention, as jaxgpt.train logs it) / peak bf16
-# FLOP/s of the device (989 TFLOP/s dense for H100/H200 SXM; override with PEAK_FLOPS).
+# FLOP/s of the device (989 TFLOP/s dense for H100/H200 SXM; override with PEAK_FLOPS). Tokens/s
+# are timed twice: steps dispatched back to back as jaxgpt.train runs them (the headline), and
+# waiting for each step (which adds the host's dispatch to every step).
 # Results: printed, and written to $RESULTS (default bench_gpu.json); record them in docs/benchmarks.md
 # (current numbers) and docs/benchmarks-history.md (the run's details).
 set -euo pipefail
