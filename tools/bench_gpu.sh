@@ -8,7 +8,8 @@
 #   bash tools/bench_gpu.sh --gpu-variants 5,8,9  # more tools/bench.py options: here three of GPU_VARIANTS only
 #
 # Needs a CUDA build of jax (pip install "jaxgpt[cuda]") and, for the PyTorch side, a CUDA torch.
-# First tools/check_gpu.py (versions; cuDNN attention against jaxgpt's own on the device), then
+# First tools/check_gpu.py (versions; jaxgpt's Pallas kernels against float32 math, cuDNN attention
+# against jaxgpt's own, the kernels against XLA's fusions in a small model, all on the device), then
 # tools/bench.py --gpu: each jaxgpt variant (attention einsum / cudnn, vocab padding, with and
 # without a packing mask) in its own process, then torch.
 # MFU = tokens/s x training FLOPs per token (6N + attention, as jaxgpt.train logs it) / peak bf16
