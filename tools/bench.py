@@ -166,6 +166,12 @@ def worker_train_jax(a: dict) -> dict:
             pending = m
         float(pending["loss"])
         pipelined = (time.perf_counter() - t0) / a["steps"]
+        # The same steps with nothing read back until the last: what the device alone sustains.
+        t0 = time.perf_counter()
+        for i in range(a["warmup"], a["warmup"] + a["steps"]):
+            state, m = step(state, batches[i], rng)
+        float(m["loss"])
+        back_to_back = (time.perf_counter() - t0) / a["steps"]
     profile = None
     if a.get("profile_dir"):  # --profile: trace two more steps and summarise the device's kernels
         from trace_summary import summarize
@@ -185,7 +191,8 @@ def worker_train_jax(a: dict) -> dict:
     fpt = flops_per_token(gcfg, n_params, t)
     out.update(flops_per_token=fpt, n_params=n_params)
     if pipelined:
-        out.update(step_s_pipelined=pipelined, tokens_per_s_pipelined=b * t / pipelined)
+        out.update(step_s_pipelined=pipelined, tokens_per_s_pipelined=b * t / pipelined,
+                   step_s_no_readback=back_to_back)
     if a.get("peak_flops"):
         out["mfu"] = out["tokens_per_s"] * fpt / (a["peak_flops"] * len(jax.devices()))
         if pipelined:

@@ -151,6 +151,10 @@ def best(results: dict, prefix: str, key: str = "fwd_bwd_us"):
 
 def child(spec: dict) -> None:
     """One train-step variant in this process: spec = worker args + tilings + patches."""
+    import os
+
+    if "xla_flags" in spec:  # before jax starts
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + spec.pop("xla_flags")).strip()
     import bench
     import jax
 
@@ -234,6 +238,8 @@ def main() -> int:
         ("kernels: xla, packed", {"kernels": "xla"}),
         ("kernels: pallas, LayerNorm only, packed", {**pallas, "xla_gelu": True}),
         ("kernels: pallas, GELU only, packed", {**pallas, "xla_ln": True}),
+        # Where do the ~2.5 ms between the trace's busy time and the pipelined step go?
+        ("kernels: pallas, packed, no command buffers", {**pallas, "xla_flags": "--xla_gpu_enable_command_buffer="}),
     ]
     variants = [variants[int(i)] for i in args.variants.split(",")]
     res["steps"] = {}
@@ -245,7 +251,8 @@ def main() -> int:
             print(f"step {label}: {r['error']}", flush=True)
             continue
         print(f"step {label}: pipelined {r['tokens_per_s_pipelined']:,.0f} tok/s, MFU {100 * r.get('mfu_pipelined', 0):.1f}%, "
-              f"step {r['step_s_pipelined'] * 1e3:.1f} ms; waiting for each step: "
+              f"step {r['step_s_pipelined'] * 1e3:.1f} ms (nothing read back: {r['step_s_no_readback'] * 1e3:.1f} ms); "
+              f"waiting for each step: "
               f"{r['tokens_per_s']:,.0f} tok/s, MFU {100 * r.get('mfu', 0):.1f}%, step "
               f"{r['step_s'] * 1e3:.1f} ms (min {1e3 * min(r.get('step_times_s', [r['step_s']])):.1f}), "
               f"loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}, peak {r.get('peak_device_mb', 0):,.0f} MiB, "
