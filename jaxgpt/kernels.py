@@ -11,6 +11,8 @@ With these kernels: 1.067x the step's tokens/s in the same run (docs/benchmarks-
 - ``layer_norm``: the forward normalises a few rows per program, held in registers; the backward
   recomputes the statistics from x and writes dx, plus each program's partial sums of the scale and
   bias gradients, which XLA adds up. LayerNorm forward + backward alone: 159 us against 351.
+  ``add_layer_norm`` takes the residual add before it into the same kernels (each block's second
+  LayerNorm; not measured on a GPU yet: ``tools/probe_kernels_gpu.py --variants 0,7``).
 - ``bias_gelu``: ``gelu_tanh(y + bias)`` from the product ``y``; its backward recomputes GELU from
   ``y`` (nothing is stored but ``y``, as ``jax.checkpoint`` did) and writes the gradient plus the
   bias gradient's partial sums. In the step: 3.3 ms against 4.4.
@@ -80,25 +82,41 @@ def _call(kernel, grid, out_shape, warps, name, interpret, *args, stages=1):
 
 # ----------------------------------------------------------------------------- LayerNorm
 
-def _ln_stats(x_ref, r, c, n, m, eps):
-    """Rows ``r`` of x, centred in float32 (zero outside ``m``), and their 1 / std."""
-    x = _block(x_ref, r, c, m)
+def _ln_stats(x, n, m, eps):
+    """A float32 block of rows: centred (zero outside ``m``), and the rows' 1 / std."""
     mean = jnp.sum(x, axis=1, keepdims=True) / n
     xc = jnp.where(m, x - mean, 0.0)
     return xc, jax.lax.rsqrt(jnp.sum(xc * xc, axis=1, keepdims=True) / n + eps)
 
 
-def _ln_forward_kernel(x_ref, w_ref, b_ref, y_ref, *, eps, rows, cols):
+def _ln_forward_kernel(*refs, eps, rows, cols, add):
+    """y = LayerNorm(x); with ``add``, s = x + delta (rounded to x's dtype, as the unfused add) and
+    y = LayerNorm(s), both written."""
+    if add:
+        x_ref, d_ref, w_ref, b_ref, s_ref, y_ref = refs
+    else:
+        x_ref, w_ref, b_ref, y_ref = refs
     n_rows, n = x_ref.shape
     r = pl.program_id(0) * rows + jnp.arange(rows)
     c = jnp.arange(cols)
     cm = c < n
     m = (r < n_rows)[:, None] & cm[None, :]
-    xc, rstd = _ln_stats(x_ref, r, c, n, m, eps)
+    x = _block(x_ref, r, c, m)
+    if add:
+        x = (x + _block(d_ref, r, c, m)).astype(s_ref.dtype)
+        _store(s_ref, r, c, m, x)
+        x = x.astype(jnp.float32)
+    xc, rstd = _ln_stats(x, n, m, eps)
     _store(y_ref, r, c, m, xc * rstd * _vector(w_ref, c, cm)[None, :] + _vector(b_ref, c, cm)[None, :])
 
 
-def _ln_backward_kernel(x_ref, w_ref, dy_ref, dx_ref, dw_ref, db_ref, *, eps, rows, cols, blocks):
+def _ln_backward_kernel(*refs, eps, rows, cols, blocks, add):
+    """dx (plus the incoming gradient of s, with ``add``), and each program's partial sums of the
+    scale and bias gradients."""
+    if add:
+        x_ref, w_ref, dy_ref, ds_ref, dx_ref, dw_ref, db_ref = refs
+    else:
+        x_ref, w_ref, dy_ref, dx_ref, dw_ref, db_ref = refs
     n_rows, n = x_ref.shape
     g = pl.program_id(0)
     c = jnp.arange(cols)
@@ -108,13 +126,14 @@ def _ln_backward_kernel(x_ref, w_ref, dy_ref, dx_ref, dw_ref, db_ref, *, eps, ro
     def block(j, acc):
         r = (g * blocks + j) * rows + jnp.arange(rows)
         m = (r < n_rows)[:, None] & cm[None, :]
-        xc, rstd = _ln_stats(x_ref, r, c, n, m, eps)
+        xc, rstd = _ln_stats(_block(x_ref, r, c, m), n, m, eps)
         xhat = xc * rstd
         dy = _block(dy_ref, r, c, m)
         wdy = dy * w[None, :]
         c1 = jnp.sum(xhat * wdy, axis=1, keepdims=True) / n
         c2 = jnp.sum(wdy, axis=1, keepdims=True) / n
-        _store(dx_ref, r, c, m, (wdy - xhat * c1 - c2) * rstd)
+        dx = (wdy - xhat * c1 - c2) * rstd
+        _store(dx_ref, r, c, m, dx + _block(ds_ref, r, c, m) if add else dx)
         return acc[0] + jnp.sum(dy * xhat, axis=0), acc[1] + jnp.sum(dy, axis=0)
 
     zeros = jnp.zeros((cols,), jnp.float32)
@@ -123,11 +142,33 @@ def _ln_backward_kernel(x_ref, w_ref, dy_ref, dx_ref, dw_ref, db_ref, *, eps, ro
     plgpu.store(db_ref.at[g * n + c], db, mask=cm)
 
 
+def _ln_forward(x2, delta2, scale, bias, eps, interpret):
+    """LayerNorm of x2 (of x2 + delta2 unless delta2 is None): y, or (s, y)."""
+    add = delta2 is not None
+    kernel = functools.partial(_ln_forward_kernel, eps=eps, rows=LN_ROWS, cols=_pow2(x2.shape[1]), add=add)
+    out = jax.ShapeDtypeStruct(x2.shape, x2.dtype)
+    return _call(kernel, (pl.cdiv(x2.shape[0], LN_ROWS),), (out, out) if add else out, LN_WARPS,
+                 "jaxgpt_add_layer_norm" if add else "jaxgpt_layer_norm", interpret,
+                 *((x2, delta2) if add else (x2,)), scale, bias)
+
+
+def _ln_backward(x2, scale, bias, dy2, ds2, interpret, eps):
+    """(dx [+ ds2], dscale, dbias) of LayerNorm at x2."""
+    add = ds2 is not None
+    programs = pl.cdiv(x2.shape[0], LN_ROWS * LN_BLOCKS)
+    kernel = functools.partial(_ln_backward_kernel, eps=eps, rows=LN_ROWS, cols=_pow2(x2.shape[1]),
+                               blocks=LN_BLOCKS, add=add)
+    partial = jax.ShapeDtypeStruct((programs * x2.shape[1],), jnp.float32)
+    dx, dw, db = _call(kernel, (programs,), (jax.ShapeDtypeStruct(x2.shape, x2.dtype), partial, partial),
+                       LN_WARPS, "jaxgpt_add_layer_norm_backward" if add else "jaxgpt_layer_norm_backward",
+                       interpret, x2, scale, dy2, *((ds2,) if add else ()), stages=LN_STAGES)
+    dw, db = (p.reshape(programs, -1).sum(0) for p in (dw, db))
+    return dx, dw.astype(scale.dtype), db.astype(bias.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _layer_norm(x2, scale, bias, eps, interpret):
-    kernel = functools.partial(_ln_forward_kernel, eps=eps, rows=LN_ROWS, cols=_pow2(x2.shape[1]))
-    return _call(kernel, (pl.cdiv(x2.shape[0], LN_ROWS),), jax.ShapeDtypeStruct(x2.shape, x2.dtype),
-                 LN_WARPS, "jaxgpt_layer_norm", interpret, x2, scale, bias)
+    return _ln_forward(x2, None, scale, bias, eps, interpret)
 
 
 def _layer_norm_fwd(x2, scale, bias, eps, interpret):
@@ -135,23 +176,48 @@ def _layer_norm_fwd(x2, scale, bias, eps, interpret):
 
 
 def _layer_norm_bwd(eps, interpret, res, dy2):
-    x2, scale, bias = res
-    programs = pl.cdiv(x2.shape[0], LN_ROWS * LN_BLOCKS)
-    kernel = functools.partial(_ln_backward_kernel, eps=eps, rows=LN_ROWS, cols=_pow2(x2.shape[1]), blocks=LN_BLOCKS)
-    partial = jax.ShapeDtypeStruct((programs * x2.shape[1],), jnp.float32)
-    dx, dw, db = _call(kernel, (programs,), (jax.ShapeDtypeStruct(x2.shape, x2.dtype), partial, partial),
-                       LN_WARPS, "jaxgpt_layer_norm_backward", interpret, x2, scale, dy2, stages=LN_STAGES)
-    dw, db = (p.reshape(programs, -1).sum(0) for p in (dw, db))
-    return dx, dw.astype(scale.dtype), db.astype(bias.dtype)
+    return _ln_backward(*res, dy2, None, interpret, eps)
 
 
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _add_layer_norm(x2, delta2, scale, bias, eps, interpret):
+    return _ln_forward(x2, delta2, scale, bias, eps, interpret)
+
+
+def _add_layer_norm_fwd(x2, delta2, scale, bias, eps, interpret):
+    s, y = _add_layer_norm(x2, delta2, scale, bias, eps, interpret)
+    return (s, y), (s, scale, bias)
+
+
+def _add_layer_norm_bwd(eps, interpret, res, cotangents):
+    ds2, dy2 = cotangents
+    dx, dw, db = _ln_backward(*res, dy2, ds2, interpret, eps)
+    return dx, dx, dw, db  # x and delta get the same gradient: that of s
+
+
+_add_layer_norm.defvjp(_add_layer_norm_fwd, _add_layer_norm_bwd)
 
 
 def layer_norm(x, scale, bias, eps: float, *, interpret: bool = False):
     """``reference_layer_norm`` as the fused kernels (and their VJP); x [..., E], scale and bias
     [E]. ``interpret`` runs them in Pallas' interpreter (any backend: the tests)."""
     return _layer_norm(x.reshape(-1, x.shape[-1]), scale, bias, eps, interpret).reshape(x.shape)
+
+
+def reference_add_layer_norm(x, delta, scale, bias, eps: float):
+    """(x + delta, LayerNorm(x + delta)): a residual add and the LayerNorm after it."""
+    s = x + delta
+    return s, reference_layer_norm(s, scale, bias, eps)
+
+
+def add_layer_norm(x, delta, scale, bias, eps: float, *, interpret: bool = False):
+    """``reference_add_layer_norm`` as one kernel each way: the forward writes s and y in one pass,
+    the backward adds s's incoming gradient to LayerNorm's. x and delta [..., E], the same dtype."""
+    s, y = _add_layer_norm(x.reshape(-1, x.shape[-1]), delta.reshape(-1, x.shape[-1]), scale, bias, eps, interpret)
+    return s.reshape(x.shape), y.reshape(x.shape)
 
 
 # ----------------------------------------------------------------------------- bias + GELU

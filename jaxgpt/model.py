@@ -390,6 +390,11 @@ class LayerNorm(nnx.Module):
         norm = kernels.layer_norm if self.fused else kernels.reference_layer_norm
         return norm(x, self.scale[...], self.bias[...], self.eps)
 
+    def add_norm(self, x, delta):
+        """(x + delta, LayerNorm(x + delta)): a residual add and this LayerNorm, one kernel each way when fused."""
+        add_norm = kernels.add_layer_norm if self.fused else kernels.reference_add_layer_norm
+        return add_norm(x, delta, self.scale[...], self.bias[...], self.eps)
+
 
 class Attention(nnx.Module):
     """Causal self-attention with a fused QKV projection (HF ``c_attn``)."""
@@ -531,8 +536,8 @@ class Block(nnx.Module):
 
     def __call__(self, x, mask, layer_cache=None, cache_index=None, constrain=_no_constraint):
         a, layer_cache = self.attn(self.ln_1(x), mask, layer_cache, cache_index, constrain)
-        x = x + a
-        x = x + self.mlp(self.ln_2(x), constrain)
+        x, h = self.ln_2.add_norm(x, a)
+        x = x + self.mlp(h, constrain)
         # The residual stream: split over the batch, whole along embed (FSDP gathers weights, not activations).
         return constrain(x, "batch", "seq", None), layer_cache
 

@@ -48,6 +48,30 @@ def test_layer_norm_kernels_match_float32_math(dtype, width):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_add_layer_norm_kernels_match_float32_math(dtype):
+    """The residual add fused into LayerNorm: s = x + delta and LayerNorm(s), and the gradient of
+    both inputs, that of s plus LayerNorm's."""
+    k = jax.random.split(jax.random.key(4), 6)
+    x, delta = ((jax.random.normal(k[i], (2, 35, 96)) * 2).astype(dtype) for i in (0, 1))
+    scale, bias = 1 + 0.2 * jax.random.normal(k[2], (96,)), 0.2 * jax.random.normal(k[3], (96,))
+    ds, dy = (jax.random.normal(k[i], x.shape).astype(dtype) for i in (4, 5))
+    f32 = lambda *a: [v.astype(jnp.float32) for v in a]
+
+    def run(fn, cast):
+        (s, y), vjp = jax.vjp(fn, x, delta, scale, bias)
+        return (s, y), vjp(tuple(cast(ds, dy)))
+
+    truth = run(lambda x, d, s, b: kernels.reference_add_layer_norm(*f32(x, d), s, b, EPS), f32)
+    got = run(lambda x, d, s, b: kernels.add_layer_norm(x, d, s, b, EPS, interpret=True), lambda *a: a)
+    assert [v.dtype for v in got[0]] == [dtype, dtype]
+    tol = 1e-5 if dtype == jnp.float32 else 8e-3
+    for a, b in zip(got[0] + got[1][:2], truth[0] + truth[1][:2]):  # s, y, dx, ddelta
+        assert rel_err(a, b) <= tol
+    for a, b in zip(got[1][2:], truth[1][2:]):  # the scale and bias gradients
+        assert rel_err(a, b) <= (1e-5 if dtype == jnp.float32 else 8e-3)  # s rounded to bf16 first
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_bias_gelu_kernels_match_float32_math(dtype):
     k = jax.random.split(jax.random.key(1), 3)
     y = (jax.random.normal(k[0], (3, 23, 600)) * 2).astype(dtype)  # 600 columns: a partial column block
@@ -93,7 +117,7 @@ def test_train_step_with_kernels_matches_xla(tmp_path, monkeypatch):
     fused = {"on": False}
     for module in (model_lib, train):  # the CPU has no Triton: the kernels run in the interpreter
         monkeypatch.setattr(module, "fused_kernels", lambda cfg: fused["on"])
-    for name in ("layer_norm", "bias_gelu", "logsumexp"):
+    for name in ("layer_norm", "add_layer_norm", "bias_gelu", "logsumexp"):
         monkeypatch.setattr(kernels, name, lambda *a, _f=getattr(kernels, name), **kw: _f(*a, **kw, interpret=True))
 
     mesh = sharding.make_mesh((1, 1, 1))

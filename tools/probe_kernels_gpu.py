@@ -162,8 +162,9 @@ def child(spec: dict) -> None:
 
     if jax.default_backend() != "gpu" and spec.get("kernels") == "pallas":  # a dry run: the interpreter
         model.fused_kernels = train.fused_kernels = lambda cfg: cfg.kernels == "pallas"
-        ln, gelu, lse = kernels.layer_norm, kernels.bias_gelu, kernels.logsumexp
+        ln, add_ln, gelu, lse = kernels.layer_norm, kernels.add_layer_norm, kernels.bias_gelu, kernels.logsumexp
         kernels.layer_norm = lambda x, w, b, eps, interpret=False: ln(x, w, b, eps, interpret=True)
+        kernels.add_layer_norm = lambda x, d, w, b, eps, interpret=False: add_ln(x, d, w, b, eps, interpret=True)
         kernels.bias_gelu = lambda y, b, interpret=False: gelu(y, b, interpret=True)
         kernels.logsumexp = lambda x, valid=None, interpret=False: lse(x, valid, interpret=True)
     set_tiling(spec.pop("ln_tiling", None), spec.pop("gelu_tiling", None), spec.pop("approx", None),
@@ -172,6 +173,9 @@ def child(spec: dict) -> None:
         kernels.bias_gelu = lambda y, b, interpret=False: jax.checkpoint(kernels.reference_bias_gelu)(y, b)
     if spec.pop("xla_ln", False):
         kernels.layer_norm = lambda x, w, b, eps, interpret=False: kernels.reference_layer_norm(x, w, b, eps)
+        kernels.add_layer_norm = lambda x, d, w, b, eps, interpret=False: kernels.reference_add_layer_norm(x, d, w, b, eps)
+    if spec.pop("unfused_add", False):  # the residual add by XLA, then the LayerNorm kernel
+        kernels.add_layer_norm = lambda x, d, w, b, eps, interpret=False: (x + d, kernels.layer_norm(x + d, w, b, eps))
     print(bench.RESULT_TAG + json.dumps(bench.worker_train_jax(spec)), flush=True)
 
 
@@ -240,6 +244,7 @@ def main() -> int:
         ("kernels: pallas, GELU only, packed", {**pallas, "xla_ln": True}),
         # Where do the ~2.5 ms between the trace's busy time and the pipelined step go?
         ("kernels: pallas, packed, no command buffers", {**pallas, "xla_flags": "--xla_gpu_enable_command_buffer="}),
+        ("kernels: pallas, packed, residual add not fused into LayerNorm", {**pallas, "unfused_add": True}),
     ]
     variants = [variants[int(i)] for i in args.variants.split(",")]
     res["steps"] = {}
