@@ -562,6 +562,21 @@ GPU_VARIANTS = [
 ]
 
 
+def format_gpu_step(r: dict) -> str:
+    """One GPU train worker's result in a line (and its profile's summary, if it has one)."""
+    line = (f"{r['tokens_per_s_pipelined']:,.0f} tok/s, MFU {100 * r.get('mfu_pipelined', 0):.1f}%, step "
+            f"{r['step_s_pipelined'] * 1e3:.1f} ms as jaxgpt.train runs (nothing read back: "
+            f"{r['step_s_no_readback'] * 1e3:.1f} ms); waiting for each step: {r['tokens_per_s']:,.0f} tok/s, "
+            f"MFU {100 * r.get('mfu', 0):.1f}%, {r['step_s'] * 1e3:.1f} ms; first step after "
+            f"{r['time_to_first_step_s']:.0f} s, peak device memory {r.get('peak_device_mb', float('nan')):,.0f} MiB, "
+            f"loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}")
+    if "profile" in r:
+        from trace_summary import format_summary
+
+        line += "\n" + format_summary(r["profile"])
+    return line
+
+
 def run_gpu(args, work: Path) -> dict:
     """GPT-2 124M at seq 1024 in bfloat16 (float32 master weights) on one accelerator: each
     jaxgpt variant, then PyTorch eager with bf16 autocast, the same weights and batches.
@@ -591,17 +606,7 @@ def run_gpu(args, work: Path) -> dict:
         if "error" in r:
             print(f"  gpu jaxgpt ({label}): {r['error']}", flush=True)
             continue
-        print(f"  gpu {r['device_kind']} jaxgpt ({label}): {r['tokens_per_s_pipelined']:,.0f} tok/s, MFU "
-              f"{100 * r['mfu_pipelined']:.1f}% (peak {args.peak_flops / 1e12:.0f} TFLOP/s), step "
-              f"{r['step_s_pipelined'] * 1e3:.1f} ms as jaxgpt.train runs; waiting for each step: "
-              f"{r['tokens_per_s']:,.0f} tok/s, MFU {100 * r['mfu']:.1f}%, {r['step_s'] * 1e3:.1f} ms; batch {args.batch} x "
-              f"{seq}, first step after {r['time_to_first_step_s']:.0f} s, peak device memory "
-              f"{r.get('peak_device_mb', float('nan')):,.0f} MiB, loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}",
-              flush=True)
-        if "profile" in r:
-            from trace_summary import format_summary
-
-            print(format_summary(r["profile"]), flush=True)
+        print(f"  gpu {r['device_kind']} jaxgpt ({label}), batch {args.batch} x {seq}: {format_gpu_step(r)}", flush=True)
     t = res["torch_eager_autocast"] = run_worker("train_torch", common, timeout=args.worker_timeout)
     save()
     if "error" in t:

@@ -249,23 +249,9 @@ def main() -> int:
     variants = [variants[int(i)] for i in args.variants.split(",")]
     res["steps"] = {}
     for label, extra in variants:
-        r = step_variant(label, {**common, **extra}, args.timeout)
-        res["steps"][label] = r
-        save()
-        if "error" in r:
-            print(f"step {label}: {r['error']}", flush=True)
-            continue
-        print(f"step {label}: pipelined {r['tokens_per_s_pipelined']:,.0f} tok/s, MFU {100 * r.get('mfu_pipelined', 0):.1f}%, "
-              f"step {r['step_s_pipelined'] * 1e3:.1f} ms (nothing read back: {r['step_s_no_readback'] * 1e3:.1f} ms); "
-              f"waiting for each step: "
-              f"{r['tokens_per_s']:,.0f} tok/s, MFU {100 * r.get('mfu', 0):.1f}%, step "
-              f"{r['step_s'] * 1e3:.1f} ms (min {1e3 * min(r.get('step_times_s', [r['step_s']])):.1f}), "
-              f"loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}, peak {r.get('peak_device_mb', 0):,.0f} MiB, "
-              f"first step after {r['time_to_first_step_s']:.0f} s", flush=True)
-        if "profile" in r:
-            from trace_summary import format_summary
-
-            print(format_summary(r["profile"]), flush=True)
+        r = res["steps"][label] = step_variant(label, {**common, **extra}, args.timeout)
+        save()  # after every variant: a killed probe keeps what it measured
+        print(f"step {label}: {r['error'] if 'error' in r else bench.format_gpu_step(r)}", flush=True)
     return 0
 
 
