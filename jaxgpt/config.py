@@ -386,6 +386,9 @@ def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> tuple[int
                           "(attention=auto picks it only where it applies)")
     if cfg.model.kernels not in ("auto", "xla", "pallas"):
         raise ConfigError(f"model.kernels={cfg.model.kernels!r}: choose from auto, xla, pallas")
+    if cfg.model.kernels == "pallas" and num_devices > 1:
+        raise ConfigError(f"model.kernels=pallas runs on one device (its kernels have no sharding rule), and this "
+                          f"run has {num_devices}: use model.kernels=auto (XLA's fusions on several devices) or xla")
     if cfg.model.remat not in (True, False, "auto", "none", "minimal", "full"):
         raise ConfigError(f"model.remat={cfg.model.remat!r}: choose from auto, none, minimal, full (or true / false)")
     if cfg.model.loss_chunks is not None and (cfg.model.loss_chunks < 1 or cfg.data.seq_len % cfg.model.loss_chunks):

@@ -560,7 +560,7 @@ def train(cfg: Config) -> TrainResult:
     rows = t.batch_size // t.grad_accum * cfg.data.seq_len  # one micro-batch's positions (what the model sees)
     logger.print(f"model: {gcfg.dtype} compute, {gcfg.param_dtype} weights, attention {attention_implementation(gcfg)}, "
                  f"blocks {'scanned' if scan_blocks(gcfg, rows) else 'unrolled'}, remat {remat_policy(gcfg, rows)}, "
-                 f"loss in {loss_chunks(gcfg, cfg.data.seq_len)} chunk(s)"
+                 f"loss in {loss_chunks(gcfg, cfg.data.seq_len)} chunk(s), kernels {'pallas' if fused_kernels(gcfg) else 'xla'}"
                  + (f", host malloc: {host_memory.describe()}" if jax.default_backend() == "cpu" else ""))
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)

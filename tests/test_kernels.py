@@ -164,5 +164,9 @@ def test_kernels_setting(monkeypatch):
         fused_kernels(cfg.replace(kernels="pallas"))
     run = Config()
     run.model.kernels = "triton"
-    with pytest.raises(ConfigError, match="model.kernels"):
+    with pytest.raises(ConfigError, match="model.kernels='triton'"):
         validate(run, 1)
+    run.model.kernels = "pallas"
+    validate(run, 1)
+    with pytest.raises(ConfigError, match="model.kernels=pallas runs on one device"):
+        validate(run, 8)
