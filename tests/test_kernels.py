@@ -104,10 +104,12 @@ def test_one_pass_logsumexp_of_the_loss():
     np.testing.assert_allclose(jax.jit(_logsumexp)(x), jax.nn.logsumexp(x[:, :900], axis=-1), rtol=1e-6)
 
 
-def test_train_step_with_kernels_matches_xla(tmp_path, monkeypatch):
+@pytest.mark.parametrize("model", [{}, {"scan_layers": True, "remat": "full"}], ids=["unrolled", "scanned-remat"])
+def test_train_step_with_kernels_matches_xla(tmp_path, monkeypatch, model):
     """jaxgpt.train.loss_terms on a packed batch, the model built with the kernels (in the
-    interpreter) and without, the same weights: loss and every parameter gradient agree in float32.
-    The loss runs in 2 chunks, so its log-sum-exp kernel runs too."""
+    interpreter) and without, the same weights: loss and every parameter gradient agree in float32,
+    with the blocks unrolled, and scanned and recomputed in the backward. The loss runs in 2 chunks,
+    so its log-sum-exp kernel runs too."""
     from flax import nnx
 
     from jaxgpt import model as model_lib
@@ -121,7 +123,7 @@ def test_train_step_with_kernels_matches_xla(tmp_path, monkeypatch):
         monkeypatch.setattr(kernels, name, lambda *a, _f=getattr(kernels, name), **kw: _f(*a, **kw, interpret=True))
 
     mesh = sharding.make_mesh((1, 1, 1))
-    cfg = tiny_config(tmp_path, model={"loss_chunks": 2, "vocab_multiple": 64})
+    cfg = tiny_config(tmp_path, model={"loss_chunks": 2, "vocab_multiple": 64, **model})
     tok = train.load_tokenizer_for(cfg)
     rows, _ = build_datasets(cfg.data, tok)
     batch = {k: jnp.asarray(v) for k, v in rows.batch(range(4)).items()}
