@@ -55,7 +55,7 @@ class ModelConfig:
     scan_layers: bool | None = _f(None, "run the blocks as one lax.scan: compile time independent of depth, less memory; null = on, except on a GPU (unrolled is faster there) and on a CPU for micro-batches of at most 2,048 positions (unrolled is faster there)")
     attention: str = _f("auto", "auto (cudnn on a GPU in bf16/fp16 without dropout, else einsum) | einsum (jaxgpt's own) | cudnn (fused flash attention) | xla")
     dropout: float = _f(0.0, "dropout rate on embeddings, attention and residuals (0 = off)")
-    kernels: str = _f("auto", "LayerNorm, bias + GELU and the chunked loss's log-sum-exp: xla (jax.numpy, fused by XLA) | pallas (jaxgpt.kernels' Pallas kernels: one NVIDIA GPU) | auto (pallas on one GPU in bf16 / fp16, else xla)")
+    kernels: str = _f("auto", "LayerNorm, bias + GELU and the chunked loss's log-sum-exp: xla (jax.numpy, fused by XLA) | pallas (jaxgpt.kernels' Pallas kernels: one NVIDIA GPU) | auto (pallas on one NVIDIA GPU, A100 or later, in bf16 / fp16, else xla)")
     loss_chunks: int | None = _f(None, "compute the LM head + cross-entropy in this many sequence chunks, never holding the whole [batch, seq, vocab] logits (less memory; data.seq_len must divide by it); null = 8 on a GPU (faster there), 1 elsewhere")
 
 

@@ -140,9 +140,10 @@ def attention_implementation(cfg: "GPT2Config") -> str:
 
 # LayerNorm, the MLP's bias + GELU and the chunked loss's log-sum-exp. "xla": jax.numpy, fused by
 # XLA. "pallas": jaxgpt.kernels' Pallas (Triton) kernels: NVIDIA GPUs, one device (they have no
-# sharding rule: XLA would run them whole on every device). "auto": "pallas" on one GPU with bf16 /
-# fp16 compute (GPT-2 124M at 32 x 1024 on an H200: 1.067x the tokens/s on packed rows, in the same
-# run; 1.06x without the packing mask; docs/benchmarks-history.md), else "xla".
+# sharding rule: XLA would run them whole on every device). "auto": "pallas" on one NVIDIA GPU of
+# compute capability 8.0 or more (A100 and later: measured on an H200 only) with bf16 / fp16 compute
+# (GPT-2 124M at 32 x 1024 on an H200: 1.067x the tokens/s on packed rows, in the same run; 1.06x
+# without the packing mask; docs/benchmarks-history.md), else "xla".
 KERNELS = ("auto", "xla", "pallas")
 
 
@@ -153,8 +154,16 @@ def fused_kernels(cfg: "GPT2Config") -> bool:
         raise ValueError(f"kernels='pallas' runs on one NVIDIA GPU (here: {jax.device_count()} "
                          f"{jax.default_backend()} device(s)); use kernels='xla' or 'auto'")
     if cfg.kernels == "auto":
-        return gpu and one and cfg.dtype != "float32"
+        return gpu and one and cfg.dtype != "float32" and _compute_capability() >= (8, 0)
     return cfg.kernels == "pallas"
+
+
+def _compute_capability() -> tuple[int, ...]:
+    """The first device's CUDA compute capability, e.g. (9, 0); () where it has none (a CPU, a ROCm GPU)."""
+    try:
+        return tuple(int(v) for v in str(getattr(jax.devices()[0], "compute_capability", "")).split("."))
+    except ValueError:  # "" or not "major.minor"
+        return ()
 
 
 # What the backward pass recomputes. "none": every activation is kept. "full": each block is

@@ -156,6 +156,9 @@ def test_kernels_setting(monkeypatch):
     with pytest.raises(ValueError, match="kernels='triton'"):
         cfg.replace(kernels="triton")
     monkeypatch.setattr(model_lib.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(model_lib, "_compute_capability", lambda: (7, 0))  # a V100: auto keeps XLA's
+    assert fused_kernels(cfg) is False
+    monkeypatch.setattr(model_lib, "_compute_capability", lambda: (9, 0))  # an H100 / H200
     assert fused_kernels(cfg) is True
     assert fused_kernels(cfg.replace(dtype="float32")) is False
     assert fused_kernels(cfg.replace(dtype="float32", kernels="pallas")) is True
