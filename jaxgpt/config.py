@@ -55,7 +55,7 @@ class ModelConfig:
     scan_layers: bool | None = _f(None, "run the blocks as one lax.scan: compile time independent of depth, less memory; null = on, except on a GPU (unrolled is faster there) and on a CPU for micro-batches of at most 2,048 positions (unrolled is faster there)")
     attention: str = _f("auto", "auto (cudnn on a GPU in bf16/fp16 without dropout, else einsum) | einsum (jaxgpt's own) | cudnn (fused flash attention) | xla")
     dropout: float = _f(0.0, "dropout rate on embeddings, attention and residuals (0 = off)")
-    kernels: str = _f("auto", "LayerNorm, bias + GELU and the chunked loss's log-sum-exp: xla (jax.numpy, fused by XLA) | pallas (jaxgpt.kernels' Pallas kernels: one NVIDIA GPU) | auto (pallas on one NVIDIA GPU, A100 or later, in bf16 / fp16, else xla)")
+    kernels: str = _f("auto", "LayerNorm, bias + GELU and the chunked loss's log-sum-exp: xla (jax.numpy, fused by XLA) | pallas (jaxgpt.kernels' Pallas kernels: NVIDIA GPUs) | auto (pallas on NVIDIA GPUs, A100 or later, in bf16 / fp16, else xla)")
     loss_chunks: int | None = _f(None, "compute the LM head + cross-entropy in this many sequence chunks, never holding the whole [batch, seq, vocab] logits (less memory; data.seq_len must divide by it); null = 8 on a GPU (faster there), 1 elsewhere")
 
 
@@ -386,9 +386,6 @@ def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> tuple[int
                           "(attention=auto picks it only where it applies)")
     if cfg.model.kernels not in ("auto", "xla", "pallas"):
         raise ConfigError(f"model.kernels={cfg.model.kernels!r}: choose from auto, xla, pallas")
-    if cfg.model.kernels == "pallas" and num_devices > 1:
-        raise ConfigError(f"model.kernels=pallas runs on one device (its kernels have no sharding rule), and this "
-                          f"run has {num_devices}: use model.kernels=auto (XLA's fusions on several devices) or xla")
     if cfg.model.remat not in (True, False, "auto", "none", "minimal", "full"):
         raise ConfigError(f"model.remat={cfg.model.remat!r}: choose from auto, none, minimal, full (or true / false)")
     if cfg.model.loss_chunks is not None and (cfg.model.loss_chunks < 1 or cfg.data.seq_len % cfg.model.loss_chunks):

@@ -1,6 +1,7 @@
 """GPU kernels (Pallas on Triton) for the train step's elementwise work: LayerNorm and the MLP's
 bias + GELU (each a forward and a backward kernel under a ``jax.custom_vjp``), and the chunked
-loss's log-sum-exp. The model uses them with ``model.kernels`` (by default on one GPU in bf16).
+loss's log-sum-exp. The model uses them with ``model.kernels`` (by default on NVIDIA GPUs in bf16;
+on a mesh of several devices, per shard: ``on_mesh``).
 
 Why: on an H200, GPT-2 124M's step at 32 x 1024 spent ~23 ms of 72 outside matmuls and attention.
 XLA:GPU ran each LayerNorm in four passes, plus a float32 [B, T, E] intermediate in the backward
@@ -25,6 +26,8 @@ what the tests compare the kernels with, in Pallas' interpreter on a CPU (``inte
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 
@@ -32,6 +35,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import PartitionSpec as P
+
+from jaxgpt import sharding
 
 # Tiling, for GPT-2's widths: rows per block, blocks per backward program, Triton warps and
 # pipeline stages (picked on an H200 by tools/probe_kernels_gpu.py: docs/benchmarks-history.md).
@@ -78,6 +84,47 @@ def _vector(ref, c, cm):
 def _call(kernel, grid, out_shape, warps, name, interpret, *args, stages=1):
     return pl.pallas_call(kernel, grid=grid, out_shape=out_shape, name=name, interpret=interpret,
                           compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages))(*args)
+
+
+# ----------------------------------------------------------------------------- devices
+
+_MESH = contextvars.ContextVar("jaxgpt_kernels_mesh", default=None)
+
+
+@contextlib.contextmanager
+def on_mesh(mesh):
+    """Within it, on a mesh of several devices, the kernels run on each device's shard
+    (``jax.shard_map``: rows split as the batch, the MLP's columns as its hidden units; the scale
+    and bias gradients summed over the shards). jaxgpt.train traces its step inside it. Without
+    it, several devices run the jax.numpy references: the kernels have no sharding rule of their
+    own, and XLA would run each whole on every device."""
+    token = _MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _MESH.reset(token)
+
+
+def _per_device(run, reference, args, in_axes, out_axes):
+    """``run(*args)`` on one device; on each shard under ``on_mesh``; ``reference(*args)`` on
+    several devices without a mesh. ``in_axes`` / ``out_axes``: each argument's and output's
+    logical axis names (jaxgpt.sharding.RULES); a dimension its mesh axes do not divide is whole."""
+    mesh = _MESH.get()
+    if mesh is None or mesh.size == 1:
+        return reference(*args) if mesh is None and jax.device_count() > 1 else run(*args)
+    spec = lambda axes, shape: sharding.logical_to_spec(axes, shape, mesh)
+    in_specs = tuple(spec(a, x.shape) for a, x in zip(in_axes, args))
+    out_shapes = jax.eval_shape(run, *args)
+    out_specs = (tuple(spec(a, s.shape) for a, s in zip(out_axes, out_shapes)) if isinstance(out_shapes, tuple)
+                 else spec(out_axes, out_shapes.shape))
+    # check_vma=False: pallas_call declares no varying-axes types; the replicated inputs' gradients
+    # are still summed over the shards (tests/test_kernels.py checks them on a 2x2x2 mesh).
+    return jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+
+
+def _rows(x) -> tuple:
+    """Logical axes of an activation [batch, seq..., features]: rows as the batch."""
+    return ("batch",) + ("seq",) * (x.ndim - 2) + (None,)
 
 
 # ----------------------------------------------------------------------------- LayerNorm
@@ -204,7 +251,11 @@ _add_layer_norm.defvjp(_add_layer_norm_fwd, _add_layer_norm_bwd)
 def layer_norm(x, scale, bias, eps: float, *, interpret: bool = False):
     """``reference_layer_norm`` as the fused kernels (and their VJP); x [..., E], scale and bias
     [E]. ``interpret`` runs them in Pallas' interpreter (any backend: the tests)."""
-    return _layer_norm(x.reshape(-1, x.shape[-1]), scale, bias, eps, interpret).reshape(x.shape)
+    def run(x, scale, bias):
+        return _layer_norm(x.reshape(-1, x.shape[-1]), scale, bias, eps, interpret).reshape(x.shape)
+
+    return _per_device(run, functools.partial(reference_layer_norm, eps=eps), (x, scale, bias),
+                       (_rows(x), (None,), (None,)), _rows(x))
 
 
 def reference_add_layer_norm(x, delta, scale, bias, eps: float):
@@ -216,8 +267,13 @@ def reference_add_layer_norm(x, delta, scale, bias, eps: float):
 def add_layer_norm(x, delta, scale, bias, eps: float, *, interpret: bool = False):
     """``reference_add_layer_norm`` as one kernel each way: the forward writes s and y in one pass,
     the backward adds s's incoming gradient to LayerNorm's. x and delta [..., E], the same dtype."""
-    s, y = _add_layer_norm(x.reshape(-1, x.shape[-1]), delta.reshape(-1, x.shape[-1]), scale, bias, eps, interpret)
-    return s.reshape(x.shape), y.reshape(x.shape)
+    def run(x, delta, scale, bias):
+        s, y = _add_layer_norm(x.reshape(-1, x.shape[-1]), delta.reshape(-1, x.shape[-1]), scale, bias, eps,
+                               interpret)
+        return s.reshape(x.shape), y.reshape(x.shape)
+
+    return _per_device(run, functools.partial(reference_add_layer_norm, eps=eps), (x, delta, scale, bias),
+                       (_rows(x), _rows(x), (None,), (None,)), (_rows(x), _rows(x)))
 
 
 # ----------------------------------------------------------------------------- bias + GELU
@@ -285,7 +341,11 @@ _bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
 
 def bias_gelu(y, bias, *, interpret: bool = False):
     """``reference_bias_gelu`` as the fused kernels (and their VJP); y [..., N], bias [N]."""
-    return _bias_gelu(y.reshape(-1, y.shape[-1]), bias, interpret).reshape(y.shape)
+    def run(y, bias):
+        return _bias_gelu(y.reshape(-1, y.shape[-1]), bias, interpret).reshape(y.shape)
+
+    axes = _rows(y)[:-1] + ("mlp",)  # tensor parallelism splits the hidden units: columns are independent
+    return _per_device(run, reference_bias_gelu, (y, bias), (axes, ("mlp",)), axes)
 
 
 # ----------------------------------------------------------------------------- log-sum-exp
@@ -313,8 +373,20 @@ def logsumexp(x, valid: int | None = None, *, interpret: bool = False):
     on count as -inf: the head's padding rows), one pass over x: each program keeps a running
     maximum and the sum rescaled to it while it reads its rows in tiles. No VJP (the chunked loss
     derives its gradients itself)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    kernel = functools.partial(_lse_kernel, rows=LSE_ROWS, cols=LSE_COLS, valid=valid or x.shape[-1])
-    out = _call(kernel, (pl.cdiv(x2.shape[0], LSE_ROWS),), jax.ShapeDtypeStruct(x2.shape[:1], jnp.float32),
-                LSE_WARPS, "jaxgpt_logsumexp", interpret, x2, stages=LSE_STAGES)
-    return out.reshape(x.shape[:-1])
+    valid = valid or x.shape[-1]
+
+    def run(x):
+        x2 = x.reshape(-1, x.shape[-1])
+        kernel = functools.partial(_lse_kernel, rows=LSE_ROWS, cols=LSE_COLS, valid=valid)
+        out = _call(kernel, (pl.cdiv(x2.shape[0], LSE_ROWS),), jax.ShapeDtypeStruct(x2.shape[:1], jnp.float32),
+                    LSE_WARPS, "jaxgpt_logsumexp", interpret, x2, stages=LSE_STAGES)
+        return out.reshape(x.shape[:-1])
+
+    def reference(x):
+        return jax.nn.logsumexp(jnp.where(jnp.arange(x.shape[-1]) < valid, x, -jnp.inf), axis=-1)
+
+    mesh = _MESH.get()
+    if mesh is not None and sharding.logical_to_spec(("vocab",), x.shape[-1:], mesh) != P(None):
+        return reference(x)  # the vocabulary split over devices: each row's sum spans them
+    rows = _rows(x)[:-1]
+    return _per_device(run, reference, (x,), (rows + (None,),), rows)

@@ -139,22 +139,23 @@ def attention_implementation(cfg: "GPT2Config") -> str:
 
 
 # LayerNorm, the MLP's bias + GELU and the chunked loss's log-sum-exp. "xla": jax.numpy, fused by
-# XLA. "pallas": jaxgpt.kernels' Pallas (Triton) kernels: NVIDIA GPUs, one device (they have no
-# sharding rule: XLA would run them whole on every device). "auto": "pallas" on one NVIDIA GPU of
-# compute capability 8.0 or more (A100 and later: measured on an H200 only) with bf16 / fp16 compute
-# (GPT-2 124M at 32 x 1024 on an H200: 1.067x the tokens/s on packed rows, in the same run; 1.06x
-# without the packing mask; docs/benchmarks-history.md), else "xla".
+# XLA. "pallas": jaxgpt.kernels' Pallas (Triton) kernels, for NVIDIA GPUs; on several devices they
+# run per shard where the caller traces under ``kernels.on_mesh`` (jaxgpt.train does), else the
+# jax.numpy references run. "auto": "pallas" on NVIDIA GPUs of compute capability 8.0 or more (A100
+# and later: measured on one H200 only) with bf16 / fp16 compute (GPT-2 124M at 32 x 1024 on an
+# H200: 1.067x the tokens/s on packed rows, in the same run; 1.06x without the packing mask;
+# docs/benchmarks-history.md), else "xla".
 KERNELS = ("auto", "xla", "pallas")
 
 
 def fused_kernels(cfg: "GPT2Config") -> bool:
     """Whether LayerNorm, bias + GELU and the loss's log-sum-exp run as jaxgpt.kernels' Pallas kernels."""
-    gpu, one = jax.default_backend() == "gpu", jax.device_count() == 1
-    if cfg.kernels == "pallas" and not (gpu and one):
-        raise ValueError(f"kernels='pallas' runs on one NVIDIA GPU (here: {jax.device_count()} "
-                         f"{jax.default_backend()} device(s)); use kernels='xla' or 'auto'")
+    gpu = jax.default_backend() == "gpu"
+    if cfg.kernels == "pallas" and not gpu:
+        raise ValueError(f"kernels='pallas' needs an NVIDIA GPU (the backend here is {jax.default_backend()}); "
+                         f"use kernels='xla' or 'auto'")
     if cfg.kernels == "auto":
-        return gpu and one and cfg.dtype != "float32" and _compute_capability() >= (8, 0)
+        return gpu and cfg.dtype != "float32" and _compute_capability() >= (8, 0)
     return cfg.kernels == "pallas"
 
 

@@ -41,7 +41,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxgpt import compile_cache, host_memory, sharding
+from jaxgpt import compile_cache, host_memory, kernels, sharding
 from jaxgpt.config import Config, ConfigError, help_text, load_config, validate
 from jaxgpt.loss import chunked_cross_entropy
 from jaxgpt.model import (SETTINGS, GPT2, GPT2Config, abstract_model, attention_implementation, fused_kernels, loss_chunks,
@@ -139,6 +139,11 @@ def applied_steps(opt_state) -> jax.Array:
 
 def loss_terms(graphdef, params, rest, batch, *, mesh=None, train: bool = True, rng=None):
     """(sum of float32 token losses over trained tokens, number of trained tokens)."""
+    with kernels.on_mesh(mesh):  # model.kernels' Pallas kernels run on each device's shard
+        return _loss_terms(graphdef, params, rest, batch, mesh, train, rng)
+
+
+def _loss_terms(graphdef, params, rest, batch, mesh, train, rng):
     # Fresh non-parameter Variables in this trace (nnx.remat / Dropout update them in place).
     rest = reseeded(rest, rng)
     model = nnx.merge(graphdef, params, rest)
