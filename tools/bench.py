@@ -72,6 +72,19 @@ def make_batches(vocab: int, batch: int, seq: int, n: int, seed: int = 0):
     return [rng.integers(0, vocab, (batch, seq + 1), dtype=np.int32) for _ in range(n)]
 
 
+def pipelined_step_s(dispatch, read, steps) -> float:
+    """Seconds a step, timed as jaxgpt.train runs them: each ``dispatch(i)`` queued back to back,
+    and its loss ``read`` once the next one is queued, so the device never waits for the host."""
+    t0, pending = time.perf_counter(), None
+    for i in steps:
+        handle = dispatch(i)
+        if pending is not None:
+            read(pending)
+        pending = handle
+    read(pending)
+    return (time.perf_counter() - t0) / len(steps)
+
+
 def step_stats(times: list[float], tokens_per_step: int) -> dict:
     """Tokens/s from the median timed step (a shared VM's stolen-CPU spikes hit single steps),
     with the mean and every step time kept for the record."""
@@ -155,21 +168,19 @@ def worker_train_jax(a: dict) -> dict:
     losses.append(float(m["loss"]))
     pipelined = None
     if a.get("pipelined"):  # the GPU section: also time the steps as jaxgpt.train runs them
-        # Dispatched back to back, each step's metrics read once the next one is dispatched: the
-        # device never waits for the host. (The times above wait for every step, so each one also
-        # holds the host's dispatch of the next: ~5 ms of a 70 ms step on an H200.)
-        t0, pending = time.perf_counter(), None
-        for i in range(a["warmup"], a["warmup"] + a["steps"]):
-            state, m = step(state, batches[i], rng)
-            if pending is not None:
-                float(pending["loss"])
-            pending = m
-        float(pending["loss"])
-        pipelined = (time.perf_counter() - t0) / a["steps"]
+        # (The times above wait for every step, so each one also holds the host's dispatch of the
+        # next: 2-3 ms of a 65-70 ms step on an H200.)
+        def dispatch(i):
+            nonlocal state
+            state, metrics = step(state, batches[i], rng)
+            return metrics
+
+        timed = range(a["warmup"], a["warmup"] + a["steps"])
+        pipelined = pipelined_step_s(dispatch, lambda metrics: float(metrics["loss"]), timed)
         # The same steps with nothing read back until the last: what the device alone sustains.
         t0 = time.perf_counter()
-        for i in range(a["warmup"], a["warmup"] + a["steps"]):
-            state, m = step(state, batches[i], rng)
+        for i in timed:
+            m = dispatch(i)
         float(m["loss"])
         back_to_back = (time.perf_counter() - t0) / a["steps"]
     profile = None
@@ -248,14 +259,8 @@ def worker_train_torch(a: dict) -> dict:
     losses.append(last)
     pipelined = {}
     if a.get("pipelined"):  # as jaxgpt's side: each step's loss read once the next one is queued
-        t0, pending = time.perf_counter(), None
-        for i in range(a["warmup"], a["warmup"] + a["steps"]):
-            loss = step(batches[i], sync=False)
-            if pending is not None:
-                pending.item()
-            pending = loss
-        pending.item()
-        dt = (time.perf_counter() - t0) / a["steps"]
+        dt = pipelined_step_s(lambda i: step(batches[i], sync=False), lambda loss: loss.item(),
+                              range(a["warmup"], a["warmup"] + a["steps"]))
         pipelined = {"step_s_pipelined": dt, "tokens_per_s_pipelined": a["batch"] * a["seq"] / dt}
     return {**step_stats(times, a["batch"] * a["seq"]), **pipelined, "first_loss": losses[0],
             "last_loss": losses[-1], "time_to_first_step_s": t_first - a["t_spawn"], "peak_rss_mb": rss_mb(),
@@ -336,7 +341,7 @@ WORKERS = {"train_jax": worker_train_jax, "train_torch": worker_train_torch,
 
 
 def run_worker(name: str, args: dict, timeout: float | None = None, cpu: bool = False,
-               malloc: str = "as_cli") -> dict:
+               malloc: str = "as_cli", script: Path | None = None) -> dict:
     """Run one worker in a fresh Python process; returns its result dict (or {"error": ...}).
     ``cpu``: both libraries see the CPU only (the CPU sections; on a GPU host jax would take the GPU
     and run float32 matmuls in TF32, torch in true float32).
@@ -346,7 +351,8 @@ def run_worker(name: str, args: dict, timeout: float | None = None, cpu: bool = 
     from jaxgpt import host_memory
 
     args = {**args, "t_spawn": time.time()}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker-args", json.dumps(args)]
+    # ``script``: another tool whose --worker runs (a variant of) these workers (tools/probe_kernels_gpu.py).
+    cmd = [sys.executable, str(script or Path(__file__).resolve()), "--worker", name, "--worker-args", json.dumps(args)]
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # it would win over "off"
     env.update({"TF_CPP_MIN_LOG_LEVEL": "2", "TOKENIZERS_PARALLELISM": "false",
                 "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_DISABLED": "true",
@@ -553,7 +559,7 @@ GPU_VARIANTS = [
      dict(attention="cudnn", scan_layers=False, loss_chunks=1)),
     # Batches without packing segment ids: causal attention only, no mask bias (as the PyTorch side).
     ("the GPU defaults, no packing mask", dict(attention="cudnn", vocab_multiple=128, scan_layers=False, segments=False)),
-    # model.kernels: auto (the default) is jaxgpt.kernels' Pallas kernels on one GPU; these are XLA's fusions.
+    # model.kernels: auto (the default) is jaxgpt.kernels' Pallas kernels on a GPU; these are XLA's fusions.
     ("the GPU defaults, model.kernels: xla", dict(attention="cudnn", vocab_multiple=128, scan_layers=False, kernels="xla")),
     ("the GPU defaults, model.kernels: xla, no packing mask",
      dict(attention="cudnn", vocab_multiple=128, scan_layers=False, kernels="xla", segments=False)),

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,7 +60,7 @@ def time_loop(fn, x, iters):
 def micro(quick: bool, ops: set) -> dict:
     import jax
     import jax.numpy as jnp
-    import numpy as np
+    from check_gpu import rel_err as err
 
     from jaxgpt import kernels
 
@@ -78,10 +77,6 @@ def micro(quick: bool, ops: set) -> dict:
     dh = jax.random.normal(k[5], (rows, 4 * e)).astype(jnp.bfloat16)
     eps = 1e-5
     out = {"ln": {}, "gelu": {}, "lse": {}}
-
-    def err(got, want):
-        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-        return float(np.abs(got - want).max() / np.abs(want).max())
 
     ln_xla = lambda x, w, b: kernels.reference_layer_norm(x, w, b, eps)
     ln_truth = jax.vjp(lambda x, w, b: kernels.reference_layer_norm(x.astype(jnp.float32), w, b, eps), x, w, b)
@@ -179,31 +174,19 @@ def child(spec: dict) -> None:
     print(bench.RESULT_TAG + json.dumps(bench.worker_train_jax(spec)), flush=True)
 
 
-def step_variant(label: str, spec: dict, timeout: float) -> dict:
-    spec = {**spec, "t_spawn": time.time()}
-    try:
-        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
-                              text=True, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f}s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("BENCH_RESULT "):
-            return json.loads(line[len("BENCH_RESULT "):])
-    return {"error": f"exited {proc.returncode}: " + " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-20:])}
-
-
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, default=Path("probe_kernels.json"))
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--child")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # "train_jax", from bench.run_worker
+    p.add_argument("--worker-args", help=argparse.SUPPRESS)
     p.add_argument("--micro", default="ln,gelu,lse", help="which ops to time alone ('' for none)")
     p.add_argument("--variants", default="0,1,2,3,4,5", help="which train-step variants, as indices")
     p.add_argument("--profile", type=Path, help="trace the pallas step (packed) into this folder")
     p.add_argument("--timeout", type=float, default=240)
     args = p.parse_args()
-    if args.child:
-        child(json.loads(args.child))
+    if args.worker:
+        child(json.loads(args.worker_args))
         return 0
     import bench
     import jax
@@ -249,7 +232,8 @@ def main() -> int:
     variants = [variants[int(i)] for i in args.variants.split(",")]
     res["steps"] = {}
     for label, extra in variants:
-        r = res["steps"][label] = step_variant(label, {**common, **extra}, args.timeout)
+        r = res["steps"][label] = bench.run_worker("train_jax", {**common, **extra}, timeout=args.timeout,
+                                                   script=Path(__file__).resolve())
         save()  # after every variant: a killed probe keeps what it measured
         print(f"step {label}: {r['error'] if 'error' in r else bench.format_gpu_step(r)}", flush=True)
     return 0
