@@ -104,44 +104,6 @@ def test_one_pass_logsumexp_of_the_loss():
     np.testing.assert_allclose(jax.jit(_logsumexp)(x), jax.nn.logsumexp(x[:, :900], axis=-1), rtol=1e-6)
 
 
-@pytest.mark.parametrize("model", [{}, {"scan_layers": True, "remat": "full"}], ids=["unrolled", "scanned-remat"])
-def test_train_step_with_kernels_matches_xla(tmp_path, monkeypatch, model):
-    """jaxgpt.train.loss_terms on a packed batch, the model built with the kernels (in the
-    interpreter) and without, the same weights: loss and every parameter gradient agree in float32,
-    with the blocks unrolled, and scanned and recomputed in the backward. The loss runs in 2 chunks,
-    so its log-sum-exp kernel runs too."""
-    from flax import nnx
-
-    from jaxgpt import model as model_lib
-    from jaxgpt import sharding, train
-    from jaxgpt.data import build_datasets
-
-    fused = {"on": False}
-    for module in (model_lib, train):  # the CPU has no Triton: the kernels run in the interpreter
-        monkeypatch.setattr(module, "fused_kernels", lambda cfg: fused["on"])
-    for name in ("layer_norm", "add_layer_norm", "bias_gelu", "logsumexp"):
-        monkeypatch.setattr(kernels, name, lambda *a, _f=getattr(kernels, name), **kw: _f(*a, **kw, interpret=True))
-
-    mesh = sharding.make_mesh((1, 1, 1))
-    cfg = tiny_config(tmp_path, model={"loss_chunks": 2, "vocab_multiple": 64, **model})
-    tok = train.load_tokenizer_for(cfg)
-    rows, _ = build_datasets(cfg.data, tok)
-    batch = {k: jnp.asarray(v) for k, v in rows.batch(range(4)).items()}
-    results = []
-    for on in (False, True):
-        fused["on"] = on
-        graphdef, params, rest, _ = train.build_model(cfg, len(tok), mesh)
-        assert nnx.merge(graphdef, params, rest).h[0].ln_1.fused is on
-        loss, grads = jax.jit(jax.value_and_grad(
-            lambda p: (lambda s, n: s / n)(*train.loss_terms(graphdef, p, rest, batch, mesh=mesh))))(params)
-        results.append((float(loss), nnx.to_flat_state(grads)))
-    (l0, g0), (l1, g1) = results
-    np.testing.assert_allclose(l1, l0, rtol=1e-6)
-    for (path, a), (_, b) in zip(g0, g1):
-        ref = a.get_value()
-        assert float(jnp.abs(b.get_value() - ref).max()) <= 1e-5 * max(float(jnp.abs(ref).max()), 1e-12), path
-
-
 def interpret_kernels(monkeypatch, fused):
     """The model and the loss built with the kernels while ``fused["on"]``, run in the interpreter."""
     from jaxgpt import model as model_lib
@@ -153,45 +115,63 @@ def interpret_kernels(monkeypatch, fused):
         monkeypatch.setattr(kernels, name, lambda *a, _f=getattr(kernels, name), **kw: _f(*a, **kw, interpret=True))
 
 
-def mesh_worker(out_dir: str) -> None:
-    """In a process with 8 CPU devices: jaxgpt.train.loss_terms on a 2x2x2 mesh (rows over data x
-    fsdp, the MLP's hidden units and the vocabulary over tensor) with the kernels per shard and
-    without; writes the losses and the largest relative gradient difference."""
-    import json
-    from pathlib import Path
-
+def kernels_against_xla(monkeypatch, out_dir, mesh_shape, rows: int, model: dict):
+    """jaxgpt.train.loss_terms on a packed batch of ``rows`` rows on a mesh, the model built without
+    the kernels and with them (in the interpreter), the same weights: (both losses, each gradient's
+    largest difference relative to its largest value, by path, the kernels' gradient's jaxpr).
+    The loss runs in 2 chunks, so its log-sum-exp kernel runs too."""
     from flax import nnx
 
     from jaxgpt import sharding, train
     from jaxgpt.data import build_datasets
 
     fused = {"on": False}
+    interpret_kernels(monkeypatch, fused)
+    mesh = sharding.make_mesh(mesh_shape)
+    cfg = tiny_config(out_dir, model={"loss_chunks": 2, "vocab_multiple": 64, **model})
+    tok = train.load_tokenizer_for(cfg)
+    data, _ = build_datasets(cfg.data, tok)
+    batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in data.batch(range(rows)).items()}
+    results = []
+    for on in (False, True):
+        fused["on"] = on
+        graphdef, params, rest, _ = train.build_model(cfg, len(tok), mesh)
+        assert nnx.merge(graphdef, params, rest).h[0].ln_1.fused is on
+        grad_fn = jax.value_and_grad(lambda p: (lambda s, n: s / n)(*train.loss_terms(graphdef, p, rest, batch, mesh=mesh)))
+        loss, grads = jax.jit(grad_fn)(params)
+        results.append((float(loss), nnx.to_flat_state(grads)))
+    (l0, g0), (l1, g1) = results
+    errors = {".".join(map(str, path)): float(jnp.abs(b.get_value() - a.get_value()).max())
+              / max(float(jnp.abs(a.get_value()).max()), 1e-12) for (path, a), (_, b) in zip(g0, g1)}
+    return (l0, l1), errors, str(jax.make_jaxpr(grad_fn)(params))
+
+
+@pytest.mark.parametrize("model", [{}, {"scan_layers": True, "remat": "full"}], ids=["unrolled", "scanned-remat"])
+def test_train_step_with_kernels_matches_xla(tmp_path, monkeypatch, model):
+    """One device: loss and every parameter gradient agree in float32, with the blocks unrolled,
+    and scanned and recomputed in the backward."""
+    (l0, l1), errors, _ = kernels_against_xla(monkeypatch, tmp_path, (1, 1, 1), 4, model)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    for path, err in errors.items():
+        assert err <= 1e-5, path
+
+
+def mesh_worker(out_dir: str) -> None:
+    """In a process with 8 CPU devices: ``kernels_against_xla`` on a 2x2x2 mesh (rows over data x
+    fsdp, the MLP's hidden units and the vocabulary over tensor), the kernels per shard; writes the
+    losses, the largest relative gradient difference and whether the kernels ran per shard."""
+    import json
+    from pathlib import Path
+
     with pytest.MonkeyPatch.context() as mp:
-        interpret_kernels(mp, fused)
-        mesh = sharding.make_mesh((2, 2, 2))
-        cfg = tiny_config(Path(out_dir), model={"loss_chunks": 2, "vocab_multiple": 64})
-        tok = train.load_tokenizer_for(cfg)
-        rows, _ = build_datasets(cfg.data, tok)
-        batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in rows.batch(range(8)).items()}
-        results = []
-        for on in (False, True):
-            fused["on"] = on
-            graphdef, params, rest, _ = train.build_model(cfg, len(tok), mesh)
-            grad_fn = jax.value_and_grad(
-                lambda p: (lambda s, n: s / n)(*train.loss_terms(graphdef, p, rest, batch, mesh=mesh)))
-            loss, grads = jax.jit(grad_fn)(params)
-            results.append((float(loss), nnx.to_flat_state(grads)))
-        jaxpr = str(jax.make_jaxpr(grad_fn)(params))  # the kernels' run: pallas_calls inside shard_maps
-        per_shard = jaxpr.count("shard_map") >= 3 and "pallas_call" in jaxpr
+        losses, errors, jaxpr = kernels_against_xla(mp, Path(out_dir), (2, 2, 2), 8, {})
+    per_shard = jaxpr.count("shard_map") >= 3 and "pallas_call" in jaxpr  # pallas_calls inside shard_maps
     # Several devices without kernels.on_mesh: the reference runs (the Triton kernel would fail on a CPU).
     x = jax.random.normal(jax.random.key(0), (8, 4, 16))
     reference_ran = bool(jnp.array_equal(kernels.layer_norm(x, jnp.ones(16), jnp.zeros(16), 1e-5),
                                          kernels.reference_layer_norm(x, jnp.ones(16), jnp.zeros(16), 1e-5)))
-    (l0, g0), (l1, g1) = results
-    worst = max(float(jnp.abs(b.get_value() - a.get_value()).max()) / max(float(jnp.abs(a.get_value()).max()), 1e-12)
-                for (_, a), (_, b) in zip(g0, g1))
-    Path(out_dir, "result.json").write_text(json.dumps({"losses": [l0, l1], "worst": worst, "reference": reference_ran,
-                                                        "per_shard": per_shard}))
+    Path(out_dir, "result.json").write_text(json.dumps({"losses": losses, "worst": max(errors.values()),
+                                                        "reference": reference_ran, "per_shard": per_shard}))
 
 
 def test_kernels_per_shard_on_a_mesh_match_xla(tmp_path):
