@@ -40,13 +40,16 @@ def _logsumexp(x):
 def _chunk_terms(h, w, targets, weights, vocab_size, fused):
     """One chunk's float32 logits, their log-sum-exp, and its weighted loss sum. ``fused``: the
     log-sum-exp as jaxgpt.kernels' Pallas kernel (``model.kernels``)."""
-    logits = jnp.einsum("bte,ve->btv", h, w, preferred_element_type=jnp.float32)
-    if fused:  # the kernel skips the padding rows itself: it reads the product's output as it is
-        lse = kernels.logsumexp(logits, vocab_size)
+    product = jnp.einsum("bte,ve->btv", h, w, preferred_element_type=jnp.float32)
+    logits = product
     if vocab_size < w.shape[0]:  # padded embedding rows never get probability
-        logits = jnp.where(jnp.arange(w.shape[0]) < vocab_size, logits, jnp.finfo(jnp.float32).min)
-    if not fused:
-        lse = _logsumexp(logits) if jax.default_backend() == "gpu" else jax.nn.logsumexp(logits, axis=-1)
+        logits = jnp.where(jnp.arange(w.shape[0]) < vocab_size, product, jnp.finfo(jnp.float32).min)
+    if fused:  # the kernel skips the padding rows itself: it reads the product's output as it is
+        lse = kernels.logsumexp(product, vocab_size)
+    elif jax.default_backend() == "gpu":
+        lse = _logsumexp(logits)
+    else:
+        lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     loss = jnp.sum((lse - target_logit) * weights)
     return logits, lse, loss
