@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from jaxgpt.data import DataConfig, help_field
+from jaxgpt.inputs import FINITE, Range, undecodable
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"
@@ -145,6 +146,21 @@ class Config:
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
+# Every float key's range (jaxgpt.inputs: finite, and inside it); any other float must be finite.
+FLOAT_RANGES = {
+    "model.dropout": Range(0, 1, high_open=True),
+    # AdamW moves every weight by about lr per step: past 1 no GPT-2 survives a step.
+    "optimizer.lr": Range(0, 1, low_open=True),
+    "optimizer.b1": Range(0, 1, high_open=True),
+    "optimizer.b2": Range(0, 1, high_open=True),
+    "optimizer.eps": Range(0, 1, low_open=True),
+    "optimizer.weight_decay": Range(0),
+    "optimizer.grad_clip": Range(0, note="0 or null = off"),
+    "schedule.min_lr_ratio": Range(0, 1),
+    "data.eval_fraction": Range(0, 1, high_open=True),
+    "logging.peak_flops_per_device": Range(0, low_open=True, note="null = known TPUs/GPUs only"),
+}
+
 
 # ----------------------------------------------------------------------------- building from dicts
 
@@ -173,6 +189,8 @@ def _coerce(value, tp, where: str):
                 return _coerce(value, arg, where)
             except ConfigError as e:
                 errors.append(e)
+        if [a for a in args if a is not type(None)] == [float]:
+            raise errors[0]  # float | None given inf: say why it is refused, not just the types
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if origin in (list, tuple):
         (arg, *_) = typing.get_args(tp) or (Any,)
@@ -202,16 +220,18 @@ def _coerce(value, tp, where: str):
             return value
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         if isinstance(value, str):  # YAML 1.1 reads 3e-5 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return FLOAT_RANGES.get(where, FINITE).check(where, value, ConfigError)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
+            if undecodable(value):
+                raise ConfigError(f"{where}: {undecodable(value)}")
             return value
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     return value  # other annotations (e.g. in DataConfig) are the owner's to check
@@ -377,8 +397,6 @@ def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> tuple[int
         raise ConfigError("model.param_dtype=float16: the weights and AdamW state in float16 underflow (eps=1e-8 is "
                           "0 there) and turn to NaN; keep them in float32 or bfloat16 (model.dtype=float16 computes "
                           "in float16)")
-    if not 0.0 <= cfg.model.dropout < 1.0:
-        raise ConfigError(f"model.dropout={cfg.model.dropout}: must be in [0, 1)")
     if cfg.model.attention not in ("auto", "einsum", "xla", "cudnn"):
         raise ConfigError(f"model.attention={cfg.model.attention!r}: choose from auto, einsum, xla, cudnn")
     if cfg.model.attention == "cudnn" and (cfg.model.dtype == "float32" or cfg.model.dropout):
@@ -391,20 +409,16 @@ def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> tuple[int
     if cfg.model.loss_chunks is not None and (cfg.model.loss_chunks < 1 or cfg.data.seq_len % cfg.model.loss_chunks):
         raise ConfigError(f"model.loss_chunks={cfg.model.loss_chunks}: must be at least 1 and divide "
                           f"data.seq_len={cfg.data.seq_len}")
-    o, sc = cfg.optimizer, cfg.schedule
-    for ok, key, value, rule in (
-            (o.lr >= 0, "optimizer.lr", o.lr, "must be >= 0"),
-            (o.grad_clip is None or o.grad_clip >= 0, "optimizer.grad_clip", o.grad_clip, "must be > 0 (0 or null = off)"),
-            (0 <= o.b1 < 1, "optimizer.b1", o.b1, "must be in [0, 1)"),
-            (0 <= o.b2 < 1, "optimizer.b2", o.b2, "must be in [0, 1)"),
-            (o.eps > 0, "optimizer.eps", o.eps, "must be > 0"),
-            (o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0"),
-            (sc.warmup_steps >= 0, "schedule.warmup_steps", sc.warmup_steps, "must be >= 0"),
-            (sc.decay_steps is None or sc.decay_steps >= 1, "schedule.decay_steps", sc.decay_steps,
-             "must be at least 1 (null = train.steps)"),
-            (0 <= sc.min_lr_ratio <= 1, "schedule.min_lr_ratio", sc.min_lr_ratio, "must be in [0, 1]")):
-        if not ok:
-            raise ConfigError(f"{key}={value}: {rule}")
+    for key, allowed in FLOAT_RANGES.items():  # a Config built in Python skipped _coerce
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None:
+            allowed.check(key, value, ConfigError)
+    sc = cfg.schedule
+    if sc.warmup_steps < 0:
+        raise ConfigError(f"schedule.warmup_steps={sc.warmup_steps}: must be >= 0")
+    if sc.decay_steps is not None and sc.decay_steps < 1:
+        raise ConfigError(f"schedule.decay_steps={sc.decay_steps}: must be at least 1 (null = train.steps)")
     if cfg.checkpoint.save_every < 1:
         raise ConfigError(f"checkpoint.save_every={cfg.checkpoint.save_every}: must be at least 1")
     if cfg.checkpoint.keep < 1:

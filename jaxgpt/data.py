@@ -59,6 +59,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from jaxgpt.inputs import Range
 from jaxgpt.tokenizer import ENDOFTEXT, IM_END, IM_START, ROLES, add_chat_template, load_tokenizer, template_name
 
 FORMATS = ("auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text")
@@ -95,8 +96,7 @@ class DataSource:
     def __post_init__(self):
         if not isinstance(self.path, str) or not self.path:
             raise DataError(f"data source path must be a non-empty string, got {self.path!r}")
-        if not isinstance(self.weight, (int, float)) or self.weight <= 0:
-            raise DataError(f"{self.path}: weight must be > 0, got {self.weight!r}")
+        self.weight = Range(0, low_open=True).check(f"{self.path}: weight", self.weight, DataError)
         if self.format is not None and self.format not in FORMATS:
             raise DataError(f"{self.path}: format={self.format!r}: choose from {', '.join(FORMATS)}")
 
@@ -142,8 +142,7 @@ class DataConfig:
                 raise DataError(f"data.{key}={getattr(self, key)!r}: choose from {', '.join(choices)}")
         if not isinstance(self.seq_len, int) or self.seq_len < 2:
             raise DataError(f"data.seq_len must be an integer >= 2, got {self.seq_len!r}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise DataError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
+        Range(0, 1, high_open=True).check("data.eval_fraction", self.eval_fraction, DataError)
         if self.max_examples is not None and self.max_examples < 1:
             raise DataError(f"data.max_examples must be >= 1, got {self.max_examples!r}")
         if self.stream_window < 1:

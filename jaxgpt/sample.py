@@ -64,6 +64,7 @@ import numpy as np
 from flax import nnx
 
 from jaxgpt import compile_cache
+from jaxgpt.inputs import SAMPLING, readable
 from jaxgpt.model import DECODING_DTYPES, DECODING_LAYOUTS, GPT2, INT8_DECODING, for_decoding, init_cache
 from jaxgpt.tokenizer import has_tokenizer, load_tokenizer, stop_token_ids
 from jaxgpt.weights import folder_eos_ids, is_hf_folder, load_pretrained, resolve
@@ -173,16 +174,10 @@ def split_for_inference(model: GPT2):
 
 
 def check_sampling(max_new_tokens, temperature, top_k, top_p, flags: bool = False):
-    """SampleError for out-of-range settings, named as the CLIs' flags when ``flags``."""
-    name = (lambda n: "--" + n.replace("_", "-")) if flags else (lambda n: n)
-    if max_new_tokens < 1:
-        raise SampleError(f"{name('max_new_tokens')} must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise SampleError(f"{name('temperature')} must be >= 0, got {temperature}")
-    if top_k < 0:
-        raise SampleError(f"{name('top_k')} must be >= 0 (0 = off), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise SampleError(f"{name('top_p')} must be in (0, 1], got {top_p}")
+    """SampleError for settings outside ``SAMPLING``, named as the CLIs' flags when ``flags``."""
+    for key, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_k", top_k),
+                       ("top_p", top_p)):
+        SAMPLING[key].check("--" + key.replace("_", "-") if flags else key, value, SampleError)
 
 
 def _check_args(model: GPT2, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids):
@@ -319,7 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jaxgpt.sample", description="Continue a prompt with a GPT-2 (an HF "
                                  "folder, a hub id or a jaxgpt training run).")
     ap.add_argument("--model", required=True, help="HF folder or hub id, or a jaxgpt training checkpoint (output dir or step dir)")
-    ap.add_argument("--prompt", default="", help="text to continue (default: start from end-of-text)")
+    ap.add_argument("--prompt", default="", type=readable,
+                    help="text to continue (default: start from end-of-text); bytes that are not UTF-8 read as U+FFFD")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default %(default)s)")
     ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default %(default)s)")
     ap.add_argument("--top-k", type=int, default=0, help="0 = off (default %(default)s)")

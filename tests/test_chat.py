@@ -92,9 +92,9 @@ def test_chunk_must_be_positive(capsys):
 
 
 def test_sampling_flags_refused_before_loading(capsys):
-    for flags, message in ((["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
-                           (["--temperature", "-1"], "--temperature must be >= 0, got -1.0"),
-                           (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0")):
+    for flags, message in ((["--top-p", "0"], "--top-p=0.0: must be in (0, 1] (1 = off)"),
+                           (["--temperature", "-1"], "--temperature=-1.0: must be >= 0 (0 = greedy)"),
+                           (["--max-new-tokens", "0"], "--max-new-tokens=0: must be >= 1")):
         assert main(["--model", "/nonexistent/never/loaded", *flags]) == 2
         assert capsys.readouterr().err.strip() == f"error: {message}"
 

@@ -476,7 +476,7 @@ def test_bad_config():
         DataConfig.from_dict({"sources": ["a.jsonl"], "seqlen": 5})
     with pytest.raises(DataError, match=r"data.loss_on='prompt': choose from assistant, all, completion"):
         DataConfig(sources=["a.jsonl"], loss_on="prompt")
-    with pytest.raises(DataError, match=r"a.jsonl: weight must be > 0"):
+    with pytest.raises(DataError, match=r"a.jsonl: weight=0: must be > 0"):
         DataConfig(sources=[{"path": "a.jsonl", "weight": 0}])
 
 
