@@ -10,7 +10,8 @@ gets jaxgpt's ``plain`` one (``User:`` / ``Assistant:``, end of turn =
 ``<|endoftext|>``), which needs no new tokens; the CLI says so when it starts.
 
 Commands: ``/reset`` forgets the conversation, ``/exit`` (or end of input) quits.
-Reads from a pipe as well as a terminal, one message per line.
+Reads from a pipe as well as a terminal, one message per line; bytes that are
+not UTF-8 read as U+FFFD (the replacement character), so the chat goes on.
 
 ``ChatSession`` is the same logic as a class, for scripts and the demo.
 """
@@ -22,6 +23,7 @@ import sys
 from typing import Callable
 
 from jaxgpt import compile_cache
+from jaxgpt.inputs import readable
 from jaxgpt.model import DECODING_LAYOUTS
 from jaxgpt.sample import PARAM_DTYPE_HELP, SampleError, check_sampling, load_model, stop_ids_for, stream
 from jaxgpt.tokenizer import add_chat_template
@@ -45,7 +47,7 @@ class ChatSession:
             f", capped to {self.max_new_tokens} (half the model's {model.config.n_positions} positions)"
             if self.max_new_tokens < max_new_tokens else "")
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-        self.seed, self.system, self.chunk = seed, system, chunk
+        self.seed, self.system, self.chunk = seed, system and readable(system), chunk
         self.stop_ids = set(stop_ids_for(tokenizer, model, source))  # source: its generation_config's EOS too
         self.turns = 0
         self.reset()
@@ -81,7 +83,7 @@ class ChatSession:
 
     def reply(self, text: str, on_text: Callable[[str], None] = lambda s: None) -> str:
         """Generate the assistant's answer to ``text``; ``on_text`` receives it piece by piece."""
-        messages, ids = self._fit(self.messages + [{"role": "user", "content": text}])
+        messages, ids = self._fit(self.messages + [{"role": "user", "content": readable(text)}])
         shown = ""
         for (new,) in stream(self.model, [ids], max_new_tokens=self.max_new_tokens, stop_ids=sorted(self.stop_ids),
                              seed=self.seed + self.turns, chunk=self.chunk, **self.sampling):
@@ -117,6 +119,8 @@ def main(argv=None) -> int:
     if args.chunk < 1:
         ap.error(f"--chunk must be at least 1, got {args.chunk}")
     compile_cache.enable()  # a second chat session starts without compiling
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 read as U+FFFD, not a crash mid-chat
+        sys.stdin.reconfigure(errors="replace")
     try:
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, flags=True)  # before loading
         model, tokenizer = load_model(args.model, dtype=args.dtype, param_dtype=args.param_dtype)
