@@ -13,6 +13,10 @@ The source may be a training output dir (latest step), one step dir (any mesh:
 (re-export, e.g. to bfloat16). The folder is written next to ``--out`` first
 and only moved into place once transformers' ``GPT2LMHeadModel`` loads it and
 its logits match jaxgpt's (max abs diff and top-k agreement are printed).
+
+``--out`` never is, holds or lies inside the source run, nor the current folder, and
+``--overwrite`` replaces only an earlier export: never a folder holding checkpoints or
+metrics.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from jaxgpt import compile_cache
+from jaxgpt.inputs import Range
 from jaxgpt.model import GPT2
 from jaxgpt.tokenizer import end_of_turn_id, has_tokenizer, load_tokenizer
 from jaxgpt.weights import is_hf_folder, load_pretrained, save_pretrained
@@ -140,6 +145,62 @@ def verify(model: GPT2, hf_dir: Path, tok, *, dtype: str = "float32", atol: floa
     return Check(max(diffs), atol + rtol * scale, float(np.concatenate(top1).mean()), float(np.mean(overlap)), k)
 
 
+# ----------------------------------------------------------------------------- where the folder goes
+
+def _holds_run(folder: Path) -> Path | None:
+    """The first checkpoint folder, step or metrics file under ``folder``: what --overwrite must never delete."""
+    from jaxgpt.checkpoint import CHECKPOINT_SUBDIR, STEP_METADATA_FILE
+
+    for path in (folder, *folder.rglob("*")):
+        if path.name in (CHECKPOINT_SUBDIR, STEP_METADATA_FILE, "metrics.jsonl"):
+            return path
+    return None
+
+
+def source_run(source: Path) -> Path:
+    """The training run folder a checkpoint belongs to (``RUN`` for ``RUN/checkpoints/STEP``), else ``source``."""
+    from jaxgpt.checkpoint import CHECKPOINT_SUBDIR
+
+    if source.parent.name == CHECKPOINT_SUBDIR and not (source / CHECKPOINT_SUBDIR).is_dir():
+        return source.parent.parent  # a step dir
+    if source.name == CHECKPOINT_SUBDIR:
+        return source.parent
+    return source
+
+
+def check_out(checkpoint: str | Path, out: str | Path, overwrite: bool) -> tuple[Path, Path]:
+    """(``out``, its staging folder beside it), absolute, once export may write them; ExportError otherwise.
+
+    Everything is written to the staging folder and moved into ``out`` only when verified (a failed
+    export never replaces a good folder), so neither may touch the source run, and ``--overwrite``
+    replaces only an earlier export, never a folder holding checkpoints or metrics.
+    """
+    given = out
+    out = Path(out).expanduser().resolve()
+    if out == Path.cwd() or out in Path.cwd().parents:  # `--out .` would replace the folder the user is in
+        raise ExportError(f"--out {given}: is the current folder{'' if out == Path.cwd() else ' or holds it'}; "
+                          "export writes a new folder and moves it into place: name one, e.g. --out hf")
+    staging = out.with_name(out.name + ".partial")
+    run = source_run(Path(checkpoint).expanduser().resolve())
+    for folder in (out, staging):
+        if folder == run or run in folder.parents or folder in run.parents:
+            how = "is" if folder == run else "holds" if folder in run.parents else "lies inside"
+            raise ExportError(f"--out {given}: {folder} {how} the source {run}; export into a folder outside it")
+    if out.exists() and not out.is_dir():  # --overwrite replaces a folder, never a file
+        raise ExportError(f"{given}: is a file, not a folder")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ExportError(f"{given}: already exists and is not empty (pass --overwrite to replace it)")
+        if not is_hf_folder(out):
+            raise ExportError(f"{given}: is not a Hugging Face model folder (config.json and weights); --overwrite "
+                              "replaces only an earlier export: choose a new or empty --out")
+        held = _holds_run(out)
+        if held is not None:
+            raise ExportError(f"{given}: holds training output ({held}); --overwrite never deletes checkpoints or "
+                              "metrics: choose another --out")
+    return out, staging
+
+
 # ----------------------------------------------------------------------------- export
 
 def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", verify_logits: bool = True,
@@ -148,17 +209,12 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", v
     """Write ``out`` as an HF GPT-2 folder; returns its path. Raises ExportError on any mismatch."""
     if dtype not in ("float32", "bfloat16"):
         raise ExportError(f"--dtype {dtype!r}: choose float32 or bfloat16")
-    out = Path(out)
-    if out.exists() and not out.is_dir():  # --overwrite replaces a folder, never a file
-        raise ExportError(f"{out}: is a file, not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
+    for name, value in (("--atol", atol), ("--rtol", rtol)):
+        Range(0).check(name, value, ExportError)  # an infinite or NaN tolerance passes or fails any export
+    out, staging = check_out(checkpoint, out, overwrite)
     model, tok = load_source(checkpoint)
     if not getattr(tok, "chat_template", None):
         log(f"note: {checkpoint} has no chat template; exporting the tokenizer as is")
-    # Everything is written beside `out` and moved in only when verified: a failed
-    # export never replaces a good folder.
-    staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     save_pretrained(model, staging, tokenizer=tok, dtype=dtype, generation_config=generation_config(tok))
     cfg = model.config
