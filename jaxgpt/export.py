@@ -14,9 +14,9 @@ The source may be a training output dir (latest step), one step dir (any mesh:
 and only moved into place once transformers' ``GPT2LMHeadModel`` loads it and
 its logits match jaxgpt's (max abs diff and top-k agreement are printed).
 
-``--out`` never is, holds or lies inside the source run, nor the current folder, and
-``--overwrite`` replaces only an earlier export: never a folder holding checkpoints or
-metrics.
+``--out`` is never the source run, a folder holding it, a folder among its checkpoints or
+the current folder, and ``--overwrite`` replaces only an earlier export: never a folder
+holding checkpoints or metrics.
 """
 
 from __future__ import annotations
@@ -172,20 +172,28 @@ def check_out(checkpoint: str | Path, out: str | Path, overwrite: bool) -> tuple
     """(``out``, its staging folder beside it), absolute, once export may write them; ExportError otherwise.
 
     Everything is written to the staging folder and moved into ``out`` only when verified (a failed
-    export never replaces a good folder), so neither may touch the source run, and ``--overwrite``
-    replaces only an earlier export, never a folder holding checkpoints or metrics.
+    export never replaces a good folder), so neither may be or hold the source run, nor lie among its
+    checkpoints (``RUN/hf`` is fine, as the demo writes it); ``--overwrite`` replaces only an earlier
+    export, never a folder holding checkpoints or metrics.
     """
+    from jaxgpt.checkpoint import CHECKPOINT_SUBDIR
+
     given = out
     out = Path(out).expanduser().resolve()
     if out == Path.cwd() or out in Path.cwd().parents:  # `--out .` would replace the folder the user is in
         raise ExportError(f"--out {given}: is the current folder{'' if out == Path.cwd() else ' or holds it'}; "
                           "export writes a new folder and moves it into place: name one, e.g. --out hf")
     staging = out.with_name(out.name + ".partial")
-    run = source_run(Path(checkpoint).expanduser().resolve())
+    source = Path(checkpoint).expanduser().resolve()
+    run = source_run(source)
+    inside = {run / CHECKPOINT_SUBDIR, source} - {run}
     for folder in (out, staging):
-        if folder == run or run in folder.parents or folder in run.parents:
-            how = "is" if folder == run else "holds" if folder in run.parents else "lies inside"
-            raise ExportError(f"--out {given}: {folder} {how} the source {run}; export into a folder outside it")
+        how = "is" if folder == run else "holds" if folder in run.parents else None
+        if how is None and any(folder == f or f in folder.parents for f in inside):
+            how = "lies among the checkpoints of"
+        if how:
+            raise ExportError(f"--out {given}: {folder} {how} the source {run}; export into a new folder "
+                              f"(e.g. {run}/hf or {run}-hf)")
     if out.exists() and not out.is_dir():  # --overwrite replaces a folder, never a file
         raise ExportError(f"{given}: is a file, not a folder")
     if out.exists() and any(out.iterdir()):

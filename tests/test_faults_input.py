@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -171,8 +172,8 @@ def test_chat_session_api_and_config_text(hf_folder):
 
 # ----------------------------------------------------------------------------- export's --out
 
-@pytest.mark.parametrize("where, how", [(".", "is"), ("..", "holds"), ("hf", "lies inside"),
-                                        ("checkpoints/2", "lies inside")])
+@pytest.mark.parametrize("where, how", [(".", "is"), ("..", "holds"), ("checkpoints", "lies among the checkpoints of"),
+                                        ("checkpoints/2", "lies among the checkpoints of")])
 def test_export_never_writes_into_or_over_its_source_run(run, where, how, capsys):
     """`--out RUN --overwrite` used to delete the run it read (checkpoints, metrics) and exit 0."""
     from jaxgpt.export import main
@@ -184,7 +185,7 @@ def test_export_never_writes_into_or_over_its_source_run(run, where, how, capsys
             main(["--checkpoint", str(source), "--out", str(out), "--overwrite", "--no-verify"])
         err = capsys.readouterr().err.strip()
         assert e.value.code == 1 and "\n" not in err
-        assert err.endswith(f"{out} {how} the source {run}; export into a folder outside it")
+        assert f"{out} {how} the source {run}; export into a new folder (e.g. {run}/hf or {run}-hf)" in err
         assert run_files(run) == before
 
 
@@ -193,6 +194,9 @@ def test_overwrite_replaces_only_an_earlier_export(run, hf_folder, tmp_path):
 
     out = export(run, tmp_path / "hf", verify_logits=False, log=lambda *_: None)
     assert export(run, out, overwrite=True, verify_logits=False, log=lambda *_: None) == out  # an earlier export
+    inner = export(run, run / "hf", verify_logits=False, log=lambda *_: None)  # beside the checkpoints, as the demo
+    assert (inner / "model.safetensors").is_file() and (run / "metrics.jsonl").is_file()
+    shutil.rmtree(inner)  # the module's run as it was
     other = tmp_path / "other-run"  # another training run: checkpoints and metrics
     (other / "checkpoints" / "7").mkdir(parents=True)
     (other / "metrics.jsonl").write_text('{"step": 7, "loss": 1.0}\n')
