@@ -444,5 +444,7 @@ def help_text() -> str:
                 continue
             default = getattr(getattr(defaults, section), f.name)
             tip = f.metadata.get("help", "")
+            if f"{section}.{f.name}" in FLOAT_RANGES:
+                tip += f"; {FLOAT_RANGES[f'{section}.{f.name}']}"
             lines.append(f"  {section}.{f.name}: {_type_name(hints[f.name])} = {default!r}" + (f"  # {tip}" if tip else ""))
     return "\n".join(lines)

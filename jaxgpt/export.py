@@ -192,8 +192,8 @@ def check_out(checkpoint: str | Path, out: str | Path, overwrite: bool) -> tuple
         if how is None and any(folder == f or f in folder.parents for f in inside):
             how = "lies among the checkpoints of"
         if how:
-            raise ExportError(f"--out {given}: {folder} {how} the source {run}; export into a new folder "
-                              f"(e.g. {run}/hf or {run}-hf)")
+            raise ExportError(f"--out {given}: {folder} {how} the source {run}; export into a new folder, "
+                              f"e.g. {run}-hf")
     if out.exists() and not out.is_dir():  # --overwrite replaces a folder, never a file
         raise ExportError(f"{given}: is a file, not a folder")
     if out.exists() and any(out.iterdir()):

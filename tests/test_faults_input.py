@@ -185,7 +185,7 @@ def test_export_never_writes_into_or_over_its_source_run(run, where, how, capsys
             main(["--checkpoint", str(source), "--out", str(out), "--overwrite", "--no-verify"])
         err = capsys.readouterr().err.strip()
         assert e.value.code == 1 and "\n" not in err
-        assert f"{out} {how} the source {run}; export into a new folder (e.g. {run}/hf or {run}-hf)" in err
+        assert f"{out} {how} the source {run}; export into a new folder, e.g. {run}-hf" in err
         assert run_files(run) == before
 
 
