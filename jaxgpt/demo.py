@@ -12,7 +12,9 @@ What it does, on a laptop CPU in a few minutes, with nothing downloaded:
   3. reloads the last checkpoint and asks the same questions again;
   4. exports it with ``jaxgpt.export`` to a Hugging Face PyTorch folder (the
      export checks its logits against transformers) and chats with that folder
-     through transformers' ``pipeline("text-generation")``.
+     through transformers' ``pipeline("text-generation")``. Without torch (a
+     plain ``pip install jaxgpt``) the export re-reads its own file instead and
+     the pipeline is skipped.
 
 Honest scope: no pretrained GPT-2 can be downloaded offline, so the demo model
 is a small GPT-2-architecture network trained from scratch with GPT-2's real
@@ -25,6 +27,7 @@ Running the demo again resumes the finished run (nothing is retrained or lost);
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 import sys
@@ -171,7 +174,9 @@ def run(args) -> int:
     print()
     export(str(out), hf_dir, overwrite=True)
     pipe_text = None
-    if not args.no_pipeline:
+    if not args.no_pipeline and importlib.util.find_spec("torch") is None:
+        print("torch is not installed: skipped the transformers pipeline reply (pip install torch to see it)")
+    elif not args.no_pipeline:
         q = heldout[0]["question"]
         pipe_text = pipeline_reply(hf_dir, q)
         print(f"transformers pipeline('text-generation', '{hf_dir}'):\n  Q: {q}\n  A: {pipe_text!r}")
