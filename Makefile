@@ -29,6 +29,8 @@ demo: $(STAMP)
 # AMD EPYC host, 202 in 8:45 on an Intel Xeon one; plus 1-3 min building .venv). A third worker was
 # no faster. TEST_WORKERS=0 runs them in this process.
 # --durations=15: the slowest tests, printed in every CI log (the budget is 15 min in all).
+# tests/test_packaging.py installs the built wheel into a venv of its own under .whl/ (no torch, no
+# extras; dependencies from pip's cache at .venv's versions), built on its first run and reused.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
@@ -43,4 +45,4 @@ bench-quick: $(STAMP)
 	$(BIN)/python tools/bench.py --quick
 
 clean:
-	rm -rf $(VENV) out runs
+	rm -rf $(VENV) .whl out runs

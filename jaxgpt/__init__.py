@@ -1,6 +1,7 @@
 """jaxgpt: fine-tune Hugging Face GPT-2 into a chat model with JAX / Flax NNX."""
 
 import importlib
+import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time the names load on first use (below)
@@ -13,6 +14,16 @@ _EXPORTS = {"GPT2": "jaxgpt.model", "GPT2Config": "jaxgpt.model", "init_cache": 
             "load_pretrained": "jaxgpt.weights", "save_pretrained": "jaxgpt.weights", "WeightsError": "jaxgpt.weights"}
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def _not_the_torch_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("PyTorch was not found")
+
+
+# transformers, imported without torch, logs "PyTorch was not found. Models won't be available...":
+# jaxgpt's models are its own (JAX), and torch is only the test / export-check extra. Only that line
+# is dropped, on the logger that emits it (set here, before any jaxgpt module imports transformers).
+logging.getLogger("transformers").addFilter(_not_the_torch_notice)
 
 
 def __getattr__(name):

@@ -5,7 +5,10 @@ One ``Config`` holds every knob of a training run, grouped in sections
 ``checkpoint``, ``logging``, ``distributed``). A run is described by a YAML
 file holding only what differs from the defaults, plus dotted overrides::
 
-    python -m jaxgpt.train --config configs/gpt2-chat.yaml optimizer.lr=3e-5 train.steps=200
+    python -m jaxgpt.train --config gpt2-chat optimizer.lr=3e-5 train.steps=200
+
+``--config`` takes a YAML path or the name of a config shipped in the package
+(``jaxgpt/configs/``: ``demo``, ``gpt2-chat``, ``gpt2-{medium,large,xl}-pod``).
 
 Everything is checked before JAX compiles anything; each problem is one line
 naming the file and key (``ConfigError``). Data knobs live in
@@ -28,8 +31,9 @@ import yaml
 from jaxgpt.data import DataConfig, help_field
 from jaxgpt.inputs import FINITE, Range, undecodable
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"
+PACKAGE = Path(__file__).resolve().parent
+SHIPPED = PACKAGE / "configs"  # package data, so that an installed jaxgpt has them too
+DEFAULT_CONFIG = SHIPPED / "demo.yaml"
 
 
 class ConfigError(ValueError):
@@ -300,11 +304,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, parsed
 
 
+def shipped_configs() -> list[str]:
+    """Names of the configs in the package (``--config NAME``)."""
+    return sorted(p.stem for p in SHIPPED.glob("*.yaml"))
+
+
+def config_path(name_or_path: str | os.PathLike) -> Path:
+    """The file ``--config`` means: a path, or else the bare name of a shipped config (``demo``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    names = shipped_configs()
+    if len(path.parts) == 1 and path.stem == path.name and path.name in names:
+        return SHIPPED / f"{path.name}.yaml"
+    raise ConfigError(f"{path}: config file not found{_suggest(path.stem, names)}; "
+                      f"shipped configs, by name: {', '.join(names)}")
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults <- the YAML file (default: configs/demo.yaml) <- ``key=value`` overrides."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    """Defaults <- the YAML file or shipped config (default: ``demo``) <- ``key=value`` overrides."""
+    path = config_path(path) if path is not None else DEFAULT_CONFIG
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -314,7 +333,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     from_dict(raw, str(path))  # report the file's own mistakes against the file
-    if path.resolve().parent == DEFAULT_CONFIG.parent:
+    if path.resolve().parent == SHIPPED:
         _bundled_paths(raw)
     for text in overrides:
         (section, key), value = parse_override(text)
@@ -328,18 +347,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
 
 
 def _bundled_paths(raw: dict) -> None:
-    """jaxgpt's own configs name their data relative to the project (``jaxgpt/assets/...``): such a
-    path, when it is not there relative to the current folder, is taken from the project, so that
-    ``python -m jaxgpt.train`` runs from any folder."""
+    """A shipped config names the package's data files as ``jaxgpt/assets/...``; they are taken
+    from the installed package, whatever the current folder (which may hold another copy)."""
     data = raw.get("data") or {}
     for key in ("sources", "eval_sources"):
         items = data.get(key)
         items = [items] if isinstance(items, (str, dict)) else list(items or [])
         for i, item in enumerate(items):
             rel = item if isinstance(item, str) else item.get("path") if isinstance(item, dict) else None
-            if isinstance(rel, str) and not Path(rel).is_absolute() and not Path(rel).exists() \
-                    and (ROOT / rel).exists():
-                items[i] = str(ROOT / rel) if isinstance(item, str) else {**item, "path": str(ROOT / rel)}
+            if isinstance(rel, str) and Path(rel).parts[:1] == (PACKAGE.name,):
+                full = str(PACKAGE.parent / rel)
+                items[i] = full if isinstance(item, str) else {**item, "path": full}
         if items:
             data[key] = items
 

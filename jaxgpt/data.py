@@ -1132,7 +1132,8 @@ def inspect_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxgpt.data inspect",
                                 description="Show rendered examples with the trained tokens marked, and statistics.")
     p.add_argument("--data", action="append", default=[], help="file, folder or hub id (repeatable)")
-    p.add_argument("--config", help="YAML/JSON run config; its `data:` section (or the whole file) is the DataConfig")
+    p.add_argument("--config", help="YAML/JSON run config or a shipped config's name (demo); its `data:` section "
+                                    "(or the whole file) is the DataConfig")
     p.add_argument("--format", choices=FORMATS)
     p.add_argument("--template", choices=TEMPLATES)
     p.add_argument("--seq-len", type=int)
@@ -1195,9 +1196,9 @@ def inspect_main(argv: list[str] | None = None) -> int:
 
 
 def _read_config(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{path}: file not found")
+    from jaxgpt.config import SECTIONS, config_path, load_config  # config imports data
+
+    p = config_path(path)  # a file, or the name of a shipped config
     import yaml
 
     try:
@@ -1206,10 +1207,8 @@ def _read_config(path: str) -> dict:
         raise DataError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(d, dict):
         raise DataError(f"{path}: expected a mapping")
-    from jaxgpt.config import SECTIONS, load_config  # config imports data
-
     if any(k in SECTIONS for k in d):  # a run config: read as `train` reads it (bundled paths, value types)
-        return load_config(path).data.to_dict()
+        return load_config(p).data.to_dict()
     return dict(d)  # a data section on its own
 
 

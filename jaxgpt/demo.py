@@ -1,9 +1,9 @@
 """``make demo``: train a small chat model offline, watch it learn, export it to PyTorch.
 
-    python -m jaxgpt.demo [--config configs/demo.yaml] [--fresh] [section.key=value ...]
+    python -m jaxgpt.demo [--config demo] [--fresh] [section.key=value ...]
 
 What it does, on a laptop CPU in a few minutes, with nothing downloaded:
-  1. builds the model of ``configs/demo.yaml`` and asks it held-out questions
+  1. builds the model of ``jaxgpt/configs/demo.yaml`` and asks it held-out questions
      (``jaxgpt/assets/demo_chat_heldout.jsonl``: paraphrases that are not in the
      training set) -- before training the replies are noise;
   2. trains it with ``jaxgpt.train.train`` on the bundled persona chats
@@ -12,12 +12,14 @@ What it does, on a laptop CPU in a few minutes, with nothing downloaded:
   3. reloads the last checkpoint and asks the same questions again;
   4. exports it with ``jaxgpt.export`` to a Hugging Face PyTorch folder (the
      export checks its logits against transformers) and chats with that folder
-     through transformers' ``pipeline("text-generation")``.
+     through transformers' ``pipeline("text-generation")``. Without torch (a
+     plain ``pip install jaxgpt``) the export re-reads its own file instead and
+     the pipeline is skipped.
 
 Honest scope: no pretrained GPT-2 can be downloaded offline, so the demo model
 is a small GPT-2-architecture network trained from scratch with GPT-2's real
 tokenizer. It learns this dataset's answers, not English in general; the real
-workflow (``configs/gpt2-chat.yaml``) fine-tunes pretrained GPT-2 on a GPU/TPU.
+workflow (``--config gpt2-chat``) fine-tunes pretrained GPT-2 on a GPU/TPU.
 Running the demo again resumes the finished run (nothing is retrained or lost);
 ``--fresh`` moves the old run aside and trains again.
 """
@@ -25,13 +27,13 @@ Running the demo again resumes the finished run (nothing is retrained or lost);
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(__file__).resolve().parent / "assets"
 HELDOUT = ASSETS / "demo_chat_heldout.jsonl"
 MAX_NEW_TOKENS = 40
@@ -96,7 +98,7 @@ def pipeline_reply(hf_dir: Path, question: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxgpt.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    p.add_argument("--config", default="demo", help="YAML file or shipped config name (default: %(default)s)")
     p.add_argument("--fresh", action="store_true", help="move a previous run aside and train again")
     p.add_argument("--show", type=int, default=5, help="held-out questions printed before/after")
     p.add_argument("--no-pipeline", action="store_true", help="skip the transformers pipeline reply")
@@ -172,7 +174,9 @@ def run(args) -> int:
     print()
     export(str(out), hf_dir, overwrite=True)
     pipe_text = None
-    if not args.no_pipeline:
+    if not args.no_pipeline and importlib.util.find_spec("torch") is None:
+        print("torch is not installed: skipped the transformers pipeline reply (pip install torch to see it)")
+    elif not args.no_pipeline:
         q = heldout[0]["question"]
         pipe_text = pipeline_reply(hf_dir, q)
         print(f"transformers pipeline('text-generation', '{hf_dir}'):\n  Q: {q}\n  A: {pipe_text!r}")
@@ -188,7 +192,7 @@ def run(args) -> int:
           "Next:\n"
           f"  python -m jaxgpt.chat --model {out}\n"
           f"  python -m jaxgpt.sample --model {hf_dir} --prompt 'Hello'\n"
-          "  python -m jaxgpt.train --config configs/gpt2-chat.yaml   # real fine-tuning of GPT-2 on a GPU/TPU")
+          "  python -m jaxgpt.train --config gpt2-chat   # real fine-tuning of GPT-2 on a GPU/TPU")
     shutil.rmtree(out / "hf.partial", ignore_errors=True)
     return 0
 

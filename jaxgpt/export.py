@@ -17,11 +17,15 @@ its logits match jaxgpt's (max abs diff and top-k agreement are printed).
 ``--out`` is never the source run, a folder holding it, a folder among its checkpoints or
 the current folder, and ``--overwrite`` replaces only an earlier export: never a folder
 holding checkpoints or metrics.
+
+Without torch (it is not a dependency of jaxgpt) the written safetensors are read
+back into jaxgpt's model instead, and the line says which check ran.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shutil
 import sys
 from dataclasses import dataclass
@@ -53,6 +57,7 @@ class ExportError(ValueError):
 
 @dataclass
 class Check:
+    reference: str  # what computed the exported folder's logits
     max_abs_diff: float
     tolerance: float
     top1_agreement: float  # fraction of positions whose argmax agrees
@@ -64,7 +69,7 @@ class Check:
         return self.max_abs_diff <= self.tolerance
 
     def __str__(self) -> str:
-        return (f"max |logits diff| {self.max_abs_diff:.2e} (tolerance {self.tolerance:.1e}), "
+        return (f"check vs {self.reference}: max |logits diff| {self.max_abs_diff:.2e} (tolerance {self.tolerance:.1e}), "
                 f"top-1 agreement {self.top1_agreement:.1%}, top-{self.k} overlap {self.topk_overlap:.1%}")
 
 
@@ -117,32 +122,61 @@ def rounded(model: GPT2, dtype: str) -> GPT2:
 
 def verify(model: GPT2, hf_dir: Path, tok, *, dtype: str = "float32", atol: float = 1e-3, rtol: float = 1e-5,
            k: int = 5) -> Check:
-    """Logits of transformers' GPT2LMHeadModel on ``hf_dir`` vs jaxgpt's ``model`` (both float32 maths).
+    """Logits of the folder ``hf_dir`` vs jaxgpt's ``model`` (both float32 maths). The folder runs in
+    transformers' GPT2LMHeadModel where torch is installed; without torch, jaxgpt reads it back
+    (config.json and model.safetensors), which proves the file, not transformers' reading of it.
 
     Tolerance = atol + rtol * max|logit|: float32 matmuls in XLA and in torch
     sum in different orders, so differences grow with the logits' scale. jaxgpt's side runs
     with float32 matmul precision: on a GPU, jax's default lets float32 matmuls run in TF32,
     which put the demo's logits 2.9e-3 from PyTorch's on an H200 (tolerance 1.1e-3).
     """
-    import torch
-    from transformers import GPT2LMHeadModel
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    ref = rounded(model, dtype)
-    torch_model = GPT2LMHeadModel.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    if torch_installed():
+        reference, exported = "transformers GPT2LMHeadModel", _torch_logits(hf_dir)
+    else:
+        reference = "the written safetensors re-read by jaxgpt (no torch)"
+        exported = _jax_logits(load_pretrained(hf_dir)[0])  # float32, unpadded vocab, as transformers holds it
+    jaxgpt_logits = _jax_logits(rounded(model, dtype))
     diffs, scale, top1, overlap = [], 0.0, [], []
     for ids in check_prompts(tok, model.config.n_positions):
-        with jax.default_matmul_precision("float32"):
-            ours = np.asarray(ref(jnp.asarray([ids], jnp.int32)))[0]
-        with torch.no_grad():
-            theirs = torch_model(torch.tensor([ids])).logits[0].numpy()
+        ours, theirs = jaxgpt_logits(ids), exported(ids)
         diffs.append(float(np.abs(ours - theirs).max()))
         scale = max(scale, float(np.abs(theirs).max()))
         top1.append(ours.argmax(-1) == theirs.argmax(-1))
         a, b = set(np.argsort(-ours[-1])[:k]), set(np.argsort(-theirs[-1])[:k])
         overlap.append(len(a & b) / k)
-    return Check(max(diffs), atol + rtol * scale, float(np.concatenate(top1).mean()), float(np.mean(overlap)), k)
+    return Check(reference, max(diffs), atol + rtol * scale, float(np.concatenate(top1).mean()),
+                 float(np.mean(overlap)), k)
+
+
+def torch_installed() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+def _torch_logits(hf_dir: Path):
+    import torch
+    from transformers import GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch_model = GPT2LMHeadModel.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+
+    def logits(ids: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            return torch_model(torch.tensor([ids])).logits[0].numpy()
+    return logits
+
+
+def _jax_logits(model: GPT2):
+    """``ids -> logits`` of a jaxgpt model in float32 matmuls, compiled once per prompt length
+    (run op by op, each prompt compiled hundreds of small programs)."""
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))
+
+    def logits(ids: list[int]) -> np.ndarray:
+        with jax.default_matmul_precision("float32"):
+            return np.asarray(forward(state, jnp.asarray([ids], jnp.int32)))[0]
+    return logits
 
 
 # ----------------------------------------------------------------------------- where the folder goes
@@ -228,15 +262,10 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", v
     cfg = model.config
     log(f"wrote {staging} ({cfg.n_layer} layers, width {cfg.n_embd}, vocab {cfg.vocab_size}, {dtype})")
     if verify_logits:
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            log("torch is not installed: skipped the logits check against transformers")
-        else:
-            check = verify(model, staging, tok, dtype=dtype, atol=atol, rtol=rtol)
-            log(f"check vs transformers GPT2LMHeadModel: {check}")
-            if not check.ok:
-                raise ExportError(f"{staging}: exported logits differ from jaxgpt's ({check}); folder left for inspection")
+        check = verify(model, staging, tok, dtype=dtype, atol=atol, rtol=rtol)
+        log(str(check))
+        if not check.ok:
+            raise ExportError(f"{staging}: exported logits differ from jaxgpt's ({check}); folder left for inspection")
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
@@ -276,7 +305,8 @@ def main(argv=None, *, prog: str = "python -m jaxgpt.export", positional: bool =
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the saved weights")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the verified folder to this hub repo")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--no-verify", action="store_true", help="skip the logits check against transformers")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the logits check (against transformers; without torch, of the re-read file)")
     p.add_argument("--atol", type=float, default=1e-3)
     p.add_argument("--rtol", type=float, default=1e-5)
     args = p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Train GPT-2 (SFT or from scratch): ``python -m jaxgpt.train --config configs/gpt2-chat.yaml key=value ...``.
+"""Train GPT-2 (SFT or from scratch): ``python -m jaxgpt.train --config gpt2-chat key=value ...``.
 
 Reads top to bottom like the run it performs:
 
@@ -42,7 +42,7 @@ import optax
 from flax import nnx
 
 from jaxgpt import compile_cache, host_memory, kernels, sharding
-from jaxgpt.config import Config, ConfigError, help_text, load_config, validate
+from jaxgpt.config import Config, ConfigError, help_text, load_config, shipped_configs, validate
 from jaxgpt.loss import chunked_cross_entropy
 from jaxgpt.model import (SETTINGS, GPT2, GPT2Config, abstract_model, attention_implementation, fused_kernels, loss_chunks,
                           num_params, remat_policy, resize_token_embeddings, scan_blocks)
@@ -746,10 +746,12 @@ def _preemption_guard():
 
 # ----------------------------------------------------------------------------- CLI
 
-USAGE = """usage: python -m jaxgpt.train [--config FILE.yaml] [section.key=value ...]
+USAGE = """usage: python -m jaxgpt.train [--config FILE.yaml | NAME] [section.key=value ...]
 
-Train GPT-2 with JAX. Without --config, runs configs/demo.yaml. Overrides are
-read as YAML values, e.g.: optimizer.lr=3e-5 train.steps=200 mesh.fsdp=-1
+Train GPT-2 with JAX. --config takes a YAML file or the name of a shipped config
+({configs}; in jaxgpt/configs/);
+without it, runs demo. Overrides are read as YAML values, e.g.:
+optimizer.lr=3e-5 train.steps=200 mesh.fsdp=-1
 On a CPU host the command restarts itself once, before jax loads, with glibc malloc
 settings that make XLA:CPU's steps faster (JAXGPT_MALLOC=default: it does not;
 docs/training.md, "Host memory on a CPU").
@@ -761,14 +763,14 @@ keys (type = default):
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
-        print(USAGE + help_text())
+        print(USAGE.format(configs=", ".join(shipped_configs())) + help_text())
         return 0
     path, overrides = None, []
     while argv:
         arg = argv.pop(0)
         if arg == "--config":
             if not argv:
-                print("error: --config needs a YAML file", file=sys.stderr)
+                print("error: --config needs a YAML file or a shipped config's name", file=sys.stderr)
                 return 2
             path = argv.pop(0)
         elif arg.startswith("--config="):

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from jaxgpt.config import Config, ConfigError, from_dict, help_text, load_config, validate
+from jaxgpt.config import Config, ConfigError, from_dict, help_text, load_config, shipped_configs, validate
 from jaxgpt.train import main, train
 from tests.conftest import ROOT
 
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "jaxgpt" / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -21,7 +21,23 @@ def test_shipped_configs_load(path):
 
 def test_no_config_means_demo():
     cfg = load_config()
-    assert cfg.to_dict() == load_config(ROOT / "configs" / "demo.yaml").to_dict()
+    assert cfg.to_dict() == load_config(ROOT / "jaxgpt" / "configs" / "demo.yaml").to_dict()
+
+
+def test_shipped_configs_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert shipped_configs() == [p.stem for p in CONFIGS]
+    assert {"demo", "gpt2-chat", "gpt2-xl-pod"} <= set(shipped_configs())
+    for path in CONFIGS:
+        assert load_config(path.stem).to_dict() == load_config(path).to_dict()
+    assert load_config("gpt2-chat", ["train.steps=7"]).train.steps == 7
+    with pytest.raises(ConfigError, match=r"^gpt2chat: config file not found \(did you mean 'gpt2-chat'\?\); "
+                                          r"shipped configs, by name: demo, gpt2-chat"):
+        load_config("gpt2chat")
+    with pytest.raises(ConfigError, match="demo.yaml: config file not found"):  # a path is only a path
+        load_config("demo.yaml")
+    (tmp_path / "demo").write_text("train:\n  steps: 3\n")  # a file of that name is the user's own
+    assert load_config("demo").train.steps == 3
 
 
 def test_overrides_are_typed():
@@ -213,9 +229,13 @@ def test_counts_checked_before_anything_is_built(override, message):
 
 def test_bundled_config_runs_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    decoy = tmp_path / "jaxgpt" / "assets" / "demo_chat.jsonl"  # another copy here (an older checkout)
+    decoy.parent.mkdir(parents=True)
+    decoy.write_text("")
     cfg = load_config()
-    for src in cfg.data.sources + cfg.data.eval_sources:
+    for src in cfg.data.sources + cfg.data.eval_sources:  # the installed package's own files
         assert Path(src.path).is_absolute() and Path(src.path).is_file()
+        assert Path(src.path).parent == ROOT / "jaxgpt" / "assets"
     assert cfg.train.output_dir == "runs/demo"  # outputs stay relative to where the command runs
     own = tmp_path / "mine.yaml"  # the user's own config: paths stay as written
     own.write_text("data:\n  sources: [jaxgpt/assets/demo_chat.jsonl]\n")

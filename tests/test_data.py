@@ -604,9 +604,10 @@ def test_inspect_reads_config_values_as_train_does(tmp_path, capsys):
 def test_inspect_reads_a_run_config_from_any_folder(tmp_path, monkeypatch, capsys):
     from tests.conftest import ROOT
 
-    monkeypatch.chdir(tmp_path)  # the bundled demo config's data paths are found in the project, as by train
-    assert main(["inspect", "--config", str(ROOT / "configs" / "demo.yaml"), "-n", "0"]) == 0
-    assert "rows x seq_len" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)  # the shipped demo config's data paths are found in the package, as by train
+    for config in (str(ROOT / "jaxgpt" / "configs" / "demo.yaml"), "demo"):  # by path or by name
+        assert main(["inspect", "--config", config, "-n", "0"]) == 0
+        assert "rows x seq_len" in capsys.readouterr().out
     other = tmp_path / "opt.yaml"
     other.write_text("optimizer:\n  lr: 1.0e-4\n")
     assert main(["inspect", "--config", str(other)]) == 2

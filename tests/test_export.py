@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -109,6 +110,30 @@ def test_verify_compares_full_float32_logits(exported, monkeypatch):
     assert seen and set(seen) == {"float32"}
     assert jax.config.jax_default_matmul_precision is None  # restored afterwards
     assert check.ok
+
+
+def test_without_torch_the_written_file_is_read_back(exported, tmp_path, monkeypatch):
+    """Without torch (a plain ``pip install jaxgpt``) export's check runs the written safetensors in
+    jaxgpt itself, says so, and still refuses a file that does not hold the model."""
+    import safetensors.numpy
+
+    from jaxgpt import export as export_module
+
+    run, hf = exported
+    monkeypatch.setattr(export_module, "torch_installed", lambda: False)
+    lines = []
+    export(run, tmp_path / "bf16", dtype="bfloat16", log=lines.append)
+    assert [line for line in lines if line.startswith("check vs the written safetensors re-read by jaxgpt (no torch)")]
+    model, tok = load_for_inference(str(run))
+    assert export_module.verify(model, hf, tok).ok
+    bad = tmp_path / "bad"  # the final LayerNorm's scale not the model's
+    shutil.copytree(hf, bad)
+    tensors = safetensors.numpy.load_file(bad / "model.safetensors")
+    (name,) = [n for n in tensors if n.endswith("ln_f.weight")]
+    tensors[name] = tensors[name] * 1.5
+    safetensors.numpy.save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    check = export_module.verify(model, bad, tok)
+    assert check.reference.startswith("the written safetensors re-read by jaxgpt") and not check.ok
 
 
 def test_chat_template_renders_what_jaxgpt_trained_on(exported):

@@ -679,7 +679,7 @@ def main(argv=None) -> int:
     print(f"jaxgpt bench ({'quick' if args.quick else 'full'}) on {results['machine']['cpu']} "
           f"({results['machine']['cores']} cores); scratch {work}")
     if args.gpu:
-        args.batch = args.batch or 32  # as configs/gpt2-chat.yaml
+        args.batch = args.batch or 32  # as jaxgpt/configs/gpt2-chat.yaml
         results["gpu"] = run_gpu(args, work)
         sections = []  # the GPU run writes --out as it goes; the whole record follows below
     runs = {"train": lambda: section_train(work, args.quick, steps, args.warmup, args.rounds),
