@@ -619,10 +619,11 @@ def _train(cfg: Config, out: Path, mesh, cache_dir) -> TrainResult:
         if not ok:
             bad_in_a_row += 1
             result.skipped.append(step)
-            what = (f"non-finite loss/gradient (loss={loss}, grad_norm={float(m['grad_norm'])})"
-                    if bool(m["params_ok"]) or not math.isfinite(loss) or not math.isfinite(float(m["grad_norm"]))
-                    else f"the update would make parameters non-finite (loss={loss}, grad_norm={float(m['grad_norm'])})")
-            logger.print(f"step {step}: {what}; update skipped ({bad_in_a_row} in a row)")
+            grad_norm = float(m["grad_norm"])
+            what = ("non-finite loss/gradient" if not (math.isfinite(loss) and math.isfinite(grad_norm))
+                    else "the update would make parameters non-finite")
+            logger.print(f"step {step}: {what} (loss={loss}, grad_norm={grad_norm}); update skipped "
+                         f"({bad_in_a_row} in a row)")
             if bad_in_a_row >= t.max_nonfinite:
                 last = ckpt.latest_step() if ckpt is not None else None
                 # Every applied update was checked finite: so is every checkpoint (not necessarily good).
@@ -689,7 +690,7 @@ def _train(cfg: Config, out: Path, mesh, cache_dir) -> TrainResult:
         if ckpt is not None:
             ckpt.close()
         logger.close()
-        if jax.process_index() == 0 and not hasattr(train_data.dataset, "num_rows"):
+        if jax.process_index() == 0 and _streaming(train_data):
             _write_data_stats(out, train_data, eval_set)  # streaming: what was read by now
     result.params = state["params"]
     if jax.process_index() == 0 and cfg.logging.plot and result.losses:
@@ -812,7 +813,7 @@ def _report_data(logger: MetricsLog, out: Path, train_data, eval_set) -> None:
     """What training reads: one line per set in the start-up output (skips with their file:line),
     all of it in ``data_stats.json``."""
     stats = train_data.dataset.stats
-    if not hasattr(train_data.dataset, "num_rows"):
+    if _streaming(train_data):
         logger.print(f"data: streaming; statistics are counted as it is read, into {out / 'data_stats.json'}")
     else:
         logger.print(f"data: {stats.brief()} ({out / 'data_stats.json'})")
@@ -822,6 +823,12 @@ def _report_data(logger: MetricsLog, out: Path, train_data, eval_set) -> None:
         logger.print(f"eval data: {eval_set.stats.brief()}")
     if jax.process_index() == 0:
         _write_data_stats(out, train_data, eval_set)
+
+
+def _streaming(train_data) -> bool:
+    from jaxgpt.data import StreamingDataset
+
+    return isinstance(train_data.dataset, StreamingDataset)
 
 
 def _write_data_stats(out: Path, train_data, eval_set) -> None:

@@ -305,13 +305,13 @@ def test_first_ctrl_c_is_a_flag_second_one_stops_at_once():
     from jaxgpt.checkpoint import PreemptionGuard
 
     before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
-        with PreemptionGuard() as guard:
-            os.kill(os.getpid(), signal.SIGINT)  # only a flag: the step finishes, the loop saves
-            assert guard.should_stop(1) and guard.received == signal.SIGINT
+    with PreemptionGuard() as guard:
+        os.kill(os.getpid(), signal.SIGINT)  # only a flag: the step finishes, the loop saves
+        assert guard.should_stop(1) and guard.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the handler runs here
-            pytest.fail("the second Ctrl-C did not interrupt")
+        assert signal.getsignal(signal.SIGINT) is before  # a third Ctrl-C is Python's own
     assert signal.getsignal(signal.SIGINT) is before
 
 
@@ -329,7 +329,7 @@ def test_ctrl_c_saves_and_exits_130_while_a_second_training_is_refused(tmp_path)
     Ctrl-C finishes the step, saves it (no periodic save was due), prints one line and exits 130."""
     run = cli_run(tmp_path, steps=10_000)
     run.wait_for(lambda: len(run.steps_done()) >= 2)
-    cfg = from_dict(raw_config(run.out, Path(DEMO), train={"steps": 10_000}))
+    cfg = from_dict(raw_config(run.out, Path(DEMO), train={"steps": 1}))
     with pytest.raises(CheckpointError, match=rf"in use by another training \(host {socket.gethostname()}, "
                                               rf"pid {run.proc.pid}, "):
         train(cfg)
