@@ -583,6 +583,7 @@ class Checkpointer:
         return dst
 
     def _restore_step(self, step, abstract_params, abstract_opt_state) -> dict:
+        _quiet_closed_event_loop()
         d = self.step_dir(step)
         if not d.is_dir():
             raise CheckpointError(f"{d}: no such checkpoint step (have {self._mngr.all_steps()})")
@@ -592,7 +593,6 @@ class Checkpointer:
         try:
             meta = self._mngr.item_metadata(step)
         except Exception as e:
-            _quiet_closed_event_loop()
             raise _Corrupt(f"cannot read metadata: {_short(e)}") from e
         _check_fits(d / "params", abs_pure, meta["params"], warn_dtypes=True)
         if abstract_opt_state is not None:
@@ -604,7 +604,6 @@ class Checkpointer:
         try:
             out = self._mngr.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
-            _quiet_closed_event_loop()
             raise _Corrupt(_short(e)) from e
         state = out["state"]
         if state is None or out["config"] is None or state.get("step") != step:
@@ -627,9 +626,10 @@ class _Corrupt(Exception):
 
 
 def _quiet_closed_event_loop():
-    """After a failed read, tensorstore's reads still in flight finish into orbax's event loop, closed
-    by then; each prints an "Event loop is closed" traceback (dozens per step, as they are collected).
-    They say nothing the error does not: drop them, and leave every other unraisable to the hook."""
+    """Before reading a step. After a failed read, tensorstore's reads still in flight finish into
+    orbax's event loop, closed by then; each prints an "Event loop is closed" traceback (dozens per
+    step, some while the read still fails, the rest as they are collected). They say nothing the
+    error does not: drop them, and leave every other unraisable to the hook."""
     previous = sys.unraisablehook
     if getattr(previous, "_jaxgpt_quiet", False):
         return
@@ -787,6 +787,7 @@ def load_for_inference(path: str | os.PathLike, *, dtype: str = "float32", param
 
 
 def _load_step(step_dir: Path, dtype: str, param_dtype: str):
+    _quiet_closed_event_loop()
     missing = [n for n in (STEP_METADATA_FILE, "params", "config") if not (step_dir / n).exists()]
     if missing:
         raise CheckpointError(f"{step_dir}: incomplete checkpoint (missing {', '.join(missing)})")
@@ -794,7 +795,6 @@ def _load_step(step_dir: Path, dtype: str, param_dtype: str):
     try:
         config = ckptr.restore(step_dir, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     except Exception as e:
-        _quiet_closed_event_loop()
         raise CheckpointError(f"{step_dir}: cannot read the saved config: {_short(e)}") from None
     cfg = model_config_from(config, str(step_dir / "config"))
     cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype, dropout=0.0, remat="auto", attention="auto", kernels="auto")
@@ -806,13 +806,11 @@ def _load_step(step_dir: Path, dtype: str, param_dtype: str):
     try:
         meta = ckptr.metadata(step_dir).item_metadata["params"]
     except Exception as e:
-        _quiet_closed_event_loop()
         raise CheckpointError(f"{step_dir}: cannot read parameter metadata: {_short(e)}") from None
     _check_fits(step_dir / "params", abs_pure, meta)
     try:
         pure = ckptr.restore(step_dir, args=ocp.args.Composite(params=ocp.args.StandardRestore(abs_pure)))["params"]
     except Exception as e:
-        _quiet_closed_event_loop()
         raise CheckpointError(f"{step_dir}: cannot read parameters (corrupt?): {_short(e)}") from None
     bad = nonfinite_tensor(pure)
     if bad is not None:
