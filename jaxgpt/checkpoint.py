@@ -40,13 +40,17 @@ import json
 import logging
 import os
 import signal
+import socket
+import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -60,6 +64,7 @@ CHECKPOINT_SUBDIR = "checkpoints"  # checkpoints live in <train.output_dir>/chec
 ITEMS = ("params", "opt_state", "state", "config", "tokenizer")
 REQUIRED_ITEMS = ("params", "opt_state", "state", "config")
 STEP_METADATA_FILE = "_CHECKPOINT_METADATA"  # orbax writes it last inside the step folder
+CORRUPT_SUFFIX = ".corrupt-"  # <step>.corrupt-<time>: a step set aside, never deleted
 
 
 def _registry():
@@ -170,10 +175,103 @@ def _json_roundtrip(value, what: str):
         raise CheckpointError(f"{what} must be JSON-serialisable: {e}") from None
 
 
+# ----------------------------------------------------------------------------- the run folder
+
+LOCK_FILE = "train.lock"
+
+
+class RunLock:
+    """One training at a time writes a run folder: ``<folder>/train.lock`` names the holder's host and pid.
+
+    A lock whose holder is gone (a dead pid on this host: SIGKILL, OOM, a reboot) is taken over with a
+    warning; one from another host is not (its pid cannot be checked from here). With several
+    processes only process 0 takes the lock, and every process learns whether it did.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_FILE
+        self.held = False
+
+    def __enter__(self):
+        error = self._acquire() if jax.process_index() == 0 else None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+            if failed and error is None:
+                error = CheckpointError(f"{self.folder}: process 0 could not lock the run folder (see its output)")
+        if error is not None:
+            raise error
+        return self
+
+    def __exit__(self, *exc):
+        if self.held and (self._holder() or {}).get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
+        return False
+
+    def _holder(self) -> dict | None:
+        try:
+            holder = json.loads(self.path.read_text())
+            return holder if isinstance(holder, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def _acquire(self) -> CheckpointError | None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return CheckpointError(f"{self.folder}: cannot create the run folder ({e.strerror or e})")
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None or holder.get("host") != me["host"] or _alive(holder.get("pid")):
+                    who = (f"host {holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since')}"
+                           if holder else "unreadable lock")
+                    gone = "" if holder and holder.get("host") == me["host"] else (
+                        f"; if no training runs there any more, remove {self.path}")
+                    return CheckpointError(f"{self.folder} is in use by another training ({who}): wait for it to "
+                                           f"finish, or set train.output_dir to another folder{gone}")
+                log.warning("taking over %s: its training (pid %s, since %s) is no longer running",
+                            self.path, holder.get("pid"), holder.get("since"))
+                self.path.unlink(missing_ok=True)
+                continue
+            except OSError as e:  # a read-only folder: one line, before anything is built
+                return CheckpointError(f"{self.folder}: the run folder is not writable ({e.strerror or e})")
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return None
+        return CheckpointError(f"{self.folder}: another training took {self.path} meanwhile")
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def set_aside_steps(root: Path) -> list[str]:
+    """The step folders an earlier restore set aside as incomplete or corrupt (``<step>.corrupt-<time>``)."""
+    return sorted(p.name for p in root.iterdir() if CORRUPT_SUFFIX in p.name) if root.is_dir() else []
+
+
 # ----------------------------------------------------------------------------- preemption
 
 class PreemptionGuard:
-    """Records SIGTERM so the loop can finish its step, save and exit 0.
+    """Records SIGTERM (preemption) and SIGINT (Ctrl-C) so the loop can finish its step, save and exit.
+
+    A second SIGINT raises ``KeyboardInterrupt`` at once: an async save in flight is then never
+    committed (orbax renames a step into place only when complete), so the last committed step stays.
 
     Usage::
 
@@ -198,7 +296,7 @@ class PreemptionGuard:
     answer (``tests/test_checkpoint.py``, two processes).
     """
 
-    def __init__(self, signals=(signal.SIGTERM,)):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.signals = tuple(signals)
         self.received: int | None = None
         self._previous = {}
@@ -206,10 +304,16 @@ class PreemptionGuard:
         self._last: tuple[int, bool] | None = None
 
     def _handler(self, signum, frame):
+        if signum == signal.SIGINT and self.received is not None:  # Ctrl-C again: the user means now
+            self.__exit__()
+            raise KeyboardInterrupt
         # Only set a flag: the step in flight (and any async save) finishes normally.
         self.received = signum
-        log.warning("received %s: will save a checkpoint after the current step and exit",
-                    signal.Signals(signum).name)
+        if signum == signal.SIGINT:
+            log.warning("Ctrl-C: saving a checkpoint after the current step, then exiting (Ctrl-C again stops at once)")
+        else:
+            log.warning("received %s: will save a checkpoint after the current step and exit",
+                        signal.Signals(signum).name)
 
     def __enter__(self):
         self._multihost = jax.process_count() > 1
@@ -258,13 +362,15 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int = 3, async_save: bool = True,
-                 read_only: bool = False):
+                 read_only: bool = False, log_file: str | os.PathLike | None = None):
         if save_every < 1:
             raise CheckpointError(f"checkpoint.save_every must be >= 1, got {save_every}")
         if keep < 1:
             raise CheckpointError(f"checkpoint.keep must be >= 1, got {keep}")
         self.directory = Path(directory).absolute()
         self.save_every, self.keep, self.read_only = save_every, keep, read_only
+        # Where a corrupt step's full error (tensorstore's specs, the traceback) goes; the log says one line.
+        self.log_file = None if log_file is None else Path(log_file).absolute()
         self._pending_step: int | None = None
         self._tok_cache: tuple[int, dict] | None = None
         if not read_only:
@@ -428,38 +534,56 @@ class Checkpointer:
         steps = sorted(self._mngr.all_steps(), reverse=True)
         if not steps:
             raise CheckpointError(f"{self.directory}: no checkpoint to restore")
-        for s in steps:
-            problem = self._incomplete(s)
+        for i, s in enumerate(steps):
+            problem, error = self._incomplete(s), None
             if problem is None:
                 try:
                     return self._restore_step(s, abstract_params, abstract_opt_state)
                 except _Corrupt as e:
-                    problem = str(e)
-            log.warning("checkpoint %s is incomplete or corrupt (%s); using the previous one", self.step_dir(s), problem)
-            self._set_aside(s)
+                    problem, error = str(e), e.__cause__ or e
+            moved = self._set_aside(s)
+            self._write_details(s, problem, error)
+            log.warning("checkpoint %s is incomplete or corrupt (%s); %s; %s%s", self.step_dir(s), problem[:200],
+                        f"set aside as {moved.name}" if moved else "left in place",
+                        f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no earlier step",
+                        f" (details in {self.log_file})" if self.log_file else "")
         raise CheckpointError(f"{self.directory}: every checkpoint is incomplete or corrupt (steps {steps})")
+
+    def _write_details(self, step: int, problem: str, error: BaseException | None):
+        if self.log_file is None or jax.process_index() != 0:
+            return
+        lines = [f"{time.strftime('%Y-%m-%d %H:%M:%S')} checkpoint {self.step_dir(step)} is incomplete or corrupt: "
+                 f"{problem}"]
+        if error is not None:  # the whole error, tensorstore's spec included
+            lines += traceback.format_exception(type(error), error, error.__traceback__)
+        try:
+            with open(self.log_file, "a") as f:
+                f.write("\n".join(line.rstrip("\n") for line in lines) + "\n\n")
+        except OSError as e:
+            log.warning("cannot write %s: %s", self.log_file, e.strerror or e)
 
     def _incomplete(self, step: int) -> str | None:
         d = self.step_dir(step)
         missing = [name for name in (STEP_METADATA_FILE, *REQUIRED_ITEMS) if not (d / name).exists()]
         return f"missing {', '.join(missing)}" if missing else None
 
-    def _set_aside(self, step: int):
+    def _set_aside(self, step: int) -> Path | None:
         # Out of orbax's listing (so later saves at these step numbers work and
         # keep-K does not count it), but never deleted: it may be inspected.
         if self.read_only:
-            return
+            return None
+        src = self.step_dir(step)
+        dst = src.with_name(f"{src.name}{CORRUPT_SUFFIX}{time.strftime('%Y%m%d-%H%M%S')}")
         if jax.process_index() == 0:
-            src = self.step_dir(step)
-            dst = src.with_name(f"{src.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
             src.rename(dst)
-            log.warning("moved %s to %s", src, dst)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices(f"jaxgpt_checkpoint_set_aside_{step}")
         self._mngr.reload()
+        return dst
 
     def _restore_step(self, step, abstract_params, abstract_opt_state) -> dict:
+        _quiet_closed_event_loop()
         d = self.step_dir(step)
         if not d.is_dir():
             raise CheckpointError(f"{d}: no such checkpoint step (have {self._mngr.all_steps()})")
@@ -501,6 +625,25 @@ class _Corrupt(Exception):
     """Reading a checkpoint step failed: treated as incomplete/corrupt."""
 
 
+def _quiet_closed_event_loop():
+    """Before reading a step. After a failed read, tensorstore's reads still in flight finish into
+    orbax's event loop, closed by then; each prints an "Event loop is closed" traceback (dozens per
+    step, some while the read still fails, the rest as they are collected). They say nothing the
+    error does not: drop them, and leave every other unraisable to the hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_jaxgpt_quiet", False):
+        return
+
+    def hook(u):
+        if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+            log.debug("after a failed checkpoint read: %s", u.exc_value)
+        else:
+            previous(u)
+
+    hook._jaxgpt_quiet = True
+    sys.unraisablehook = hook
+
+
 def _short(e: BaseException) -> str:
     """``Type: message`` without tensorstore's multi-kilobyte spec dump."""
     msg = str(e).split(" [tensorstore_spec=")[0].strip()
@@ -515,6 +658,24 @@ def _flat_names(tree) -> dict[str, Any]:
                 return str(getattr(entry, attr))
         return str(entry)
     return {".".join(name(e) for e in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def nonfinite_tensor(params) -> str | None:
+    """The name of the first parameter holding NaN or infinity (``h.0.attn.c_attn_kernel``), or None.
+
+    One jitted reduction per tensor, read back once: works on sharded arrays (every process takes part)."""
+    names = list(_flat_names(_to_pure(params)))
+    leaves = jax.tree.leaves(_to_pure(params))
+    if not leaves:
+        return None
+    finite = jax.jit(lambda xs: jnp.stack([jnp.isfinite(x).all() for x in xs]))(leaves)
+    finite = np.asarray(finite.addressable_data(0))  # replicated: every process holds the whole flag vector
+    bad = np.flatnonzero(~finite)
+    return names[int(bad[0])] if bad.size else None
+
+
+class NonFiniteError(CheckpointError):
+    """The parameters hold NaN or infinity: unusable, and never silently replaced by another step."""
 
 
 def _check_fits(item_dir: Path, abstract, metadata, *, warn_dtypes: bool = False):
@@ -616,6 +777,8 @@ def load_for_inference(path: str | os.PathLike, *, dtype: str = "float32", param
     for step_dir in step_dirs:
         try:
             return _load_step(step_dir, dtype, param_dtype or dtype)
+        except NonFiniteError:
+            raise  # readable, but garbage: an older step is the user's choice to make, by naming it
         except CheckpointError as e:
             if explicit:
                 raise
@@ -624,6 +787,7 @@ def load_for_inference(path: str | os.PathLike, *, dtype: str = "float32", param
 
 
 def _load_step(step_dir: Path, dtype: str, param_dtype: str):
+    _quiet_closed_event_loop()
     missing = [n for n in (STEP_METADATA_FILE, "params", "config") if not (step_dir / n).exists()]
     if missing:
         raise CheckpointError(f"{step_dir}: incomplete checkpoint (missing {', '.join(missing)})")
@@ -648,6 +812,12 @@ def _load_step(step_dir: Path, dtype: str, param_dtype: str):
         pure = ckptr.restore(step_dir, args=ocp.args.Composite(params=ocp.args.StandardRestore(abs_pure)))["params"]
     except Exception as e:
         raise CheckpointError(f"{step_dir}: cannot read parameters (corrupt?): {_short(e)}") from None
+    bad = nonfinite_tensor(pure)
+    if bad is not None:
+        older = [s for s in saved_steps(step_dir.parent) if s < int(step_dir.name)] if step_dir.name.isdigit() else []
+        raise NonFiniteError(f"{step_dir}: parameter {bad} holds NaN or infinity; this checkpoint is unusable"
+                             + (f" (earlier steps: {', '.join(map(str, older))}; name one, e.g. "
+                                f"{step_dir.parent / str(older[-1])})" if older else ""))
     nnx.replace_by_pure_dict(abs_params, pure)
     model = nnx.merge(graphdef, abs_params, rest)
     tokenizer = _read_tokenizer(step_dir)

@@ -515,6 +515,12 @@ class DataStats:
         d.update(capacity=self.capacity, packing_efficiency=self.packing_efficiency, fill=self.fill)
         return d
 
+    def brief(self) -> str:
+        """One line for a run's start-up output (``summary`` is the table ``data inspect`` prints)."""
+        return (f"{self.records:,} records read, {self.examples:,} examples, {self.skipped:,} skipped (invalid), "
+                f"{self.truncated:,} truncated, {self.dropped:,} dropped, {self.trained_tokens:,} trained tokens "
+                f"in {self.rows:,} rows of {self.seq_len} (packing efficiency {self.packing_efficiency:.0%})")
+
     def summary(self) -> str:
         lines = [
             f"records read      {self.records:>10,}   ({', '.join(f'{k}: {v}' for k, v in self.formats.items())})",

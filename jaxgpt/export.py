@@ -82,11 +82,14 @@ def load_source(path: str | Path):
         raise ExportError(f"{path}: no such checkpoint directory")
     if not path.is_dir():
         raise ExportError(f"{path}: expected a checkpoint directory (training output_dir or a step dir), got a file")
+    from jaxgpt.checkpoint import load_for_inference, nonfinite_tensor
+
     if is_hf_folder(path):
         model, _ = load_pretrained(path)
+        bad = nonfinite_tensor(nnx.state(model, nnx.Param))  # not a "logits mismatch" later: name the tensor
+        if bad is not None:
+            raise ExportError(f"{path}: parameter {bad} holds NaN or infinity; nothing exported")
         return model, load_tokenizer(path if has_tokenizer(path) else None)  # with a pad token, as training has
-    from jaxgpt.checkpoint import load_for_inference
-
     return load_for_inference(str(path.resolve()), dtype="float32")  # orbax wants absolute paths
 
 

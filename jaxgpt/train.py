@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -218,15 +219,20 @@ def make_train_step(graphdef, rest, tx, *, mesh=None, dropout: bool = False,
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, params)
         loss = l_sum / denom
         grad_norm = optax.tree.norm(grads)
-        # Finite gradients give a finite AdamW update in float32 / bfloat16 state (float16 state is refused).
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        grads_ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         lr_step = applied_steps(opt_state)
         updates, new_opt = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
+        # Finite gradients can still give non-finite parameters (an infinite or huge learning rate):
+        # the new parameters are checked too, a reduction XLA fuses with the update (on a mesh, each
+        # shard's, then one all-reduce of a flag), read back with the other metrics.
+        params_ok = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(new_params)]))
+        ok = grads_ok & params_ok
         # A non-finite step changes nothing (not even the optimizer's counters).
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         new_state = {"params": keep(new_params, params), "opt_state": keep(new_opt, opt_state)}
-        metrics = {"loss": loss, "grad_norm": grad_norm, "ok": ok, "trained_tokens": n_sum, "lr_step": lr_step}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "ok": ok, "params_ok": params_ok, "trained_tokens": n_sum,
+                   "lr_step": lr_step}
         return new_state, metrics
 
     out_shardings = None if state_shardings is None else (state_shardings, None)
@@ -492,7 +498,8 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> train loss (this process's run)
     evals: dict[int, dict] = field(default_factory=dict)  # step -> {"eval_loss", "eval_ppl"}
     skipped: list[int] = field(default_factory=list)  # steps whose update was not applied
-    preempted: bool = False
+    preempted: bool = False  # stopped early by SIGTERM or Ctrl-C, after saving
+    interrupted: bool = False  # ... by Ctrl-C
     output_dir: Path | None = None
 
     @property
@@ -510,12 +517,24 @@ def train(cfg: Config) -> TrainResult:
     cache_dir = compile_cache.enable()  # before anything compiles: a rerun loads the compiled step
     init_distributed(cfg.distributed)
     mesh_shape = validate(cfg, jax.device_count(), jax.process_count())
-    mesh = sharding.make_mesh(mesh_shape)
     out = Path(cfg.train.output_dir).expanduser()
+    from jaxgpt.checkpoint import RunLock
+
+    with RunLock(out):  # a second training into the same folder is refused, naming the first
+        return _train(cfg, out, sharding.make_mesh(mesh_shape), cache_dir)
+
+
+def _train(cfg: Config, out: Path, mesh, cache_dir) -> TrainResult:
+    from jaxgpt.checkpoint import CheckpointError, checkpoint_dir, nonfinite_tensor
+
     t = cfg.train
     micro = t.batch_size // t.grad_accum
     if cfg.checkpoint.enabled and not cfg.checkpoint.resume:
         _refuse_old_checkpoints(out)
+    if cfg.checkpoint.enabled and cfg.checkpoint.resume:
+        _refuse_only_set_aside(out)
+    if not cfg.checkpoint.resume:
+        _keep_old_metrics_apart(out)
 
     tokenizer = load_tokenizer_for(cfg)
     arch = model_config(cfg, len(tokenizer))
@@ -538,7 +557,11 @@ def train(cfg: Config) -> TrainResult:
     if ckpt is not None and cfg.checkpoint.resume and ckpt.latest_step() is not None:
         abstract = lambda tree: jax.tree.map(  # noqa: E731
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-        restored = ckpt.restore(abstract_params=abstract(params), abstract_opt_state=abstract(opt_state))
+        try:
+            restored = ckpt.restore(abstract_params=abstract(params), abstract_opt_state=abstract(opt_state))
+        except CheckpointError:
+            _refuse_only_set_aside(out)  # every step was just set aside: say what to do next
+            raise
         state = {"params": restored["params"], "opt_state": restored["opt_state"]}
         start = int(restored["step"])
         train_data.restore(restored["data_state"])
@@ -546,6 +569,13 @@ def train(cfg: Config) -> TrainResult:
         if start >= t.steps:
             log.warning("train.steps=%d, and %s is already at step %d: nothing to train (raise train.steps to "
                         "continue; the schedule then stretches to the new length)", t.steps, out, start)
+    # Every applied update keeps the parameters finite (make_train_step); so must the start.
+    bad = nonfinite_tensor(state["params"])
+    if bad is not None:
+        source = (f"checkpoint step {start} in {checkpoint_dir(out)}" if start else
+                  f"model.name_or_path={cfg.model.name_or_path}" if cfg.model.name_or_path else "the initialisation")
+        raise TrainingError(f"{source}: parameter {bad} holds NaN or infinity; training from it would only save "
+                            f"more of it" + (" (move that step folder away to resume from an earlier one)" if start else ""))
     if cfg.schedule.warmup_steps >= t.steps:
         log.warning("schedule.warmup_steps=%d is not shorter than train.steps=%d: the learning rate rises by "
                     "lr / warmup_steps a step and does not reach optimizer.lr=%g in this run",
@@ -570,6 +600,7 @@ def train(cfg: Config) -> TrainResult:
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(run_config(cfg, gcfg), indent=2) + "\n")
+    _report_data(logger, out, train_data, eval_set)
 
     result = TrainResult(graphdef, state["params"], rest, gcfg, tokenizer, start, output_dir=out)
     key = jax.random.wrap_key_data(jnp.asarray(rng))
@@ -588,14 +619,18 @@ def train(cfg: Config) -> TrainResult:
         if not ok:
             bad_in_a_row += 1
             result.skipped.append(step)
-            logger.print(f"step {step}: non-finite loss/gradient (loss={loss}, grad_norm={float(m['grad_norm'])}); "
-                         f"update skipped ({bad_in_a_row} in a row)")
+            grad_norm = float(m["grad_norm"])
+            what = ("non-finite loss/gradient" if not (math.isfinite(loss) and math.isfinite(grad_norm))
+                    else "the update would make parameters non-finite")
+            logger.print(f"step {step}: {what} (loss={loss}, grad_norm={grad_norm}); update skipped "
+                         f"({bad_in_a_row} in a row)")
             if bad_in_a_row >= t.max_nonfinite:
                 last = ckpt.latest_step() if ckpt is not None else None
+                # Every applied update was checked finite: so is every checkpoint (not necessarily good).
                 raise TrainingError(
                     f"stopping at step {step}: {bad_in_a_row} non-finite steps in a row (train.max_nonfinite="
-                    f"{t.max_nonfinite}); parameters are those of the last finite step; last checkpoint: "
-                    f"{'step ' + str(last) if last is not None else 'none'} in {out} (intact). "
+                    f"{t.max_nonfinite}); parameters are those of the last applied step (finite); last checkpoint: "
+                    f"{'step ' + str(last) if last is not None else 'none'} in {out}. "
                     f"Lower optimizer.lr or check the data.")
         else:
             bad_in_a_row = 0
@@ -642,14 +677,21 @@ def train(cfg: Config) -> TrainResult:
                               tokenizer=tokenizer, force=stop or step == t.steps)
                 if stop:
                     result.preempted = True
-                    logger.print(f"preempted: saved step {step}, exiting")
+                    result.interrupted = guard.received == signal.SIGINT
+                    if not result.interrupted:
+                        logger.print(f"preempted: saved step {step}, exiting")
                     break
             if pending is not None:
                 finish(*pending)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now; a save in flight is never committed
+        ckpt = None
+        raise
     finally:
         if ckpt is not None:
             ckpt.close()
         logger.close()
+        if jax.process_index() == 0 and _streaming(train_data):
+            _write_data_stats(out, train_data, eval_set)  # streaming: what was read by now
     result.params = state["params"]
     if jax.process_index() == 0 and cfg.logging.plot and result.losses:
         # the whole run across resumes: earlier runs' logged steps, then every step of this one
@@ -711,7 +753,8 @@ def _checkpointer(cfg: Config, out: Path):
     from jaxgpt.checkpoint import Checkpointer, checkpoint_dir
 
     c = cfg.checkpoint
-    return Checkpointer(checkpoint_dir(out), save_every=c.save_every, keep=c.keep, async_save=c.async_save)
+    return Checkpointer(checkpoint_dir(out), save_every=c.save_every, keep=c.keep, async_save=c.async_save,
+                        log_file=out / "checkpoint.log")
 
 
 def _warn_unsplit(gcfg: GPT2Config, mesh) -> None:
@@ -736,6 +779,63 @@ def _refuse_old_checkpoints(out: Path) -> None:
         raise ConfigError(f"checkpoint.resume=false, but {folder.absolute()} already holds checkpoints (steps "
                           f"{', '.join(map(str, steps))}): set train.output_dir to a new folder, "
                           f"or move that one away, to start a fresh run")
+
+
+def _refuse_only_set_aside(out: Path) -> None:
+    """Every checkpoint was set aside as corrupt: resuming would silently start over at step 0 and
+    append a second series to metrics.jsonl. Refuse, with the ways forward."""
+    from jaxgpt.checkpoint import checkpoint_dir, saved_steps, set_aside_steps
+
+    folder = checkpoint_dir(out)
+    aside = set_aside_steps(folder)
+    if aside and not saved_steps(folder):
+        from jaxgpt.checkpoint import CheckpointError
+
+        raise CheckpointError(f"{folder.absolute()}: every checkpoint was set aside as incomplete or corrupt "
+                              f"({', '.join(aside)}; details in {out / 'checkpoint.log'}): nothing to resume from. "
+                              f"Set checkpoint.resume=false to start over (the old metrics are kept apart), or "
+                              f"rename a step folder you trust back to its step number")
+
+
+def _keep_old_metrics_apart(out: Path) -> None:
+    """checkpoint.resume=false starts a new series: an earlier run's metrics (and TensorBoard) move to
+    ``metrics.<time>.jsonl`` (``tensorboard.<time>``) instead of mixing with it."""
+    if jax.process_index() != 0:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name, moved in (("metrics.jsonl", f"metrics.{stamp}.jsonl"), ("tensorboard", f"tensorboard.{stamp}")):
+        if (out / name).exists():
+            (out / name).rename(out / moved)
+            log.warning("checkpoint.resume=false: starting over; the earlier %s is kept as %s", name, out / moved)
+
+
+def _report_data(logger: MetricsLog, out: Path, train_data, eval_set) -> None:
+    """What training reads: one line per set in the start-up output (skips with their file:line),
+    all of it in ``data_stats.json``."""
+    stats = train_data.dataset.stats
+    if _streaming(train_data):
+        logger.print(f"data: streaming; statistics are counted as it is read, into {out / 'data_stats.json'}")
+    else:
+        logger.print(f"data: {stats.brief()} ({out / 'data_stats.json'})")
+    for reason in stats.skip_reasons[:3]:
+        logger.print(f"  skipped {reason}")
+    if eval_set is not None:
+        logger.print(f"eval data: {eval_set.stats.brief()}")
+    if jax.process_index() == 0:
+        _write_data_stats(out, train_data, eval_set)
+
+
+def _streaming(train_data) -> bool:
+    from jaxgpt.data import StreamingDataset
+
+    return isinstance(train_data.dataset, StreamingDataset)
+
+
+def _write_data_stats(out: Path, train_data, eval_set) -> None:
+    stats = {"train": train_data.dataset.stats.to_dict()}
+    if eval_set is not None:
+        stats["eval"] = eval_set.stats.to_dict()
+    (out / "data_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
 
 
 def _preemption_guard():
@@ -782,15 +882,35 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(arg)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # orbax/absl: warnings only
     logging.getLogger("jaxgpt").setLevel(logging.INFO)
+    cfg = None
     try:
         cfg = load_config(path, overrides)
         result = train(cfg)
     except (ValueError, TrainingError) as e:  # ConfigError, WeightsError, CheckpointError, data errors
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C twice, or once before the loop: stop now, keep what is committed
+        print(f"interrupted: stopped at once; {_committed(cfg)}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # not waiting for a save in flight (never committed; the next run removes it)
+    if result.interrupted:
+        print(f"interrupted at step {result.step}: {_committed(cfg)}; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
     if result.preempted:
         print(f"preempted at step {result.step}; rerun the same command to resume", file=sys.stderr)
     return 0
+
+
+def _committed(cfg: Config | None) -> str:
+    """Which checkpoint a rerun resumes from, read from the folder."""
+    if cfg is None or not cfg.checkpoint.enabled:
+        return "nothing saved (checkpoint.enabled=false)" if cfg is not None else "nothing saved"
+    from jaxgpt.checkpoint import checkpoint_dir, saved_steps
+
+    folder = checkpoint_dir(Path(cfg.train.output_dir).expanduser())
+    steps = saved_steps(folder)
+    return f"last checkpoint step {steps[-1]} in {folder}" if steps else f"no checkpoint in {folder}"
 
 
 if __name__ == "__main__":
