@@ -40,16 +40,16 @@ HF_TO_JAXGPT = {
 HF_LAYER_TO_JAXGPT = {
     "h.{i}.ln_1.weight": "h.{i}.ln_1.scale",
     "h.{i}.ln_1.bias": "h.{i}.ln_1.bias",
-    "h.{i}.attn.c_attn.weight": "h.{i}.attn.c_attn_kernel",  # [E, 3E] -> [E, 3, H, D]
-    "h.{i}.attn.c_attn.bias": "h.{i}.attn.c_attn_bias",  # [3E] -> [3, H, D]
-    "h.{i}.attn.c_proj.weight": "h.{i}.attn.c_proj_kernel",  # [E, E] -> [H, D, E]
-    "h.{i}.attn.c_proj.bias": "h.{i}.attn.c_proj_bias",
+    "h.{i}.attn.c_attn.weight": "h.{i}.attn.c_attn.kernel",  # [E, 3E] -> [E, 3, H, D]
+    "h.{i}.attn.c_attn.bias": "h.{i}.attn.c_attn.bias",  # [3E] -> [3, H, D]
+    "h.{i}.attn.c_proj.weight": "h.{i}.attn.c_proj.kernel",  # [E, E] -> [H, D, E]
+    "h.{i}.attn.c_proj.bias": "h.{i}.attn.c_proj.bias",
     "h.{i}.ln_2.weight": "h.{i}.ln_2.scale",
     "h.{i}.ln_2.bias": "h.{i}.ln_2.bias",
-    "h.{i}.mlp.c_fc.weight": "h.{i}.mlp.c_fc_kernel",
-    "h.{i}.mlp.c_fc.bias": "h.{i}.mlp.c_fc_bias",
-    "h.{i}.mlp.c_proj.weight": "h.{i}.mlp.c_proj_kernel",
-    "h.{i}.mlp.c_proj.bias": "h.{i}.mlp.c_proj_bias",
+    "h.{i}.mlp.c_fc.weight": "h.{i}.mlp.c_fc.kernel",
+    "h.{i}.mlp.c_fc.bias": "h.{i}.mlp.c_fc.bias",
+    "h.{i}.mlp.c_proj.weight": "h.{i}.mlp.c_proj.kernel",
+    "h.{i}.mlp.c_proj.bias": "h.{i}.mlp.c_proj.bias",
 }
 # Present in some HF files but not parameters (causal-mask buffers, the tied head).
 IGNORED_HF_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
@@ -399,7 +399,7 @@ def params_from_hf(cfg: GPT2Config, tensors: dict[str, np.ndarray], abstract: nn
 def to_hf_tensors(model: GPT2, dtype: str | None = None) -> dict[str, np.ndarray]:
     """{HF name: numpy array in HF's shape}; padded vocab rows dropped. Gathers shards."""
     if model.decoding_layout:
-        raise ValueError("this model is in the decoding layout (jaxgpt.model.for_decoding, e.g. loaded with "
+        raise ValueError("this model is in the decoding layout (jaxgpt.decoding.for_decoding, e.g. loaded with "
                          "param_dtype='bfloat16', 'int8' or 'w8a8' for sampling): save or export the model it was made from")
     cfg = model.config
     shapes = hf_shapes(cfg)

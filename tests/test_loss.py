@@ -3,6 +3,8 @@ cross-entropy over the full logits, values and gradients, and whole training run
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,7 +78,7 @@ def test_train_loss_with_loss_chunks_matches(tmp_path):
     graphdef4, params, rest, gcfg = build_model(cfg, len(tok), mesh)
     assert gcfg.loss_chunks == 4
     model = nnx.merge(graphdef4, params, rest)
-    model.config = gcfg.replace(loss_chunks=1)  # the same weights with the plain head
+    model.policy = dataclasses.replace(model.policy, loss_chunks=1)  # the same weights with the plain head
     graphdef1 = nnx.graphdef(model)
     results = []
     for graphdef in (graphdef1, graphdef4):
@@ -97,13 +99,17 @@ def test_train_loss_with_loss_chunks_matches(tmp_path):
 def test_default_loss_chunks_per_backend(monkeypatch):
     """model.loss_chunks: null is 8 chunks on a GPU (the largest of 8 / 4 / 2 that divides the
     sequence), 1 on a CPU; a set value is kept on any backend."""
-    from jaxgpt import model as model_lib
-    from jaxgpt.model import GPT2Config, loss_chunks
+    from jaxgpt import backend
+    from jaxgpt.backend import Policy
+    from jaxgpt.model import GPT2Config
+
+    def loss_chunks(cfg, seq_len):
+        return Policy.resolve(cfg).loss_chunks_for(seq_len)
 
     cfg = GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=VOCAB)
     assert cfg.loss_chunks is None
     assert loss_chunks(cfg, 1024) == 1  # these tests run on the CPU
     assert loss_chunks(cfg.replace(loss_chunks=4), 1024) == 4
-    monkeypatch.setattr(model_lib.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(backend.jax, "default_backend", lambda: "gpu")
     assert [loss_chunks(cfg, t) for t in (1024, 36, 6, 7)] == [8, 4, 2, 1]
     assert loss_chunks(cfg.replace(loss_chunks=1), 1024) == 1
