@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxgpt.loss import chunked_cross_entropy
+from jaxgpt.loss import chunked_cross_entropy, token_logprobs
 from tests.test_train import tiny_config
 
 B, T, E, V, VOCAB = 2, 16, 8, 48, 45  # 3 padding rows past the real vocabulary
@@ -47,6 +47,29 @@ def test_value_and_gradients_match_plain_cross_entropy(chunks):
     # without differentiation (evaluation) the plain scan gives the same value
     np.testing.assert_allclose(jax.jit(chunked_cross_entropy, static_argnums=(4, 5))(h, w, targets, weights, VOCAB,
                                                                                        chunks), ref_loss / 0.3, rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_token_logprobs_match_log_softmax(chunks):
+    """log p(target) per token [B, T] against jax.nn.log_softmax over the full logits (padding rows
+    excluded), values to 1e-6 relative and the gradients of a weighted sum (a DPO-like use) within
+    1e-5 of the largest; padding rows get no gradient."""
+    h, w, targets, weights = inputs()
+
+    def ref_fn(h, w):
+        logits = jnp.einsum("bte,ve->btv", h, w, preferred_element_type=jnp.float32)[..., :VOCAB]
+        return jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
+
+    ref = ref_fn(h, w)
+    got = jax.jit(token_logprobs, static_argnums=(3, 4))(h, w, targets, VOCAB, chunks)
+    assert got.shape == (B, T) and got.dtype == jnp.float32 and float(got.max()) < 0
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    ref_grads = jax.grad(lambda h, w: jnp.sum(ref_fn(h, w) * weights), argnums=(0, 1))(h, w)
+    grads = jax.jit(jax.grad(lambda h, w: jnp.sum(token_logprobs(h, w, targets, VOCAB, chunks) * weights),
+                             argnums=(0, 1)))(h, w)
+    for g, r in zip(grads, ref_grads):
+        assert float(jnp.abs(g - r).max()) <= 1e-5 * float(jnp.abs(r).max())
+    assert float(jnp.abs(grads[1][VOCAB:]).max()) == 0.0
 
 
 def test_bfloat16_inputs():
