@@ -1,30 +1,22 @@
 """GPT-2 in Flax NNX, numerically the same model as transformers' GPT2LMHeadModel.
 
-Modules and parameters carry HF's names (``h.N.attn.c_attn``, ``h.N.mlp.c_fc``, ...); each
-projection is a ``Linear`` with ``kernel`` / ``bias`` stored ``[in, out]`` as HF's Conv1D stores
-them (attention heads as their own axis), so a wrapper (LoRA) or another layout
-(``jaxgpt.decoding``) can take its place. Every parameter names its dimensions (``vocab``,
-``embed``, ``heads``, ``head_dim``, ``mlp``): ``jaxgpt.sharding`` maps those onto a mesh, and
-``jaxgpt.weights`` maps the tensors to and from HF files.
+Modules carry HF's names (``h.N.attn.c_attn``, ...). Each projection is a ``Linear`` (``kernel`` [in,
+out] as HF's Conv1D, heads as their own axis) that a wrapper (LoRA) or a decoding layout
+(``jaxgpt.decoding``) can replace. Parameters name their axes for ``jaxgpt.sharding``.
 
-The forward pass, in three seams:
-  ``model.hidden(ids, ...)``   the final hidden states [B, T, E] (the chunked loss applies the head itself);
-  ``model.lm_head(h)``         the tied head: hidden states -> float32 logits [B, T, vocab];
-  ``model(ids, ...)``          both: logits;
-  ``model.decode(ids, cache)`` a KV-cache step: (logits, new cache), the cache from ``init_cache``.
-Inputs beyond ``input_ids``: ``positions`` [B, T] (default 0..T-1; per segment in packed rows),
-``segment_ids`` [B, T] (a token attends to earlier tokens of its own segment; 0 is padding, which
-nothing attends to), ``constrain`` (``fn(x, *logical_axes)`` pinning activations to a mesh:
-``jaxgpt.sharding.constrain``; the model knows no mesh) and ``last_only`` (the last position only).
-
-What runs on which backend (attention, kernels, scanned or unrolled blocks, recomputation) is a
-``jaxgpt.backend.Policy`` resolved once when the model is built.
+``model(ids)`` gives float32 logits, ``model.hidden(ids)`` the final hidden states [B, T, E] and
+``model.lm_head(h)`` the tied head on them (the chunked loss applies its own); ``model.decode(ids,
+cache)`` a KV-cache step, (logits, new cache). Optional inputs: ``positions`` [B, T], ``segment_ids``
+[B, T] (a token attends to earlier tokens of its own segment; 0 is padding, never attended),
+``constrain`` (``fn(x, *logical_axes)`` pinning activations to a mesh; the model knows none),
+``last_only``. What runs on this backend is a ``jaxgpt.backend.Policy`` resolved once, at construction.
 """
 
 from __future__ import annotations
 
 import contextvars
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -70,12 +62,9 @@ class GPT2Config:
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.activation_function not in ACTIVATIONS:
-            raise ValueError(f"activation_function={self.activation_function!r} is not supported "
-                             f"(choose from {sorted(ACTIVATIONS)})")
-        for key in ("dtype", "param_dtype"):
-            if getattr(self, key) not in DTYPES:
-                raise ValueError(f"{key}={getattr(self, key)!r}: choose from {sorted(DTYPES)}")
+        for key, choices in (("activation_function", ACTIVATIONS), ("dtype", DTYPES), ("param_dtype", DTYPES)):
+            if getattr(self, key) not in choices:
+                raise ValueError(f"{key}={getattr(self, key)!r} is not supported (choose from {sorted(choices)})")
         backend.check_settings(self)
 
     @property
@@ -88,24 +77,19 @@ class GPT2Config:
 
     @property
     def padded_vocab_size(self) -> int:
-        m = max(1, self.vocab_multiple)
-        return -(-self.vocab_size // m) * m
+        return -(-self.vocab_size // max(1, self.vocab_multiple)) * max(1, self.vocab_multiple)
 
     def replace(self, **kw) -> "GPT2Config":
         return dataclasses.replace(self, **kw)
 
 
-# jaxgpt's own settings: the GPT2Config fields after the architecture (also the model.* keys of
-# the run config of the same names). Derived, so a new knob reaches loaded models too.
+# jaxgpt's own settings (the run config's model.* keys of the same names): the fields after the architecture.
 _FIELDS = [f.name for f in dataclasses.fields(GPT2Config)]
 SETTINGS = tuple(_FIELDS[_FIELDS.index("eos_token_id") + 1:])
 
-ACTIVATIONS = {
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "relu": jax.nn.relu,
-}
+_TANH_GELU = functools.partial(jax.nn.gelu, approximate=True)
+ACTIVATIONS = {"gelu_new": _TANH_GELU, "gelu_pytorch_tanh": _TANH_GELU,
+               "gelu": functools.partial(jax.nn.gelu, approximate=False), "relu": jax.nn.relu}
 # On a CPU, einsum attention over CHUNKED_FROM positions or more runs in chunks of at most
 # QUERY_CHUNK queries (2 to 8 chunks): the scores stay in the caches (docs/benchmarks.md).
 CHUNKED_FROM, QUERY_CHUNK = 128, 256
@@ -125,12 +109,11 @@ def _no_constraint(x, *_logical_axes):
 
 
 class Linear(nnx.Module):
-    """``x @ kernel + bias`` with ``kernel`` [in, *out] (HF Conv1D's layout), in ``x``'s dtype."""
+    """``x @ kernel + bias`` in ``x``'s dtype; ``kernel`` [*in, *out] (HF Conv1D's layout), its first ``in_dims`` axes the input."""
 
     trains = True  # jaxgpt.decoding.DecodingLinear, its sampling-only replacement, does not
 
     def __init__(self, shape, axes, init, rngs: nnx.Rngs, param_dtype, flat: bool, in_dims: int = 1):
-        # ``in_dims``: how many leading dimensions of ``shape`` are the input (the attention's c_proj: heads, head_dim)
         self.flat = flat  # the product on x as [rows, in]: autodiff's weight gradient contracts one axis
         self.kernel = _param(rngs, init, shape, axes, param_dtype)
         self.bias = _param(rngs, nnx.initializers.zeros, shape[in_dims:], axes[in_dims:], param_dtype)
@@ -138,9 +121,7 @@ class Linear(nnx.Module):
 
     def product(self, x):
         w = self.kernel[...].astype(x.dtype).reshape(self.n_in, -1)
-        if not self.flat:
-            return x @ w
-        return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[1])
+        return x @ w if not self.flat else (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[1])
 
     def __call__(self, x):
         return self.product(x) + self.bias[...].astype(x.dtype).reshape(-1)
@@ -181,16 +162,14 @@ class Attention(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
     def __call__(self, x, mask, layer_cache=None, cache_index=None, constrain=_no_constraint):
-        b, t, e = x.shape
-        h, d = self.n_head, self.head_dim
+        (b, t, _), h, d = x.shape, self.n_head, self.head_dim
         # A plain 2-D product with heads folded into columns: XLA:CPU runs 4-D dots much slower.
         qkv = constrain(self.c_attn(x).reshape(b, t, 3, h, d), "batch", "seq", None, "heads", "head_dim")
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, D]
         if layer_cache is not None:
             return self._attend_cached(q, k, v, x, mask, layer_cache, cache_index)
         if self.implementation != "einsum":
-            # A mask (packed segments) becomes an additive bias; is_causal lets cuDNN skip the
-            # blocks above the diagonal.
+            # A mask (packed segments) becomes an additive bias; is_causal lets cuDNN skip blocks.
             out = jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None],
                                                is_causal=True, implementation=self.implementation)
         elif t >= CHUNKED_FROM and self.chunked:
@@ -200,8 +179,7 @@ class Attention(nnx.Module):
         return self._project(out, x), None
 
     def _softmax_attention(self, q, k, v, mask, heads_leading):
-        """softmax(q k^T / sqrt(d), where mask) v, the scores in float32; [B, T, H, D] or, with
-        ``heads_leading``, [B, H, T, D] in and out."""
+        """softmax(q k^T / sqrt(d), where mask) v, scores in float32; [B, T, H, D] (or [B, H, T, D]) in and out."""
         qk, pv = ("bhqd,bhkd->bhqk", "bhqk,bhkd->bhqd") if heads_leading else ("bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd")
         scores = jnp.einsum(qk, q, k, preferred_element_type=jnp.float32) / math.sqrt(self.head_dim)
         scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
@@ -209,29 +187,19 @@ class Attention(nnx.Module):
         return jnp.einsum(pv, probs.astype(q.dtype), v)
 
     def _attend_chunked(self, q, k, v, mask):
-        """Causal attention in chunks of queries, each against the keys up to its last query.
-
-        The keys after a chunk are masked for all of its queries, so skipping them changes no
-        result (except on padding rows, which see no key and nothing reads). In n chunks the
-        [B, H, T, T] scores shrink to (n + 1) / 2n of their size, in pieces that stay in the CPU's
-        caches. Heads lead ([B, H, T, D]), the layout XLA:CPU's batched dots run fastest.
-        """
+        """Causal attention in chunks of queries, each against the keys up to its last query (the
+        later ones are masked anyway): smaller scores that stay in the CPU's caches. Heads lead."""
         t = q.shape[1]
         q, k, v = (jnp.transpose(a, (0, 2, 1, 3)) for a in (q, k, v))  # [B, H, T, D]
-        n = min(8, max(2, -(-t // QUERY_CHUNK)))
-        c = -(-t // n)
+        c = -(-t // min(8, max(2, -(-t // QUERY_CHUNK))))  # 2 to 8 chunks of at most QUERY_CHUNK queries
         outs = [self._softmax_attention(q[:, :, start:start + c], k[:, :, :start + c], v[:, :, :start + c],
                                         mask[:, start:start + c, :start + c], heads_leading=True)
                 for start in range(0, t, c)]
         return jnp.transpose(jnp.concatenate(outs, axis=2), (0, 2, 1, 3))
 
     def _attend_cached(self, q, k, v, x, mask, layer_cache, cache_index):
-        """Write the new keys/values into the cache at ``cache_index`` and attend to it.
-
-        The cache keeps batch and heads as one axis, keys [B*H, D, S] and values [B*H, S, D]: the
-        layouts both attention products read as stored (others made XLA:CPU copy or transpose
-        every layer's cache at every token).
-        """
+        """Write the new keys/values into the cache at ``cache_index`` and attend to it. Keys [B*H, D, S]
+        and values [B*H, S, D], as both products read them (others made XLA:CPU copy the cache)."""
         dt = x.dtype
         (b, t, h, d), bh = q.shape, q.shape[0] * q.shape[2]
         kt = jnp.transpose(k, (0, 2, 3, 1)).reshape(bh, d, t).astype(layer_cache["k"].dtype)
@@ -269,12 +237,10 @@ class MLP(nnx.Module):
         elif self.fused:  # bias + GELU as one kernel each way, recomputed in the backward too
             h = kernels.bias_gelu(self.c_fc.product(x), self.c_fc.bias[...])
         else:
-            # Bias and activation recomputed in the backward from the product's output, which is
-            # kept anyway; else XLA:GPU stores tanh's [B, T, 4E] output for the backward.
+            # Recomputed from the product's output in the backward; else XLA:GPU stores tanh's [B, T, 4E] output.
             h = jax.checkpoint(lambda y, bias: self.act(y + bias.astype(y.dtype)))(
                 self.c_fc.product(x), self.c_fc.bias[...])
-        h = constrain(h, "batch", "seq", "mlp")
-        return self.dropout(self.c_proj(h))
+        return self.dropout(self.c_proj(constrain(h, "batch", "seq", "mlp")))
 
 
 class Block(nnx.Module):
@@ -300,8 +266,7 @@ class GPT2(nnx.Module):
         self.config = cfg
         self.policy = policy = policy or Policy.resolve(cfg)
         pd = DTYPES[cfg.param_dtype]
-        normal = nnx.initializers.normal(0.02)
-        self.wte = _param(rngs, normal, (cfg.padded_vocab_size, cfg.n_embd), ("vocab", "embed"), pd)
+        self.wte = _param(rngs, nnx.initializers.normal(0.02), (cfg.padded_vocab_size, cfg.n_embd), ("vocab", "embed"), pd)
         self.wpe = _param(rngs, nnx.initializers.normal(0.01), (cfg.n_positions, cfg.n_embd), (None, "embed"), pd)
         self.drop = nnx.Dropout(cfg.dropout, rngs=rngs)
         self.h = nnx.List([Block(cfg, policy, rngs) for _ in range(cfg.n_layer)])
@@ -334,7 +299,7 @@ class GPT2(nnx.Module):
         return logits[..., : self.config.vocab_size]  # padded rows never get probability
 
     def _mask(self, segment_ids, cache, t):
-        """The attention mask [B, T, S] (causal, same segment, no padding) and the keys' segment ids."""
+        """The attention mask [B, T, S] (causal, same segment, no padding), the keys' segment ids."""
         if cache is None:
             q_seg = k_seg = segment_ids
             causal = jnp.tril(jnp.ones((t, t), bool))
@@ -349,8 +314,7 @@ class GPT2(nnx.Module):
         dt = DTYPES[cfg.dtype]
         b, t = input_ids.shape
         if positions is None and cache is None and t > cfg.n_positions:
-            # jax would clamp the position lookup and quietly compute something else. (Explicit
-            # positions, as in packed rows or left-padded prompts, are the caller's to keep in range.)
+            # jax would clamp the lookup and quietly compute something else (explicit positions are the caller's)
             raise ValueError(f"input of {t} tokens is longer than the model's context, n_positions={cfg.n_positions}")
         if positions is None:
             start = 0 if cache is None else cache["index"]
@@ -388,19 +352,12 @@ class GPT2(nnx.Module):
                 new_layers.append(layer_cache)
         if last_only:
             x = x[:, -1:]
-        x = self.ln_f(x)
-        if cache is None:
-            return x, None
-        return x, {"layers": new_layers, "segment_ids": k_seg, "index": cache["index"] + t}
+        new_cache = None if cache is None else {"layers": new_layers, "segment_ids": k_seg, "index": cache["index"] + t}
+        return self.ln_f(x), new_cache
 
     def _scan_blocks(self, x, mask, constrain, remat):
-        """The blocks as one ``lax.scan`` over their states, stacked on the fly.
-
-        Parameters stay stored per layer (``h.0``, ``h.1``, ... as in HF); only the computation is
-        a loop: compile time independent of depth, and the residual stream's gradient one
-        materialised loop carry. The blocks' other state (dropout RNG streams) goes through the
-        loop and comes back updated, as in the unrolled loop.
-        """
+        """The blocks as one ``lax.scan`` over their states, stacked on the fly (stored per layer, as in
+        HF): compile time independent of depth. The dropout streams come back updated, as unrolled."""
         graphdef = nnx.graphdef(self.h[0])
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(block) for block in self.h])
 
@@ -418,14 +375,9 @@ class GPT2(nnx.Module):
 
 
 def abstract_model(cfg: GPT2Config, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """(graphdef, params, rest) of ``GPT2(cfg, rngs=nnx.Rngs(seed))`` without creating its weights:
-    the parameters as shapes (``ShapeDtypeStruct`` values, their ``axes`` kept), the rest (the
-    dropout RNG streams) computed on this host (``jaxgpt.sharding.from_host`` places them on a mesh).
-
-    Built eagerly, each parameter's RNG draw made but its initialiser not run: tracing it instead
-    (``nnx.eval_shape``, ``jax.jit``) is several times slower, as flax probes the sharding of every
-    RNG-counter update (jax-ml/jax#40041).
-    """
+    """(graphdef, params, rest) of ``GPT2(cfg, rngs=nnx.Rngs(seed))``, the parameters as shapes (their
+    ``axes`` kept), the rest (dropout streams) on this host. Built eagerly, each RNG draw made but no
+    initialiser run: traced (``nnx.eval_shape``) it is much slower (jax-ml/jax#40041)."""
     token = _SHAPES_ONLY.set(True)
     try:
         return nnx.split(GPT2(cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)
@@ -437,35 +389,12 @@ def init_cache(cfg: GPT2Config, batch: int, max_len: int, dtype=None) -> dict[st
     """An empty KV cache of ``max_len`` slots (at most ``n_positions``)."""
     dtype = DTYPES[cfg.dtype] if dtype is None else dtype
     # batch and heads as one axis, keys transposed: the layouts attention reads (Attention._attend_cached)
-    k_shape = (batch * cfg.n_head, cfg.head_dim, max_len)
-    v_shape = (batch * cfg.n_head, max_len, cfg.head_dim)
-    layers = [{"k": jnp.zeros(k_shape, dtype), "v": jnp.zeros(v_shape, dtype)} for _ in range(cfg.n_layer)]
+    bh, d = batch * cfg.n_head, cfg.head_dim
+    layers = [{"k": jnp.zeros((bh, d, max_len), dtype), "v": jnp.zeros((bh, max_len, d), dtype)}
+              for _ in range(cfg.n_layer)]
     return {"layers": layers, "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.array(0, jnp.int32)}
 
 
 def num_params(model: GPT2, *, exclude_embeddings: bool = False) -> int:
     n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     return n - model.wpe.size if exclude_embeddings else n
-
-
-def resize_token_embeddings(model: GPT2, vocab_size: int) -> GPT2:
-    """A copy of ``model`` with ``vocab_size`` real token rows (for added chat tokens).
-
-    New rows start at the mean of the existing real rows, the usual choice for
-    added special tokens (their logits start at the average, not at random).
-    """
-    cfg = model.config
-    if vocab_size < cfg.vocab_size:
-        raise ValueError(f"cannot shrink the vocabulary from {cfg.vocab_size} to {vocab_size}")
-    new_cfg = cfg.replace(vocab_size=vocab_size)
-    graphdef = abstract_model(new_cfg)[0]
-    old = nnx.state(model)
-    wte = old["wte"][...]
-    real = wte[: cfg.vocab_size]
-    mean = real.mean(0, keepdims=True)
-    n_new, n_pad = vocab_size - cfg.vocab_size, new_cfg.padded_vocab_size - vocab_size
-    new_wte = jnp.concatenate([real, jnp.repeat(mean, n_new, 0), jnp.zeros((n_pad, cfg.n_embd), wte.dtype)])
-    # Left where jax puts it (on a mesh: replicated). Placing it is the caller's job: the old layout
-    # may not divide the new row count (jaxgpt.train.build_model places it by the sharding rules).
-    old["wte"] = old["wte"].replace(new_wte)
-    return nnx.merge(graphdef, old)

@@ -45,7 +45,7 @@ from jaxgpt import compile_cache, host_memory, kernels, sharding
 from jaxgpt.backend import Policy
 from jaxgpt.config import Config, ConfigError, help_text, load_config, validate
 from jaxgpt.loss import chunked_cross_entropy
-from jaxgpt.model import SETTINGS, GPT2, GPT2Config, abstract_model, num_params, resize_token_embeddings
+from jaxgpt.model import SETTINGS, GPT2, GPT2Config, abstract_model, num_params
 
 log = logging.getLogger("jaxgpt.train")
 
@@ -314,6 +314,8 @@ def build_model(cfg: Config, vocab_size: int, mesh, gcfg: GPT2Config | None = No
         params = weights.params_from_hf(gcfg, tensors, abstract, source=str(source),
                                         place=sharding.make_place(abstract, mesh))
     if vocab_size > gcfg.vocab_size:
+        from jaxgpt.weights import resize_token_embeddings
+
         model = resize_token_embeddings(nnx.merge(graphdef, params, rest), vocab_size)
         gcfg = model.config
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)

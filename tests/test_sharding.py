@@ -124,7 +124,7 @@ def test_added_rows_drop_a_split_they_no_longer_divide():
     script = (
         "from flax import nnx\n"
         "from jaxgpt import sharding\n"
-        "from jaxgpt.model import GPT2, GPT2Config, resize_token_embeddings\n"
+        "from jaxgpt.model import GPT2, GPT2Config\nfrom jaxgpt.weights import resize_token_embeddings\n"
         "mesh = sharding.make_mesh((1, 1, 2))\n"
         "cfg = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)\n"
         "model = nnx.merge(*sharding.init_sharded(lambda: GPT2(cfg, rngs=nnx.Rngs(0)), mesh))\n"
