@@ -4,7 +4,7 @@
 place of ``jaxgpt.model.Linear`` and whose tied head reads a ``DecodingHead``. Decoding reads every
 weight once per token: these layouts read a half (bfloat16) or a quarter (int8, w8a8) of float32's
 bytes, through the products XLA:CPU runs fastest with such weights (speeds: docs/benchmarks.md,
-"Generation"; quality: tools/decode_quality.py). For sampling and evaluation only: the copy cannot
+"Backend defaults"; quality: tools/decode_quality.py). For sampling and evaluation only: the copy cannot
 be trained, saved or exported (``jaxgpt.weights`` refuses it).
 """
 
