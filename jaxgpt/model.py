@@ -109,7 +109,7 @@ def _no_constraint(x, *_logical_axes):
 
 
 class Linear(nnx.Module):
-    """``x @ kernel + bias`` in ``x``'s dtype; ``kernel`` [*in, *out] (HF Conv1D's layout), its first ``in_dims`` axes the input."""
+    """``x @ kernel + bias`` in ``x``'s dtype; ``kernel`` [*in, *out] as HF's Conv1D (``in_dims`` input axes)."""
 
     trains = True  # jaxgpt.decoding.DecodingLinear, its sampling-only replacement, does not
 
