@@ -23,8 +23,8 @@ import sys
 from typing import Callable
 
 from jaxgpt import compile_cache
+from jaxgpt.decoding import DECODING_LAYOUTS
 from jaxgpt.inputs import readable
-from jaxgpt.model import DECODING_LAYOUTS
 from jaxgpt.sample import PARAM_DTYPE_HELP, SampleError, check_sampling, load_model, stop_ids_for, stream
 from jaxgpt.tokenizer import add_chat_template
 

@@ -10,7 +10,7 @@ only deleted after a newer one is committed.
 Layout of ``<directory>/<step>/`` (one orbax item per sub-folder)::
 
     params/      StandardSave: the model parameters as a pure dict of arrays
-                 ({"h": {0: {"attn": {"c_attn_kernel": ...}}}, "wte": ...}),
+                 ({"h": {0: {"attn": {"c_attn": {"kernel": ...}}}}, "wte": ...}),
                  i.e. ``nnx.to_pure_dict`` of the nnx.Param state
     opt_state/   StandardSave: the optax state pytree, as the loop holds it
     state/       JSON: {"step", "data_state", "rng": {"data", "shape", "impl"}}
@@ -39,6 +39,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -651,7 +652,7 @@ def _short(e: BaseException) -> str:
 
 
 def _flat_names(tree) -> dict[str, Any]:
-    """{"0.mu.h.0.attn.c_attn_kernel.value": leaf}: orbax's own naming of tree paths."""
+    """{"0.mu.h.0.attn.c_attn.kernel.value": leaf}: orbax's own naming of tree paths."""
     def name(entry):
         for attr in ("key", "idx", "name"):
             if hasattr(entry, attr):
@@ -661,7 +662,7 @@ def _flat_names(tree) -> dict[str, Any]:
 
 
 def nonfinite_tensor(params) -> str | None:
-    """The name of the first parameter holding NaN or infinity (``h.0.attn.c_attn_kernel``), or None.
+    """The name of the first parameter holding NaN or infinity (``h.0.attn.c_attn.kernel``), or None.
 
     One jitted reduction per tensor, read back once: works on sharded arrays (every process takes part)."""
     names = list(_flat_names(_to_pure(params)))
@@ -678,12 +679,22 @@ class NonFiniteError(CheckpointError):
     """The parameters hold NaN or infinity: unusable, and never silently replaced by another step."""
 
 
+# Parameter names from before the projections were Linear modules (h.0.attn.c_attn_kernel).
+_OLD_PARAM_NAME = re.compile(r"\b(c_attn|c_proj|c_fc)_(kernel|bias)\b")
+
+
 def _check_fits(item_dir: Path, abstract, metadata, *, warn_dtypes: bool = False):
     """Refuse a target whose tree or shapes differ from the saved ones; ``warn_dtypes``: say when
     orbax will cast (a resume after ``model.param_dtype`` changed)."""
     saved, want = _flat_names(metadata), _flat_names(abstract)
     missing = sorted(set(want) - set(saved))
     extra = sorted(set(saved) - set(want))
+    renamed = [k for k in extra if _OLD_PARAM_NAME.search(k)]
+    if renamed:  # refused, not mapped: the optimizer state would need the same renaming
+        now = _OLD_PARAM_NAME.sub(r"\1.\2", renamed[0])
+        raise CheckpointError(
+            f"{item_dir}: {renamed[0]} is a parameter name of an earlier jaxgpt (now {now}); export that "
+            f"checkpoint with the jaxgpt that wrote it (python -m jaxgpt.export) and start from the HF folder")
     if missing or extra:
         raise CheckpointError(
             f"{item_dir}: saved tree does not match the model/optimizer being restored "

@@ -31,7 +31,7 @@ greedy, top_k, use_top_p)``: the two jitted functions underneath, pure over
 buffer), runs until ``carry["step"] == limit`` or every row is done, and can be
 called again on its output to continue. ``decode_no_hoisting`` is the same loop
 compiled without XLA's loop-invariant code motion; ``stream`` uses it for a model in
-a narrower decoding layout (``jaxgpt.model.for_decoding``, ``load_model(param_dtype="bfloat16"``,
+a narrower decoding layout (``jaxgpt.decoding.for_decoding``, ``load_model(param_dtype="bfloat16"``,
 ``"int8"`` or ``"w8a8")``).
 
 ``sample_logits(logits, key, *, greedy, temperature, top_k, top_p, use_top_p)``
@@ -64,8 +64,9 @@ import numpy as np
 from flax import nnx
 
 from jaxgpt import compile_cache
+from jaxgpt.decoding import DECODING_DTYPES, DECODING_LAYOUTS, INT8_DECODING, for_decoding
 from jaxgpt.inputs import SAMPLING, readable
-from jaxgpt.model import DECODING_DTYPES, DECODING_LAYOUTS, GPT2, INT8_DECODING, for_decoding, init_cache
+from jaxgpt.model import GPT2, init_cache
 from jaxgpt.tokenizer import has_tokenizer, load_tokenizer, stop_token_ids
 from jaxgpt.weights import folder_eos_ids, is_hf_folder, load_pretrained, resolve
 
@@ -118,7 +119,7 @@ def prefill(graphdef, state, prompt_ids, prompt_mask, *, cache_len: int, max_new
     seg = prompt_mask.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
     cache = init_cache(model.config, b, cache_len)
-    logits, cache = model(prompt_ids, positions=positions, segment_ids=seg, cache=cache, last_only=True)
+    logits, cache = model.decode(prompt_ids, cache, positions=positions, segment_ids=seg, last_only=True)
     return {
         "cache": cache,
         "logits": logits[:, -1],  # next-token logits per row
@@ -149,8 +150,8 @@ def _decode(graphdef, state, carry, key, limit, temperature, top_p, stop_ids, *,
         done = c["done"] | jnp.isin(tok, stop_ids)
         # Finished rows keep computing (the batch moves together) but their output is ignored.
         positions = jnp.minimum(c["pos"], last_position)[:, None]
-        logits, cache = model(tok[:, None], positions=positions, segment_ids=jnp.ones_like(positions),
-                              cache=c["cache"])
+        logits, cache = model.decode(tok[:, None], c["cache"], positions=positions,
+                                     segment_ids=jnp.ones_like(positions))
         return {"cache": cache, "logits": logits[:, 0], "pos": c["pos"] + 1, "done": done, "tokens": tokens,
                 "num": c["num"] + live.astype(jnp.int32), "step": step + 1}
 
@@ -159,7 +160,7 @@ def _decode(graphdef, state, carry, key, limit, temperature, top_p, stop_ids, *,
 
 _DECODE_JIT = dict(static_argnames=("graphdef", "greedy", "top_k", "use_top_p"), donate_argnames=("carry",))
 decode = jax.jit(_decode, **_DECODE_JIT)
-# For a model in the decoding layout (jaxgpt.model.for_decoding): XLA's loop-invariant code motion
+# For a model in the decoding layout (jaxgpt.decoding.for_decoding): XLA's loop-invariant code motion
 # would hoist the weights' bfloat16 -> float32 conversion out of the loop and read float32 copies
 # at every token, undoing the halved reads.
 decode_no_hoisting = jax.jit(_decode, **_DECODE_JIT,
@@ -265,7 +266,7 @@ def load_model(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str 
     """(model, tokenizer) from an HF folder / hub id, or from a jaxgpt training checkpoint.
 
     ``param_dtype`` "bfloat16", "int8" or "w8a8" gives the model in the decoding layout
-    (``jaxgpt.model.for_decoding``): weights read at a half or a quarter of float32's bytes
+    (``jaxgpt.decoding.for_decoding``): weights read at a half or a quarter of float32's bytes
     per token (w8a8 quantises the activations too). int8 and w8a8 are quantised from the float32 weights.
     float32 weights with float32 compute on a CPU come in the float32 decoding layout: the same
     numbers with the kernels stored [out, in], which XLA:CPU multiplies faster while decoding.

@@ -93,7 +93,7 @@ def param_shardings(abstract_params: nnx.State, mesh: Mesh) -> nnx.State:
 
 
 def flat_shardings(abstract_params: nnx.State, mesh: Mesh) -> dict[str, NamedSharding]:
-    """{"h.0.attn.c_attn_kernel": NamedSharding} for every parameter."""
+    """{"h.0.attn.c_attn.kernel": NamedSharding} for every parameter."""
     out = {}
     for path, var in nnx.to_flat_state(param_shardings(abstract_params, mesh)):
         out[".".join(str(p) for p in path)] = var.get_value()

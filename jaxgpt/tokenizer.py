@@ -9,7 +9,7 @@ Two templates:
 
 ``chatml`` (default)  ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per turn.
     Adds two special tokens (vocab 50257 -> 50259): the model's embedding must
-    grow to ``len(tokenizer)`` (``jaxgpt.model.resize_token_embeddings``).
+    grow to ``len(tokenizer)`` (``jaxgpt.weights.resize_token_embeddings``).
 ``plain``  ``User:\\n{content}\\n\\nAssistant:\\n{content}<|endoftext|>\\n\\n``.
     No new tokens: the end of an assistant turn is GPT-2's own ``<|endoftext|>``.
 

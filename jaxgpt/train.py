@@ -43,10 +43,10 @@ import optax
 from flax import nnx
 
 from jaxgpt import compile_cache, host_memory, kernels, sharding
+from jaxgpt.backend import Policy
 from jaxgpt.config import Config, ConfigError, help_text, load_config, shipped_configs, validate
 from jaxgpt.loss import chunked_cross_entropy
-from jaxgpt.model import (SETTINGS, GPT2, GPT2Config, abstract_model, attention_implementation, fused_kernels, loss_chunks,
-                          num_params, remat_policy, resize_token_embeddings, scan_blocks)
+from jaxgpt.model import SETTINGS, GPT2, GPT2Config, abstract_model, num_params
 
 log = logging.getLogger("jaxgpt.train")
 
@@ -154,11 +154,11 @@ def _loss_terms(graphdef, params, rest, batch, mesh, train, rng):
     # segment_ids (packing) are optional: without them attention is causal only.
     inputs = dict(positions=batch["positions"], segment_ids=batch.get("segment_ids"), constrain=constrain)
     mask = batch["loss_mask"].astype(jnp.float32)
-    chunks = loss_chunks(model.config, batch["input_ids"].shape[1])
+    chunks = model.policy.loss_chunks_for(batch["input_ids"].shape[1])
     if chunks > 1:  # the head one sequence chunk at a time (config.validate: seq_len divides by it)
-        h = model(batch["input_ids"], hidden_only=True, **inputs)
+        h = model.hidden(batch["input_ids"], **inputs)
         ce_sum = chunked_cross_entropy(h, model.wte[...].astype(h.dtype), batch["targets"], mask,
-                                       model.config.vocab_size, chunks, fused_kernels(model.config))
+                                       model.config.vocab_size, chunks, model.policy.logsumexp)
         return ce_sum, jnp.sum(mask)
     logits = model(batch["input_ids"], **inputs)
     if mesh is not None:  # the largest activation: keep it split on batch and vocab
@@ -320,6 +320,8 @@ def build_model(cfg: Config, vocab_size: int, mesh, gcfg: GPT2Config | None = No
         params = weights.params_from_hf(gcfg, tensors, abstract, source=str(source),
                                         place=sharding.make_place(abstract, mesh))
     if vocab_size > gcfg.vocab_size:
+        from jaxgpt.weights import resize_token_embeddings
+
         model = resize_token_embeddings(nnx.merge(graphdef, params, rest), vocab_size)
         gcfg = model.config
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -593,9 +595,8 @@ def _train(cfg: Config, out: Path, mesh, cache_dir) -> TrainResult:
                  f"global batch {t.batch_size} x {cfg.data.seq_len} tokens ({t.grad_accum} micro-batches), "
                  f"steps {start}->{t.steps}, output {out}, compilation cache {cache_dir or 'off'}")
     rows = t.batch_size // t.grad_accum * cfg.data.seq_len  # one micro-batch's positions (what the model sees)
-    logger.print(f"model: {gcfg.dtype} compute, {gcfg.param_dtype} weights, attention {attention_implementation(gcfg)}, "
-                 f"blocks {'scanned' if scan_blocks(gcfg, rows) else 'unrolled'}, remat {remat_policy(gcfg, rows)}, "
-                 f"loss in {loss_chunks(gcfg, cfg.data.seq_len)} chunk(s), kernels {'pallas' if fused_kernels(gcfg) else 'xla'}"
+    logger.print(f"model: {gcfg.dtype} compute, {gcfg.param_dtype} weights, "
+                 f"{Policy.resolve(gcfg).describe(rows, cfg.data.seq_len)}"
                  + (f", host malloc: {host_memory.describe()}" if jax.default_backend() == "cpu" else ""))
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -40,16 +41,16 @@ HF_TO_JAXGPT = {
 HF_LAYER_TO_JAXGPT = {
     "h.{i}.ln_1.weight": "h.{i}.ln_1.scale",
     "h.{i}.ln_1.bias": "h.{i}.ln_1.bias",
-    "h.{i}.attn.c_attn.weight": "h.{i}.attn.c_attn_kernel",  # [E, 3E] -> [E, 3, H, D]
-    "h.{i}.attn.c_attn.bias": "h.{i}.attn.c_attn_bias",  # [3E] -> [3, H, D]
-    "h.{i}.attn.c_proj.weight": "h.{i}.attn.c_proj_kernel",  # [E, E] -> [H, D, E]
-    "h.{i}.attn.c_proj.bias": "h.{i}.attn.c_proj_bias",
+    "h.{i}.attn.c_attn.weight": "h.{i}.attn.c_attn.kernel",  # [E, 3E] -> [E, 3, H, D]
+    "h.{i}.attn.c_attn.bias": "h.{i}.attn.c_attn.bias",  # [3E] -> [3, H, D]
+    "h.{i}.attn.c_proj.weight": "h.{i}.attn.c_proj.kernel",  # [E, E] -> [H, D, E]
+    "h.{i}.attn.c_proj.bias": "h.{i}.attn.c_proj.bias",
     "h.{i}.ln_2.weight": "h.{i}.ln_2.scale",
     "h.{i}.ln_2.bias": "h.{i}.ln_2.bias",
-    "h.{i}.mlp.c_fc.weight": "h.{i}.mlp.c_fc_kernel",
-    "h.{i}.mlp.c_fc.bias": "h.{i}.mlp.c_fc_bias",
-    "h.{i}.mlp.c_proj.weight": "h.{i}.mlp.c_proj_kernel",
-    "h.{i}.mlp.c_proj.bias": "h.{i}.mlp.c_proj_bias",
+    "h.{i}.mlp.c_fc.weight": "h.{i}.mlp.c_fc.kernel",
+    "h.{i}.mlp.c_fc.bias": "h.{i}.mlp.c_fc.bias",
+    "h.{i}.mlp.c_proj.weight": "h.{i}.mlp.c_proj.kernel",
+    "h.{i}.mlp.c_proj.bias": "h.{i}.mlp.c_proj.bias",
 }
 # Present in some HF files but not parameters (causal-mask buffers, the tied head).
 IGNORED_HF_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
@@ -365,7 +366,7 @@ def from_hf_tensors(cfg: GPT2Config, tensors: dict[str, np.ndarray], *, source: 
 def grow_vocab(cfg: GPT2Config, tensors: dict[str, np.ndarray], vocab_size: int, source: str = "checkpoint"
                ) -> tuple[dict[str, np.ndarray], GPT2Config]:
     """(tensors, config) with ``vocab_size`` token rows, the added ones (chat tokens) at the mean of the
-    existing rows: ``jaxgpt.model.resize_token_embeddings``'s rule, applied to the host arrays before
+    existing rows: ``resize_token_embeddings``' rule, applied to the host arrays before
     any model is built. The tensors are checked against ``cfg`` (the checkpoint's own) first."""
     if vocab_size < cfg.vocab_size:
         raise ValueError(f"cannot shrink the vocabulary from {cfg.vocab_size} to {vocab_size}")
@@ -375,6 +376,26 @@ def grow_vocab(cfg: GPT2Config, tensors: dict[str, np.ndarray], vocab_size: int,
     grown = {k: v for k, v in tensors.items() if k != "lm_head.weight"}  # tied to wte: checked equal above
     grown["wte.weight"] = np.concatenate([wte, np.repeat(mean, vocab_size - cfg.vocab_size, 0)])
     return grown, cfg.replace(vocab_size=vocab_size)
+
+
+def resize_token_embeddings(model: GPT2, vocab_size: int) -> GPT2:
+    """A copy of ``model`` with ``vocab_size`` real token rows (added chat tokens), the new rows at
+    the mean of the existing ones (their logits start at the average, not at random)."""
+    cfg = model.config
+    if vocab_size < cfg.vocab_size:
+        raise ValueError(f"cannot shrink the vocabulary from {cfg.vocab_size} to {vocab_size}")
+    new_cfg = cfg.replace(vocab_size=vocab_size)
+    graphdef = abstract_model(new_cfg)[0]
+    old = nnx.state(model)
+    wte = old["wte"][...]
+    real = wte[: cfg.vocab_size]
+    mean = real.mean(0, keepdims=True)
+    n_new, n_pad = vocab_size - cfg.vocab_size, new_cfg.padded_vocab_size - vocab_size
+    new_wte = jnp.concatenate([real, jnp.repeat(mean, n_new, 0), jnp.zeros((n_pad, cfg.n_embd), wte.dtype)])
+    # Left where jax puts it (on a mesh: replicated). Placing it is the caller's job: the old layout
+    # may not divide the new row count (jaxgpt.train.build_model places it by the sharding rules).
+    old["wte"] = old["wte"].replace(new_wte)
+    return nnx.merge(graphdef, old)
 
 
 def params_from_hf(cfg: GPT2Config, tensors: dict[str, np.ndarray], abstract: nnx.State, *,
@@ -399,7 +420,7 @@ def params_from_hf(cfg: GPT2Config, tensors: dict[str, np.ndarray], abstract: nn
 def to_hf_tensors(model: GPT2, dtype: str | None = None) -> dict[str, np.ndarray]:
     """{HF name: numpy array in HF's shape}; padded vocab rows dropped. Gathers shards."""
     if model.decoding_layout:
-        raise ValueError("this model is in the decoding layout (jaxgpt.model.for_decoding, e.g. loaded with "
+        raise ValueError("this model is in the decoding layout (jaxgpt.decoding.for_decoding, e.g. loaded with "
                          "param_dtype='bfloat16', 'int8' or 'w8a8' for sampling): save or export the model it was made from")
     cfg = model.config
     shapes = hf_shapes(cfg)

@@ -231,6 +231,32 @@ def test_changed_model_config_is_an_error_not_a_fallback(tmp_path, state):
 
 
 
+def test_checkpoint_with_the_old_parameter_names_is_refused_by_name(tmp_path, state):
+    """Parameters saved as h.0.attn.c_attn_kernel (before the projections were Linear modules): one
+    line naming the key and its new name, nothing set aside."""
+    graphdef, rest, params, opt_state = state
+
+    def old_names(tree):
+        if not isinstance(tree, dict):
+            return tree
+        out = {}
+        for k, v in tree.items():
+            if k in ("c_attn", "c_proj", "c_fc"):
+                out.update({f"{k}_{leaf}": x for leaf, x in v.items()})
+            else:
+                out[k] = old_names(v)
+        return out
+
+    with Checkpointer(tmp_path, save_every=1) as ckpt:
+        ckpt.save(1, params=old_names(nnx.to_pure_dict(params)), opt_state=opt_state, data_state={"epoch": 0, "index": 4},
+                  rng=jax.random.key_data(jax.random.key(1)), config=run_config(), force=True)
+    with Checkpointer(tmp_path, save_every=1) as ckpt:
+        with pytest.raises(CheckpointError, match=r"/1/params: h\.0\.attn\.c_attn_bias is a parameter name of an "
+                                                  r"earlier jaxgpt \(now h\.0\.attn\.c_attn\.bias\)"):
+            ckpt.restore(abstract_params=abstract_like(params), abstract_opt_state=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]
+
+
 def test_changed_param_dtype_is_cast_with_a_warning(tmp_path, state, caplog):
     """Resuming after model.param_dtype changed: orbax casts the saved arrays, and the log says so."""
     with Checkpointer(tmp_path, save_every=1) as ckpt:

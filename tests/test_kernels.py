@@ -106,11 +106,10 @@ def test_one_pass_logsumexp_of_the_loss():
 
 def interpret_kernels(monkeypatch, fused):
     """The model and the loss built with the kernels while ``fused["on"]``, run in the interpreter."""
-    from jaxgpt import model as model_lib
-    from jaxgpt import train
+    from jaxgpt import backend
 
-    for module in (model_lib, train):  # the CPU has no Triton: the kernels run in the interpreter
-        monkeypatch.setattr(module, "fused_kernels", lambda cfg: fused["on"])
+    # the CPU has no Triton: the kernels run in the interpreter
+    monkeypatch.setattr(backend, "fused_kernels", lambda cfg: fused["on"])
     for name in ("layer_norm", "add_layer_norm", "bias_gelu", "logsumexp"):
         monkeypatch.setattr(kernels, name, lambda *a, _f=getattr(kernels, name), **kw: _f(*a, **kw, interpret=True))
 
@@ -194,9 +193,10 @@ def test_kernels_per_shard_on_a_mesh_match_xla(tmp_path):
 def test_kernels_setting(monkeypatch):
     """model.kernels: auto is the kernels on NVIDIA GPUs (A100 or later) with bf16 / fp16 compute
     only; pallas without a GPU is an error that says why; a bad value is refused by name."""
-    from jaxgpt import model as model_lib
+    from jaxgpt import backend
+    from jaxgpt.backend import fused_kernels
     from jaxgpt.config import Config, ConfigError, validate
-    from jaxgpt.model import GPT2Config, fused_kernels
+    from jaxgpt.model import GPT2Config
 
     cfg = GPT2Config(n_layer=1, n_head=2, n_embd=8, dtype="bfloat16")
     assert fused_kernels(cfg) is False  # the CPU
@@ -204,10 +204,10 @@ def test_kernels_setting(monkeypatch):
         fused_kernels(cfg.replace(kernels="pallas"))
     with pytest.raises(ValueError, match="kernels='triton'"):
         cfg.replace(kernels="triton")
-    monkeypatch.setattr(model_lib.jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(model_lib, "_compute_capability", lambda: (7, 0))  # a V100: auto keeps XLA's
+    monkeypatch.setattr(backend.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(backend, "_compute_capability", lambda: (7, 0))  # a V100: auto keeps XLA's
     assert fused_kernels(cfg) is False
-    monkeypatch.setattr(model_lib, "_compute_capability", lambda: (9, 0))  # an H100 / H200
+    monkeypatch.setattr(backend, "_compute_capability", lambda: (9, 0))  # an H100 / H200
     assert fused_kernels(cfg) is True
     assert fused_kernels(cfg.replace(dtype="float32")) is False
     assert fused_kernels(cfg.replace(dtype="float32", kernels="pallas")) is True

@@ -3,13 +3,15 @@ cross-entropy over the full logits, values and gradients, and whole training run
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from jaxgpt.loss import chunked_cross_entropy
+from jaxgpt.loss import chunked_cross_entropy, token_logprobs
 from tests.test_train import tiny_config
 
 B, T, E, V, VOCAB = 2, 16, 8, 48, 45  # 3 padding rows past the real vocabulary
@@ -47,6 +49,29 @@ def test_value_and_gradients_match_plain_cross_entropy(chunks):
                                                                                        chunks), ref_loss / 0.3, rtol=1e-6)
 
 
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_token_logprobs_match_log_softmax(chunks):
+    """log p(target) per token [B, T] against jax.nn.log_softmax over the full logits (padding rows
+    excluded), values to 1e-6 relative and the gradients of a weighted sum (a DPO-like use) within
+    1e-5 of the largest; padding rows get no gradient."""
+    h, w, targets, weights = inputs()
+
+    def ref_fn(h, w):
+        logits = jnp.einsum("bte,ve->btv", h, w, preferred_element_type=jnp.float32)[..., :VOCAB]
+        return jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
+
+    ref = ref_fn(h, w)
+    got = jax.jit(token_logprobs, static_argnums=(3, 4))(h, w, targets, VOCAB, chunks)
+    assert got.shape == (B, T) and got.dtype == jnp.float32 and float(got.max()) < 0
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    ref_grads = jax.grad(lambda h, w: jnp.sum(ref_fn(h, w) * weights), argnums=(0, 1))(h, w)
+    grads = jax.jit(jax.grad(lambda h, w: jnp.sum(token_logprobs(h, w, targets, VOCAB, chunks) * weights),
+                             argnums=(0, 1)))(h, w)
+    for g, r in zip(grads, ref_grads):
+        assert float(jnp.abs(g - r).max()) <= 1e-5 * float(jnp.abs(r).max())
+    assert float(jnp.abs(grads[1][VOCAB:]).max()) == 0.0
+
+
 def test_bfloat16_inputs():
     h, w, targets, weights = inputs(jnp.bfloat16)
     loss, grads = jax.value_and_grad(lambda h, w: chunked_cross_entropy(h, w, targets, weights, VOCAB, 4),
@@ -76,7 +101,7 @@ def test_train_loss_with_loss_chunks_matches(tmp_path):
     graphdef4, params, rest, gcfg = build_model(cfg, len(tok), mesh)
     assert gcfg.loss_chunks == 4
     model = nnx.merge(graphdef4, params, rest)
-    model.config = gcfg.replace(loss_chunks=1)  # the same weights with the plain head
+    model.policy = dataclasses.replace(model.policy, loss_chunks=1)  # the same weights with the plain head
     graphdef1 = nnx.graphdef(model)
     results = []
     for graphdef in (graphdef1, graphdef4):
@@ -97,13 +122,17 @@ def test_train_loss_with_loss_chunks_matches(tmp_path):
 def test_default_loss_chunks_per_backend(monkeypatch):
     """model.loss_chunks: null is 8 chunks on a GPU (the largest of 8 / 4 / 2 that divides the
     sequence), 1 on a CPU; a set value is kept on any backend."""
-    from jaxgpt import model as model_lib
-    from jaxgpt.model import GPT2Config, loss_chunks
+    from jaxgpt import backend
+    from jaxgpt.backend import Policy
+    from jaxgpt.model import GPT2Config
+
+    def loss_chunks(cfg, seq_len):
+        return Policy.resolve(cfg).loss_chunks_for(seq_len)
 
     cfg = GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=VOCAB)
     assert cfg.loss_chunks is None
     assert loss_chunks(cfg, 1024) == 1  # these tests run on the CPU
     assert loss_chunks(cfg.replace(loss_chunks=4), 1024) == 4
-    monkeypatch.setattr(model_lib.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(backend.jax, "default_backend", lambda: "gpu")
     assert [loss_chunks(cfg, t) for t in (1024, 36, 6, 7)] == [8, 4, 2, 1]
     assert loss_chunks(cfg.replace(loss_chunks=1), 1024) == 1

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgpt.model import GPT2, GPT2Config, remat_policy
+from jaxgpt.backend import Policy
+from jaxgpt.model import GPT2, GPT2Config
 from jaxgpt.train import reseeded
 
 
@@ -98,9 +99,9 @@ def test_remat_policies_keep_what_they_say(scan):
     assert len(full) < len(minimal) < len(none)
     # "auto" on a CPU: minimal for scanned blocks (above UNROLL_ROWS positions, or scan_layers=True), else none
     assert GPT2Config(**base).remat == "auto"
-    assert remat_policy(GPT2Config(**base), 8) == ("minimal" if scan else "none")
-    assert remat_policy(GPT2Config(**{**base, "scan_layers": None}), 4096) == "minimal"
-    assert remat_policy(GPT2Config(**{**base, "scan_layers": None}), 2048) == "none"
+    assert Policy.resolve(GPT2Config(**base)).remat_policy(8) == ("minimal" if scan else "none")
+    assert Policy.resolve(GPT2Config(**{**base, "scan_layers": None})).remat_policy(4096) == "minimal"
+    assert Policy.resolve(GPT2Config(**{**base, "scan_layers": None})).remat_policy(2048) == "none"
     assert GPT2Config(**base, remat=True).remat == "full" and GPT2Config(**base, remat=False).remat == "none"
     with pytest.raises(ValueError, match="remat='some'"):
         GPT2Config(**base, remat="some")
@@ -109,7 +110,7 @@ def test_remat_policies_keep_what_they_say(scan):
 def test_gradient_fence_is_the_identity():
     """The fence changes no value and no gradient, bit for bit: NaN, inf and -0.0 included,
     and a NaN first element (the loop then runs no trips)."""
-    from jaxgpt.model import gradient_fence
+    from jaxgpt.backend import gradient_fence
 
     x = jnp.arange(24, dtype=jnp.float32).reshape(2, 3, 4) / 7 - 1
     cot = jnp.array(np.random.default_rng(0).normal(size=(2, 3, 4)), jnp.float32)
@@ -137,12 +138,12 @@ def test_unrolled_backward_does_not_fuse_across_layers(monkeypatch):
     backward pass then stay within a layer, as wide for 4 layers as for 2. Without it (the
     control), the residual gradient's chain through every later layer fused into each layer:
     fusions that grow with depth, the work quadratic in it."""
-    from jaxgpt import model as model_lib
+    from jaxgpt import backend
 
     assert jax.default_backend() == "cpu"
     fenced = [_widest_loop_fusion(n) for n in (2, 4)]
     assert fenced[0] == fenced[1], fenced
-    monkeypatch.setattr(model_lib, "gradient_fence", lambda x: x)
+    monkeypatch.setattr(backend, "gradient_fence", lambda x: x)
     unfenced = [_widest_loop_fusion(n) for n in (2, 4)]
     assert unfenced[1] > unfenced[0] > fenced[0], (fenced, unfenced)
 
@@ -226,24 +227,27 @@ def test_attention_setting_is_checked(kw, needle):
 def test_backend_defaults(monkeypatch):
     """attention="auto" is cuDNN only where it applies; scan_layers=None scans on a CPU above
     UNROLL_ROWS positions, never on a GPU, always elsewhere."""
-    from jaxgpt import model as model_lib
+    from jaxgpt import backend
 
-    assert model_lib.attention_implementation(GPT2Config(dtype="bfloat16")) == "einsum"  # this CPU
-    rows = model_lib.UNROLL_ROWS
-    assert model_lib.scan_blocks(GPT2Config(), rows) is False
-    assert model_lib.scan_blocks(GPT2Config(), rows + 1) is True
-    assert model_lib.scan_blocks(GPT2Config(scan_layers=True), 8) is True
-    assert model_lib.scan_blocks(GPT2Config(scan_layers=False), 10**6) is False
-    monkeypatch.setattr(model_lib.jax, "default_backend", lambda: "tpu")
-    assert model_lib.scan_blocks(GPT2Config(), 8) is True and model_lib.remat_policy(GPT2Config(), 8) == "none"
-    monkeypatch.setattr(model_lib.jax, "default_backend", lambda: "gpu")
-    assert model_lib.scan_blocks(GPT2Config(), 10**6) is False
-    assert model_lib.remat_policy(GPT2Config(), 10**6) == "none"
-    assert model_lib.scan_blocks(GPT2Config(scan_layers=True), 8) is True
-    assert model_lib.attention_implementation(GPT2Config(dtype="bfloat16")) == "cudnn"
-    assert model_lib.attention_implementation(GPT2Config(dtype="float32")) == "einsum"
-    assert model_lib.attention_implementation(GPT2Config(dtype="bfloat16", dropout=0.1)) == "einsum"
-    assert model_lib.attention_implementation(GPT2Config(dtype="bfloat16", attention="einsum")) == "einsum"
+    def policy(**kw):
+        return Policy.resolve(GPT2Config(**kw))
+
+    assert policy(dtype="bfloat16").attention == "einsum"  # this CPU
+    rows = backend.UNROLL_ROWS
+    assert policy().scan_blocks(rows) is False
+    assert policy().scan_blocks(rows + 1) is True
+    assert policy(scan_layers=True).scan_blocks(8) is True
+    assert policy(scan_layers=False).scan_blocks(10**6) is False
+    monkeypatch.setattr(backend.jax, "default_backend", lambda: "tpu")
+    assert policy().scan_blocks(8) is True and policy().remat_policy(8) == "none"
+    monkeypatch.setattr(backend.jax, "default_backend", lambda: "gpu")
+    assert policy().scan_blocks(10**6) is False
+    assert policy().remat_policy(10**6) == "none"
+    assert policy(scan_layers=True).scan_blocks(8) is True
+    assert policy(dtype="bfloat16").attention == "cudnn"
+    assert policy(dtype="float32").attention == "einsum"
+    assert policy(dtype="bfloat16", dropout=0.1).attention == "einsum"
+    assert policy(dtype="bfloat16", attention="einsum").attention == "einsum"
 
 
 def test_abstract_model_is_the_model_without_its_weights():

@@ -50,4 +50,4 @@ def test_two_processes_match_single_process(tmp_path):
         print(f"process {r['process']}: max relative loss difference to one process {rel.max():.2e}")
         assert rel.max() <= 1e-4, f"process {r['process']}: relative loss differences {rel}"
         # one global array over both processes' devices
-        assert r["params"]["h.0.mlp.c_fc_kernel"]["devices"] == 8
+        assert r["params"]["h.0.mlp.c_fc.kernel"]["devices"] == 8

@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from conftest import shared_path
-from jaxgpt.model import (DECODING_DTYPES, GPT2, GPT2Config, few_rows_product, for_decoding, int8_matmul,
-                          quantize_int8)
+from jaxgpt.decoding import DECODING_DTYPES, few_rows_product, for_decoding, int8_matmul, quantize_int8
+from jaxgpt.model import GPT2, GPT2Config
 from jaxgpt.sample import (SampleError, bucket, decode, decode_no_hoisting, generate, load_model, prefill,
                            sample_logits, split_for_inference, stream)
 from jaxgpt.weights import save_pretrained
@@ -258,26 +258,26 @@ def test_for_decoding_layout(model, decoding):
     the float32 model is left as it was."""
     e, i = CFG.n_embd, CFG.inner_dim
     blk, ref = decoding.h[0], model.h[0]
-    assert blk.attn.c_attn_kernel.shape == (3 * e, e) and blk.mlp.c_fc_kernel.shape == (i, e)
-    assert blk.mlp.c_proj_kernel.shape == (e, i) and blk.attn.c_proj_kernel.shape == (e, e)
-    want = ref.mlp.c_fc_kernel[...].T
+    assert blk.attn.c_attn.kernel.shape == (3 * e, e) and blk.mlp.c_fc.kernel.shape == (i, e)
+    assert blk.mlp.c_proj.kernel.shape == (e, i) and blk.attn.c_proj.kernel.shape == (e, e)
+    want = ref.mlp.c_fc.kernel[...].T
     if decoding.decoding_layout == "bfloat16":
         assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(nnx.state(decoding, nnx.Param)))
-        np.testing.assert_array_equal(np.asarray(blk.mlp.c_fc_kernel[...]), np.asarray(want.astype(jnp.bfloat16)))
+        np.testing.assert_array_equal(np.asarray(blk.mlp.c_fc.kernel[...]), np.asarray(want.astype(jnp.bfloat16)))
     else:
-        assert blk.mlp.c_fc_kernel.dtype == decoding.wte.dtype == jnp.int8
-        assert blk.mlp.c_fc_scale.shape == (i,) and decoding.wte_scale.shape == (CFG.padded_vocab_size,)
+        assert blk.mlp.c_fc.kernel.dtype == decoding.wte.dtype == jnp.int8
+        assert blk.mlp.c_fc.scale.shape == (i,) and decoding.head_layout.scale.shape == (CFG.padded_vocab_size,)
         rest = jnp.float32 if decoding.decoding_layout == "w8a8" else jnp.bfloat16
-        assert blk.ln_1.scale.dtype == decoding.wpe.dtype == blk.mlp.c_fc_bias.dtype == rest
+        assert blk.ln_1.scale.dtype == decoding.wpe.dtype == blk.mlp.c_fc.bias.dtype == rest
         if decoding.decoding_layout == "w8a8":
-            np.testing.assert_array_equal(np.asarray(blk.mlp.c_fc_sum[...]),
-                                          np.asarray(blk.mlp.c_fc_kernel[...], np.int64).sum(1))
-            assert decoding.wte_sum.shape == (CFG.padded_vocab_size,)
+            np.testing.assert_array_equal(np.asarray(blk.mlp.c_fc.kernel_sum[...]),
+                                          np.asarray(blk.mlp.c_fc.kernel[...], np.int64).sum(1))
+            assert decoding.head_layout.kernel_sum.shape == (CFG.padded_vocab_size,)
         else:
-            assert not hasattr(blk.mlp, "c_fc_sum")
-        back = np.asarray(blk.mlp.c_fc_kernel[...], np.float32) * np.asarray(blk.mlp.c_fc_scale[...])[:, None]
-        assert np.abs(back - np.asarray(want)).max() <= np.asarray(blk.mlp.c_fc_scale[...]).max() / 2 + 1e-7
-    assert ref.mlp.c_fc_kernel[...].dtype == jnp.float32 and not model.decoding_layout
+            assert blk.mlp.c_fc.kernel_sum is None
+        back = np.asarray(blk.mlp.c_fc.kernel[...], np.float32) * np.asarray(blk.mlp.c_fc.scale[...])[:, None]
+        assert np.abs(back - np.asarray(want)).max() <= np.asarray(blk.mlp.c_fc.scale[...]).max() / 2 + 1e-7
+    assert ref.mlp.c_fc.kernel[...].dtype == jnp.float32 and not model.decoding_layout
     with pytest.raises(ValueError, match="already in the decoding layout"):
         for_decoding(decoding)
     with pytest.raises(ValueError, match="choose from"):
@@ -292,7 +292,7 @@ def test_float32_decoding_layout_gives_the_same_logits(model, rows):
     f32 = for_decoding(model, "float32")
     assert f32.decoding_layout == "float32" and f32.config.param_dtype == "float32"
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(f32, nnx.Param)))
-    np.testing.assert_array_equal(np.asarray(f32.h[0].mlp.c_fc_kernel[...]), np.asarray(model.h[0].mlp.c_fc_kernel[...]).T)
+    np.testing.assert_array_equal(np.asarray(f32.h[0].mlp.c_fc.kernel[...]), np.asarray(model.h[0].mlp.c_fc.kernel[...]).T)
     ids = jnp.asarray(np.random.default_rng(rows).integers(0, CFG.vocab_size, (rows, 1)))
     ref, got = model(ids), f32(ids)
     assert got.dtype == jnp.float32 and got.shape == ref.shape
@@ -394,7 +394,7 @@ def test_load_model_gives_the_decoding_layout(model, tmp_path):
     folder = save_pretrained(model, tmp_path / "hf")
     loaded, _ = load_model(str(folder), param_dtype="bfloat16")
     assert loaded.decoding_layout == "bfloat16" and loaded.config.param_dtype == "bfloat16"
-    assert loaded.h[0].mlp.c_fc_kernel.shape == (CFG.inner_dim, CFG.n_embd)
+    assert loaded.h[0].mlp.c_fc.kernel.shape == (CFG.inner_dim, CFG.n_embd)
     # int8 is quantised from the float32 weights, not from a bfloat16 copy
     q, _ = load_model(str(folder), param_dtype="int8")
     assert q.decoding_layout == "int8"
@@ -417,7 +417,8 @@ import json, os, sys
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 import jax
 from flax import nnx
-from jaxgpt.model import GPT2, for_decoding
+from jaxgpt.decoding import for_decoding
+from jaxgpt.model import GPT2
 from jaxgpt.sample import generate
 from jaxgpt.sharding import make_mesh, make_place
 from jaxgpt.weights import config_from_hf, load_pretrained
@@ -428,11 +429,11 @@ mesh = make_mesh((1, 2, 4))  # fsdp 2 x tensor 4
 abstract = nnx.state(nnx.eval_shape(lambda: GPT2(cfg, rngs=nnx.Rngs(0))), nnx.Param)
 sharded, _ = load_pretrained(folder, place=make_place(abstract, mesh))
 assert len(sharded.wte[...].sharding.device_set) == 8
-assert sharded.h[0].attn.c_attn_kernel[...].sharding.spec != jax.sharding.PartitionSpec()
+assert sharded.h[0].attn.c_attn.kernel[...].sharding.spec != jax.sharding.PartitionSpec()
 got = generate(sharded, prompts, **kw)
 assert got == expected, (got, expected)
 int8 = for_decoding(sharded, "int8")  # quantised where the weights lie, kept sharded
-assert int8.h[0].mlp.c_fc_kernel[...].sharding.spec != jax.sharding.PartitionSpec()
+assert int8.h[0].mlp.c_fc.kernel[...].sharding.spec != jax.sharding.PartitionSpec()
 got = generate(int8, prompts, max_new_tokens=12)
 assert got == expected_int8, (got, expected_int8)
 print("SHARDED_OK")

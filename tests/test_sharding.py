@@ -59,15 +59,15 @@ def test_meshes_give_same_losses_and_shard_params(tmp_path):
     one, dp, fsdp, mixed = by_mesh[(1, 1, 1)], by_mesh[(8, 1, 1)], by_mesh[(1, 8, 1)], by_mesh[(2, 2, 2)]
     assert one["wte"]["devices"] == 1
     # data parallel: parameters replicated on all 8 devices
-    assert dp["h.0.mlp.c_fc_kernel"]["devices"] == 8 and dp["h.0.mlp.c_fc_kernel"]["shard_shape"] == [64, 256]
+    assert dp["h.0.mlp.c_fc.kernel"]["devices"] == 8 and dp["h.0.mlp.c_fc.kernel"]["shard_shape"] == [64, 256]
     # FSDP: every matrix split 8 ways along embed
-    assert fsdp["h.0.mlp.c_fc_kernel"]["spec"] == "P('fsdp', None)"
-    assert fsdp["h.0.mlp.c_fc_kernel"]["shard_shape"] == [8, 256]
+    assert fsdp["h.0.mlp.c_fc.kernel"]["spec"] == "P('fsdp', None)"
+    assert fsdp["h.0.mlp.c_fc.kernel"]["shard_shape"] == [8, 256]
     assert fsdp["wte"]["shard_shape"] == [50264, 8]
     # 2x2x2: embed over fsdp, heads / mlp / vocab over tensor
-    assert mixed["h.0.attn.c_attn_kernel"]["spec"] == "P('fsdp', None, 'tensor', None)"
-    assert mixed["h.0.attn.c_attn_kernel"]["shard_shape"] == [32, 3, 2, 16]
-    assert mixed["h.0.mlp.c_proj_kernel"]["shard_shape"] == [128, 32]
+    assert mixed["h.0.attn.c_attn.kernel"]["spec"] == "P('fsdp', None, 'tensor', None)"
+    assert mixed["h.0.attn.c_attn.kernel"]["shard_shape"] == [32, 3, 2, 16]
+    assert mixed["h.0.mlp.c_proj.kernel"]["shard_shape"] == [128, 32]
     assert mixed["wte"]["shard_shape"] == [25132, 32]
 
 
@@ -124,7 +124,7 @@ def test_added_rows_drop_a_split_they_no_longer_divide():
     script = (
         "from flax import nnx\n"
         "from jaxgpt import sharding\n"
-        "from jaxgpt.model import GPT2, GPT2Config, resize_token_embeddings\n"
+        "from jaxgpt.model import GPT2, GPT2Config\nfrom jaxgpt.weights import resize_token_embeddings\n"
         "mesh = sharding.make_mesh((1, 1, 2))\n"
         "cfg = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)\n"
         "model = nnx.merge(*sharding.init_sharded(lambda: GPT2(cfg, rngs=nnx.Rngs(0)), mesh))\n"

@@ -269,7 +269,8 @@ def test_pretrained_vocabulary_grows_as_resize_token_embeddings_grows_it(tmp_pat
     from flax import nnx
 
     from jaxgpt import sharding
-    from jaxgpt.model import GPT2, GPT2Config, resize_token_embeddings
+    from jaxgpt.model import GPT2, GPT2Config
+    from jaxgpt.weights import resize_token_embeddings
     from jaxgpt.train import build_model
     from jaxgpt.weights import WeightsError, load_pretrained, save_pretrained
 

@@ -387,7 +387,8 @@ def write_init_model(folder: Path, arch: dict, chat: bool) -> Path:
     """A random-init GPT-2 (seed 0) as an HF folder both sides load; with chat tokens if ``chat``."""
     from flax import nnx
 
-    from jaxgpt.model import GPT2, GPT2Config, resize_token_embeddings
+    from jaxgpt.model import GPT2, GPT2Config
+    from jaxgpt.weights import resize_token_embeddings
     from jaxgpt.tokenizer import add_chat_template, load_tokenizer
     from jaxgpt.weights import save_pretrained
 

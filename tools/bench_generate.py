@@ -19,7 +19,7 @@ included, end to end from host token ids to host token ids.
 
 The greedy tokens of both sides are compared too (same weights -> same tokens,
 up to float near-ties). With ``--decoding-dtypes`` jaxgpt also runs with each
-``param_dtype`` given (bfloat16, int8, w8a8: the decoding layouts, ``jaxgpt.model.for_decoding``),
+``param_dtype`` given (bfloat16, int8, w8a8: the decoding layouts, ``jaxgpt.decoding.for_decoding``),
 scored against its float32 run: free-running token agreement, and teacher-forced
 top-1 agreement (argmax at every generated position of the float32 sequence). The PyTorch
 peers of the layouts: with bfloat16, transformers also runs with its model in

@@ -4,7 +4,7 @@
     python tools/decode_quality.py --model HF_DIR_OR_RUN --data chats.jsonl --limit 100
 
 Loads the model in float32, and with each ``--param-dtypes`` (default bfloat16, int8
-and w8a8: the decoding layouts of ``jaxgpt.model.for_decoding``, what ``--param-dtype``
+and w8a8: the decoding layouts of ``jaxgpt.decoding.for_decoding``, what ``--param-dtype``
 gives ``jaxgpt.sample`` and ``jaxgpt.chat``). For every conversation of ``--data``
 (any format jaxgpt trains on, rendered with the model's chat template), each
 against float32:

@@ -153,10 +153,10 @@ def child(spec: dict) -> None:
     import bench
     import jax
 
-    from jaxgpt import kernels, model, train
+    from jaxgpt import backend, kernels
 
     if jax.default_backend() != "gpu" and spec.get("kernels") == "pallas":  # a dry run: the interpreter
-        model.fused_kernels = train.fused_kernels = lambda cfg: cfg.kernels == "pallas"
+        backend.fused_kernels = lambda cfg: cfg.kernels == "pallas"
         ln, add_ln, gelu, lse = kernels.layer_norm, kernels.add_layer_norm, kernels.bias_gelu, kernels.logsumexp
         kernels.layer_norm = lambda x, w, b, eps, interpret=False: ln(x, w, b, eps, interpret=True)
         kernels.add_layer_norm = lambda x, d, w, b, eps, interpret=False: add_ln(x, d, w, b, eps, interpret=True)
