@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "jaxgpt"
 # group of its layer or anything above. The mesh sits under the model: the Pallas kernels run per
 # shard by its logical-axis rules.
 LAYERS: list[dict[str, set[str]]] = [
-    {"base": {"backend", "compile_cache", "host_memory"}},
+    {"base": {"backend", "compile_cache", "host_memory", "inputs"}},
     {"config": {"config"}},
     {"mesh": {"sharding"}},
     {"data": {"data", "tokenizer"},
