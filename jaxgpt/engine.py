@@ -139,35 +139,76 @@ def _resize(slots, *, length: int):
                                "index": cache["index"]}}
 
 
+def _ordered(x):
+    """int32 keys of float32 ``x`` in the same order (for an exact bisection over values)."""
+    i = jax.lax.bitcast_convert_type(x, jnp.int32)
+    return jnp.where(i < 0, i ^ 0x7FFFFFFF, i)
+
+
+def _largest_key(keys, holds):
+    """Per row, the largest int32 key t with ``holds(t)`` ([B] -> [B] bool, true for small t, false
+    past some point): a 32-step bisection, exact, with no sort of the vocabulary."""
+    lo = jnp.full(keys.shape[:1], jnp.iinfo(jnp.int32).min, jnp.int32)  # holds(lo) for every row
+    hi = jnp.full(keys.shape[:1], jnp.iinfo(jnp.int32).max, jnp.int32)
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1) + ((lo ^ hi) & 1)  # ceil((lo + hi) / 2), no overflow
+        ok = holds(mid)
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    return jax.lax.fori_loop(0, 32, body, (lo, hi))[0]
+
+
 def sample_rows(logits, seeds, counts, temperature, top_k, top_p):
     """One token per row of float32 logits [B, V], each row with its own settings (arrays [B]).
 
     temperature 0 is greedy (argmax of the raw logits); otherwise temperature, then top-k
-    (0 = off), then top-p (1.0 = off) on what top-k kept, as in transformers. Row b draws
-    with ``fold_in(key(seeds[b]), counts[b])``: its numbers depend on its own seed and
-    token count only, not on the batch.
+    (0 = off), then top-p (1.0 = off) on what top-k kept, as in transformers (tokens tied at
+    a cut-off are all kept). The cut-offs are found by bisection, not by sorting the
+    vocabulary, and the draw inverts the CDF with one uniform number per row: both cost a few
+    passes over the logits. Row b draws with ``fold_in(key(seeds[b]), counts[b])``: its numbers
+    depend on its own seed and token count only, not on the batch.
     """
-    v = logits.shape[-1]
     greedy = temperature <= 0
     scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
 
     def truncate(x):
-        # Each row's cut-off value: the smallest logit that top-k, then top-p keep.
-        desc = -jnp.sort(-x, axis=-1)
-        rank = jnp.arange(v)[None]
-        desc = jnp.where((top_k[:, None] <= 0) | (rank < top_k[:, None]), desc, -jnp.inf)
-        probs = jax.nn.softmax(desc, axis=-1)
-        keep = (jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]) & (desc > -jnp.inf)
-        keep = keep | (rank == 0)
-        cut = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1)
-        return jnp.where(x >= cut[:, None], x, -jnp.inf)
+        keys = _ordered(x)
+        # top-k: the k-th largest value (the largest t with at least k values >= t)
+        k = jnp.where(top_k > 0, top_k, x.shape[-1])
+        kth = _largest_key(keys, lambda t: jnp.sum(keys >= t[:, None], axis=-1) >= k)
+        x = jnp.where(keys >= kth[:, None], x, -jnp.inf)
+        # top-p: the largest t whose tokens >= t still hold top_p of the probability
+        probs = jax.nn.softmax(x, axis=-1)
+        cut = _largest_key(keys, lambda t: jnp.sum(jnp.where(keys >= t[:, None], probs, 0), axis=-1) >= top_p)
+        return jnp.where(keys >= cut[:, None], x, -jnp.inf)
 
-    # The sort runs only when some sampled row asks for top-k / top-p (decided on the device).
     needed = jnp.any(~greedy & ((top_k > 0) | (top_p < 1)))
     scaled = jax.lax.cond(needed, truncate, lambda x: x, scaled)
-    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
-    drawn = jax.vmap(jax.random.categorical)(keys, scaled)
+    uniform = jax.vmap(lambda s, c: jax.random.uniform(jax.random.fold_in(jax.random.key(s), c)))(seeds, counts)
+    drawn = _invert_cdf(jax.nn.softmax(scaled, axis=-1), uniform)
     return jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+
+
+def _invert_cdf(probs, u, blocks: int = 256):
+    """Per row, the token where the cumulative probability passes ``u`` (in [0, 1)) times the total.
+
+    In two levels, blocks then tokens: a cumulative sum over the whole vocabulary is a slow
+    sequential scan on a CPU, over ``blocks`` sums and one block's tokens it is short.
+    """
+    b, v = probs.shape
+    width = -(-v // blocks)
+    p = jnp.pad(probs, ((0, 0), (0, blocks * width - v))).reshape(b, blocks, width)
+    upto = jnp.cumsum(p.sum(axis=-1), axis=-1)  # [B, blocks]
+    target = u * upto[:, -1]
+    j = jnp.minimum(jnp.sum(upto <= target[:, None], axis=-1), blocks - 1)
+    before = jnp.where(j > 0, jnp.take_along_axis(upto, jnp.maximum(j - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
+    row = jnp.take_along_axis(p, j[:, None, None], axis=1)[:, 0]  # [B, width]
+    i = jnp.sum(jnp.cumsum(row, axis=-1) <= (target - before)[:, None], axis=-1)
+    # rounding can run past the block's last token of non-zero probability: never pick a cut one
+    last = jnp.max(jnp.where(row > 0, jnp.arange(width)[None], 0), axis=-1)
+    return j * width + jnp.minimum(i, last)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("slots",))

@@ -80,6 +80,40 @@ def greedy(server, prompt: list[int], max_tokens: int) -> list[int]:
     return generate(engine.model, [prompt], max_new_tokens=max_tokens, stop_ids=sorted(engine.stop_ids))[0]
 
 
+# ----------------------------------------------------------------------------- the engine's sampler
+
+def test_sample_rows_per_row_settings_match_their_distributions():
+    """Rows with their own temperature / top-k / top-p draw from exactly the distribution that
+    sorting would give (numpy reference), and greedy rows take the argmax."""
+    from jaxgpt.engine import sample_rows
+
+    v, draws = 50, 4000
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((1, v)).astype(np.float32) * 2
+    logits[0, 7] = logits[0, 8] = logits.max() + 0.5  # a tie at the top
+    settings = [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.6), (1.0, 10, 0.8)]
+    temp, top_k, top_p = (np.array(col, dtype) for col, dtype in zip(zip(*settings), (np.float32, np.int32, np.float32)))
+    rows = len(settings)
+    fn = jax.jit(jax.vmap(lambda c: sample_rows(jnp.repeat(jnp.asarray(logits), rows, 0), jnp.arange(rows) + 3,
+                                                jnp.full(rows, c), temp, top_k, top_p)))
+    got = np.asarray(fn(jnp.arange(draws)))  # [draws, rows]
+    assert (got[:, 0] == np.argmax(logits)).all()
+    for r, (t, k, p) in enumerate(settings[1:], start=1):
+        x = logits[0] / t
+        order = np.argsort(-x, kind="stable")
+        keep = np.ones(v, bool)
+        if k:
+            keep[order[k:]] = False
+        probs = np.where(keep, np.exp(x - x.max()), 0)
+        probs /= probs.sum()
+        mass_before = np.cumsum(probs[order]) - probs[order]
+        keep[order[mass_before >= p]] = False
+        want = np.where(keep, probs, 0) / np.where(keep, probs, 0).sum()
+        freq = np.bincount(got[:, r], minlength=v) / draws
+        assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(keep)), f"row {r} drew a cut token"
+        np.testing.assert_allclose(freq, want, atol=0.03, err_msg=f"row {r}")
+
+
 # ----------------------------------------------------------------------------- openai client
 
 def test_models_and_health(server, client):
@@ -266,10 +300,9 @@ def test_many_streams_and_disconnects(server):
     for client_id in range(64):
         for k in range(4):
             prompt = " ".join(rng.choice(words, size=int(rng.integers(1, 24))))
-            greedy_job = (client_id + k) % 2 == 0
-            jobs.append((client_id, prompt, int(rng.integers(1, 12)),
-                         {"temperature": 0} if greedy_job else
-                         {"temperature": 0.8, "top_p": 0.9, "top_k": int(rng.integers(0, 50)), "seed": client_id}))
+            settings = [{"temperature": 0}, {"temperature": 0.8, "seed": client_id},
+                        {"temperature": 0}, {"temperature": 1.1, "top_p": 0.9, "top_k": 40}][(client_id + k) % 4]
+            jobs.append((client_id, prompt, int(rng.integers(1, 12)), settings))
 
     async def stream(http, prompt, max_tokens, settings, hang_up_after=None):
         body = {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "stream": True, **settings}
