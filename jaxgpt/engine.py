@@ -338,6 +338,7 @@ class Engine:
         self.max_cache = bucket(self.max_context, MIN_CACHE)
         self.waiting: queue.Queue[Handle] = queue.Queue()
         self.pending: list[Handle] = []  # taken from `waiting`, not admitted yet (no free slots)
+        self.admitting: list[Handle] = []  # being prefilled
         self.slots: list[_Choice | None] = [None] * max_batch
         self.start_col = [0] * max_batch  # first column of each slot's prompt
         self.index = 0  # the shared write column, as cache["index"] on the device
@@ -403,9 +404,9 @@ class Engine:
             if c is not None:
                 c.handle.put(Event("error", c.index, text=message))
                 self.slots[i] = None
-        for h in self.pending:
+        for h in self.pending + self.admitting:
             h.put(Event("error", text=message))
-        self.pending = []
+        self.pending, self.admitting = [], []
         with self._lock:
             self._counters["errors"] += 1
         self.device = self._empty_slots(MIN_CACHE)
@@ -439,7 +440,9 @@ class Engine:
             group.append(h)
             self.pending.remove(h)
         if group:
+            self.admitting = group
             self._prefill_group(group, free)
+            self.admitting = []
 
     def _cancelled_before_start(self, h: Handle) -> bool:
         if h.cancelled:
