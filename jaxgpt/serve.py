@@ -209,6 +209,24 @@ class Server:
                 left -= 1
             yield tag * n + event.index, tag, event
 
+    async def gather(self, handles, events: asyncio.Queue) -> tuple[dict[int, dict], dict[int, list]]:
+        """Every choice's whole result, {index: {text, tokens, logprobs, finish_reason}}, and the
+        prompts' log-probs by prompt, for the non-streaming responses."""
+        choices: dict[int, dict] = {}
+        prompt_lp: dict[int, list] = {}
+        async for index, tag, event in self.events(handles, events):
+            if event.kind == "prompt":
+                prompt_lp[tag] = event.logprobs
+                continue
+            c = choices.setdefault(index, {"text": "", "tokens": [], "logprobs": [], "finish_reason": None})
+            if event.kind == "delta":
+                c["text"] += event.text
+                c["tokens"] += event.tokens
+                c["logprobs"] += event.logprobs
+            else:
+                c["finish_reason"] = event.finish_reason
+        return choices, prompt_lp
+
     def token_text(self, t: int) -> str:
         return self.tokenizer.decode([t])
 
@@ -362,31 +380,20 @@ def create_app(engine: Engine, model_name: str):
                 yield {**head, "choices": [], "usage": _usage(prompts, generated)}
 
         async def collect():
-            texts, tokens, entries = {}, {}, {}
-            reasons, prompt_lp = {}, {}
-            async for index, tag, event in server.events(handles, events):
-                if event.kind == "prompt":
-                    prompt_lp[tag] = event.logprobs
-                elif event.kind == "delta":
-                    texts[index] = texts.get(index, "") + event.text
-                    tokens.setdefault(index, []).extend(event.tokens)
-                    entries.setdefault(index, []).extend(event.logprobs)
-                else:
-                    reasons[index] = event.finish_reason
+            results, prompt_lp = await server.gather(handles, events)
             choices = []
             for index in range(len(prompts) * n):
-                tag = index // n
-                text, toks, ents = texts.get(index, ""), tokens.get(index, []), entries.get(index, [])
-                lp = None
+                tag, r = index // n, results[index]
+                text, lp = r["text"], None
                 if echo:
                     text = prompt_text[tag] + text
                     if logprobs is not None:
-                        lp = server.completion_logprobs(prompt_lp[tag] + ents, prompts[tag] + toks)
+                        lp = server.completion_logprobs(prompt_lp[tag] + r["logprobs"], prompts[tag] + r["tokens"])
                 elif logprobs is not None:
-                    lp = server.completion_logprobs(ents, toks)
-                choices.append({"index": index, "text": text, "logprobs": lp, "finish_reason": reasons[index]})
+                    lp = server.completion_logprobs(r["logprobs"], r["tokens"])
+                choices.append({"index": index, "text": text, "logprobs": lp, "finish_reason": r["finish_reason"]})
             return {**head, "choices": choices,
-                    "usage": _usage(prompts, sum(len(t) for t in tokens.values()))}
+                    "usage": _usage(prompts, sum(len(r["tokens"]) for r in results.values()))}
 
         return await respond(request, handles, stream_chunks if stream else None, collect)
 
@@ -423,19 +430,12 @@ def create_app(engine: Engine, model_name: str):
                 yield {**head, "choices": [], "usage": _usage([prompt], generated)}
 
         async def collect():
-            texts, tokens, entries, reasons = {}, {}, {}, {}
-            async for index, _, event in server.events(handles, events):
-                if event.kind == "delta":
-                    texts[index] = texts.get(index, "") + event.text
-                    tokens.setdefault(index, []).extend(event.tokens)
-                    entries.setdefault(index, []).extend(event.logprobs)
-                else:
-                    reasons[index] = event.finish_reason
-            choices = [{"index": i, "message": {"role": "assistant", "content": texts.get(i, "")},
-                        "logprobs": server.chat_logprobs(entries.get(i, []), tokens.get(i, [])) if want_lp else None,
-                        "finish_reason": reasons[i]} for i in range(fields["n"])]
+            results, _ = await server.gather(handles, events)
+            choices = [{"index": i, "message": {"role": "assistant", "content": r["text"]},
+                        "logprobs": server.chat_logprobs(r["logprobs"], r["tokens"]) if want_lp else None,
+                        "finish_reason": r["finish_reason"]} for i, r in sorted(results.items())]
             return {"id": rid, "object": "chat.completion", "created": created, "model": server.name,
-                    "choices": choices, "usage": _usage([prompt], sum(len(t) for t in tokens.values()))}
+                    "choices": choices, "usage": _usage([prompt], sum(len(r["tokens"]) for r in results.values()))}
 
         return await respond(request, handles, stream_chunks if stream else None, collect)
 

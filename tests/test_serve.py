@@ -178,6 +178,36 @@ def test_completions_echo_logprobs_match_forward(server, client):
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ids), 1)
 
 
+def test_chat_logprobs(client):
+    out = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Count to ten."}],
+                                         max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens
+    for item in content:  # greedy: each token is its position's best, and the alternatives come best first
+        assert [t.logprob for t in item.top_logprobs] == sorted((t.logprob for t in item.top_logprobs), reverse=True)
+        assert item.logprob == pytest.approx(item.top_logprobs[0].logprob, abs=1e-6) and item.logprob <= 0
+
+
+def test_long_requests_grow_and_shift_the_cache(server, client):
+    """A long prompt joins while a long reply is being decoded: the cache grows and its rows move
+    (a right shift for the prompt, left shifts as the reply passes the cache's end); both greedy
+    outputs stay those of `generate`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(1)
+    short, long = rng.integers(0, 50000, size=5).tolist(), rng.integers(0, 50000, size=110).tolist()
+    text, joined = "", None
+    with ThreadPoolExecutor(1) as pool:
+        for chunk in client.completions.create(model=NAME, prompt=short, max_tokens=120, temperature=0, stream=True):
+            text += chunk.choices[0].text
+            if joined is None:
+                joined = pool.submit(client.completions.create, model=NAME, prompt=long, max_tokens=18, temperature=0)
+        other = joined.result().choices[0].text
+    tok = server["engine"].tokenizer
+    assert text == tok.decode(greedy(server, short, 120), skip_special_tokens=True)
+    assert other == tok.decode(greedy(server, long, 18), skip_special_tokens=True)
+
+
 def test_completions_token_prompts_batch(server, client):
     prompts = [[464, 2068, 7586], [40, 1842, 257, 3797, 11, 290]]
     out = client.completions.create(model=NAME, prompt=prompts, max_tokens=6, temperature=0, n=2)
