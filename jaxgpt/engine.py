@@ -332,7 +332,11 @@ class Engine:
         cfg = model.config
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.max_batch = max_batch
-        self.max_context = min(max_context or cfg.n_positions, cfg.n_positions)
+        if max_context is not None and not 2 <= max_context <= cfg.n_positions:
+            raise ValueError(f"max_context={max_context}: must be in [2, {cfg.n_positions}] (the model's n_positions)")
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch}: must be >= 1")
+        self.max_context = max_context or cfg.n_positions
         self.stop_ids = set(int(i) for i in stop_ids)
         self.graphdef, self.state = split_for_inference(model)
         self.max_cache = bucket(self.max_context, MIN_CACHE)

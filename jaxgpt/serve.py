@@ -509,8 +509,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.max_batch < 1:
         ap.error(f"--max-batch must be >= 1, got {args.max_batch}")
-    if args.max_context is not None and args.max_context < 2:
-        ap.error(f"--max-context must be >= 2, got {args.max_context}")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     compile_cache.enable()
     import uvicorn
@@ -518,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         engine = build_engine(args.model, max_batch=args.max_batch, max_context=args.max_context, dtype=args.dtype,
                               param_dtype=args.param_dtype)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # the engine names --max-context's bound (the model's n_positions)
         print(f"error: {e}", file=sys.stderr)
         return 2
     name = args.served_model_name or args.model

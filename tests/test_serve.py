@@ -389,3 +389,10 @@ def test_many_streams_and_disconnects(server):
         time.sleep(0.1)
     assert m["jaxgpt_cancelled_total"] >= 8 and m["jaxgpt_errors_total"] == 0
     assert m["jaxgpt_finished_total"] >= 256
+
+
+def test_cli_refuses_a_context_past_the_model(folder, capsys):
+    from jaxgpt.serve import main
+
+    assert main(["--model", str(folder), "--max-context", str(CFG.n_positions + 1), "--port", "1"]) == 2
+    assert "max_context=129" in capsys.readouterr().err
