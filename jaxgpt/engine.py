@@ -5,7 +5,8 @@ step at a time. Between steps the engine thread admits waiting requests into fre
 (one batched prefill per group, then each prompt's keys/values copied into its row) and
 frees the slots of requests that stopped or whose client went away. Nothing about a
 request is a static argument: temperature, top-k, top-p, seeds and the live mask are
-arrays, so a new mix of requests compiles nothing new.
+arrays, so a new mix of settings compiles nothing new. Shapes are bucketed to powers of
+two (prompt length, rows of a prefill, cache length): a few programs each, compiled once.
 
 The cache layout. The model's cached attention writes every row at one shared column,
 ``cache["index"]``; rows differ by their own positions (explicit position ids) and by
