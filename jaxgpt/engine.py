@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from jaxgpt.model import init_cache
-from jaxgpt.sample import bucket, split_for_inference
+from jaxgpt.sample import MIN_BUCKET, bucket, split_for_inference
 
 log = logging.getLogger("jaxgpt.engine")
 
@@ -90,23 +90,29 @@ def _prefill(graphdef, state, ids, mask, *, score: bool):
     return cache, logits[:, -1].astype(jnp.float32), scores
 
 
-@functools.partial(jax.jit, static_argnames=("n_head",), donate_argnames=("slots",))
-def _insert(slots, new_cache, new_logits, src, row, col, length, *, n_head: int):
-    """Copy prompt ``src`` of a prefill into slot ``row``, its columns ending at ``col + P``."""
-    h = n_head
+@functools.partial(jax.jit, static_argnames=("n_head",))
+def _take_row(new_cache, new_logits, src, *, n_head: int):
+    """Prompt ``src`` of a prefill: its keys [H, D, P], values [H, P, D], segment ids [1, P] and logits [V]."""
+    layers = [{"k": jax.lax.dynamic_slice_in_dim(l["k"], src * n_head, n_head, axis=0),
+               "v": jax.lax.dynamic_slice_in_dim(l["v"], src * n_head, n_head, axis=0)} for l in new_cache["layers"]]
+    return {"layers": layers, "segment_ids": jax.lax.dynamic_slice_in_dim(new_cache["segment_ids"], src, 1),
+            "logits": new_logits[src]}
+
+
+@functools.partial(jax.jit, donate_argnames=("slots",))
+def _insert(slots, prompt, row, col, length):
+    """Copy one prompt (``_take_row``) into slot ``row``, its columns ending at ``col + P``. Compiled
+    per cache length and prompt bucket only (``Engine.compile_steps`` compiles them all)."""
     cache = slots["cache"]
-    layers = []
-    for big, small in zip(cache["layers"], new_cache["layers"]):
-        k = jax.lax.dynamic_slice_in_dim(small["k"], src * h, h, axis=0)  # [H, D, P]
-        v = jax.lax.dynamic_slice_in_dim(small["v"], src * h, h, axis=0)  # [H, P, D]
-        layers.append({"k": jax.lax.dynamic_update_slice(big["k"], k.astype(big["k"].dtype), (row * h, 0, col)),
-                       "v": jax.lax.dynamic_update_slice(big["v"], v.astype(big["v"].dtype), (row * h, col, 0))})
+    h = prompt["layers"][0]["k"].shape[0]
+    layers = [{"k": jax.lax.dynamic_update_slice(big["k"], small["k"].astype(big["k"].dtype), (row * h, 0, col)),
+               "v": jax.lax.dynamic_update_slice(big["v"], small["v"].astype(big["v"].dtype), (row * h, col, 0))}
+              for big, small in zip(cache["layers"], prompt["layers"])]
     seg_row = jnp.zeros((1, cache["segment_ids"].shape[1]), jnp.int32)  # forget the slot's previous request
-    seg_row = jax.lax.dynamic_update_slice(seg_row, jax.lax.dynamic_slice_in_dim(new_cache["segment_ids"], src, 1),
-                                           (0, col))
+    seg_row = jax.lax.dynamic_update_slice(seg_row, prompt["segment_ids"], (0, col))
     seg = jax.lax.dynamic_update_slice(cache["segment_ids"], seg_row, (row, 0))
     return {"cache": {"layers": layers, "segment_ids": seg, "index": cache["index"]},
-            "logits": slots["logits"].at[row].set(new_logits[src]),
+            "logits": slots["logits"].at[row].set(prompt["logits"]),
             "pos": slots["pos"].at[row].set(length)}
 
 
@@ -368,6 +374,28 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
+    def compile_steps(self):
+        """Compile the decode step, the row shift, the resizes and the prompt copies for every cache
+        length now (before ``start``): compiled under load, each would stall every live request."""
+        b = self.max_batch
+        idle = (np.zeros(b, bool), np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.float32),
+                np.zeros(b, np.int32), np.ones(b, np.float32), np.zeros(b, bool))
+        length = MIN_CACHE
+        while length <= self.max_cache:
+            slots = _step(self.graphdef, self.state, self._empty_slots(length), *idle)[0]
+            slots = _shift(slots, np.int32(0), np.int32(0), np.int32(0))
+            p = MIN_BUCKET
+            while p <= length:  # every prompt bucket that fits this cache
+                new_cache = init_cache(self.cfg, 1, p)
+                prompt = _take_row(new_cache, jnp.zeros((1, self.cfg.vocab_size), jnp.float32), 0,
+                                   n_head=self.cfg.n_head)
+                slots = _insert(slots, prompt, 0, 0, 1)
+                p *= 2
+            for other in (length // 2, 2 * length):
+                if MIN_CACHE <= other <= self.max_cache:
+                    jax.block_until_ready(_resize(slots, length=other))
+            length *= 2
+
     def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None, events=None,
                tag: int = 0) -> Handle:
         """Queue ``request``; its events go to ``events`` (see ``Handle``)."""
@@ -474,10 +502,10 @@ class Engine:
             if req.echo_logprobs is not None:
                 token_lp, top_lp, top_ids = (s[j, p - len(req.prompt):] for s in scores)
                 h.put(Event("prompt", logprobs=_entries(token_lp, top_lp, top_ids, req.echo_logprobs)))
+            prompt = _take_row(new_cache, logits, j, n_head=self.cfg.n_head)
             for i in range(req.n):
                 slot = free.pop(0)
-                self.device = _insert(self.device, new_cache, logits, j, slot, col, len(req.prompt),
-                                      n_head=self.cfg.n_head)
+                self.device = _insert(self.device, prompt, slot, col, len(req.prompt))
                 self.slots[slot] = _Choice(h, i, self.tokenizer, self.stop_ids)
                 self.start_col[slot] = self.index - len(req.prompt)
             with self._lock:
@@ -488,8 +516,8 @@ class Engine:
 
     def _make_room(self, p: int):
         """Arrange the cache so that ``p`` columns end at the shared index (a joining prompt)."""
-        if self._cache_len() < p:
-            self.device = _resize(self.device, length=bucket(p, MIN_CACHE))
+        while self._cache_len() < p:  # doubling only: the resizes compile_steps compiled
+            self.device = _resize(self.device, length=2 * self._cache_len())
         if self.index < p:  # move the live rows right
             self._move(self.index - p)
 
@@ -508,7 +536,8 @@ class Engine:
         if lo > 0:
             self._move(lo)
         window = self.index + 1
-        want = bucket(2 * window, MIN_CACHE) if window * 4 <= length else length
+        # double or halve (the resizes compile_steps compiled); shrinking goes on at later wraps
+        want = length // 2 if window * 4 <= length and length > MIN_CACHE else length
         if window > length:
             want = min(2 * length, self.max_cache)
         if window > want:  # cannot happen: admission keeps every request within max_context <= max_cache

@@ -471,7 +471,7 @@ def prometheus(stats: dict[str, Any]) -> str:
 def build_engine(model_path: str, *, max_batch: int = 8, max_context: int | None = None, dtype: str = "float32",
                  param_dtype: str = "float32", warmup: bool = True) -> Engine:
     """Load ``model_path`` (``jaxgpt.sample.load_model``) into a started engine; ``warmup`` compiles
-    the first prefill and decode step before any request comes."""
+    the decode step for every cache length and a first prefill before any request comes."""
     from jaxgpt.sample import load_model, stop_ids_for
     from jaxgpt.tokenizer import add_chat_template
 
@@ -480,7 +480,10 @@ def build_engine(model_path: str, *, max_batch: int = 8, max_context: int | None
         add_chat_template(tokenizer, "plain")
         log.warning("the tokenizer has no chat template: chat requests use jaxgpt's plain 'User:/Assistant:' format")
     engine = Engine(model, tokenizer, max_batch=max_batch, max_context=max_context,
-                    stop_ids=stop_ids_for(tokenizer, model, model_path)).start()
+                    stop_ids=stop_ids_for(tokenizer, model, model_path))
+    if warmup:
+        engine.compile_steps()
+    engine.start()
     if warmup:
         handle = engine.submit(Request([model.config.bos_token_id], max_tokens=2, temperature=0.0))
         while handle.events.get()[1].kind not in ("finish", "error"):
