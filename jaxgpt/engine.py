@@ -30,7 +30,6 @@ import asyncio
 import dataclasses
 import functools
 import logging
-import math
 import queue
 import threading
 import time
@@ -55,12 +54,12 @@ MIN_CACHE = 64  # smallest cache length (columns); lengths are powers of two
 
 def _forward_prompt(model, ids, positions, segment_ids, cache, full: bool):
     """Prefill: (logits [B, T or 1, V], cache) for left-padded prompts written at the cache's index."""
-    return model(ids, positions=positions, segment_ids=segment_ids, cache=cache, last_only=not full)
+    return model.decode(ids, cache, positions=positions, segment_ids=segment_ids, last_only=not full)
 
 
 def _forward_step(model, tokens, positions, segment_ids, cache):
     """One decode step: (logits [B, 1, V], cache) for one new token per row."""
-    return model(tokens, positions=positions, segment_ids=segment_ids, cache=cache)
+    return model.decode(tokens, cache, positions=positions, segment_ids=segment_ids)
 
 
 # ----------------------------------------------------------------------------- jitted functions

@@ -32,6 +32,7 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from jaxgpt.engine import MAX_TOP_LOGPROBS, Engine, Request
+from jaxgpt.inputs import Range
 
 log = logging.getLogger("jaxgpt.serve")
 
@@ -51,28 +52,22 @@ class APIError(Exception):
 
 
 # ----------------------------------------------------------------------------- request fields
-# The shared "finite and in range" rule of jaxgpt.config should replace _number once it exists.
+# Every number in a request obeys jaxgpt.inputs' rule (finite, then its own range), as the
+# config and the CLIs do; a violation is a 400 naming the field.
 
 def _number(body: dict, key: str, default: float, lo: float, hi: float, *, open_lo: bool = False) -> float:
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise APIError(400, f"{key} must be a finite number, got {value!r}", key)
-    if value < lo or value > hi or (open_lo and value == lo):
-        raise APIError(400, f"{key} must be in {'(' if open_lo else '['}{lo}, {hi}], got {value}", key)
-    return float(value)
+    return Range(lo, hi, low_open=open_lo).check(key, value, lambda msg: APIError(400, msg, key))
 
 
 def _integer(body: dict, key: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise APIError(400, f"{key} must be an integer, got {value!r}", key)
-    if value < lo or (hi is not None and value > hi):
-        raise APIError(400, f"{key} must be {f'in [{lo}, {hi}]' if hi is not None else f'>= {lo}'}, got {value}", key)
-    return value
+    bounds = Range(lo, math.inf if hi is None else hi, integer=True)
+    return bounds.check(key, value, lambda msg: APIError(400, msg, key))
 
 
 def _flag(body: dict, key: str) -> bool:
@@ -493,7 +488,7 @@ def build_engine(model_path: str, *, max_batch: int = 8, max_context: int | None
 
 def main(argv: Sequence[str] | None = None) -> int:
     from jaxgpt import compile_cache
-    from jaxgpt.model import DECODING_LAYOUTS
+    from jaxgpt.decoding import DECODING_LAYOUTS
     from jaxgpt.sample import PARAM_DTYPE_HELP
 
     ap = argparse.ArgumentParser(prog="python -m jaxgpt.serve",
