@@ -1,7 +1,7 @@
 """jaxgpt vs the PyTorch tools users would pick instead, side by side on one machine.
 
     python tools/bench.py                 # full CPU run (GPT-2 124M; ~25 min on 2 cores)
-    python tools/bench.py --quick         # tiny model, ~2.5-3.5 min on 2 cores: a regular smoke of every section
+    python tools/bench.py --quick         # tiny model: a regular smoke of every section (each torch.compile side adds its compilation)
     python tools/bench.py --gpu           # tokens/s + MFU of GPT-2 124M, seq 1024, bf16 (tools/bench_gpu.sh)
     python tools/bench.py --gpu --quick --batch 2 --steps 8   # its dry run on a CPU (tiny model)
     python tools/bench.py --sections train,finetune
@@ -752,7 +752,7 @@ def run_gpu(args, work: Path) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny model, few steps: ~2.5-3.5 minutes on 2 cores")
+    p.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke of every section")
     p.add_argument("--gpu", action="store_true", help="GPU: GPT-2 124M, seq 1024, bf16 tokens/s and MFU")
     p.add_argument("--sections", default="train,finetune,generate")
     p.add_argument("--steps", type=int, default=None, help="timed train steps (default 5); tokens/s from the median step")
