@@ -1,8 +1,9 @@
 """jaxgpt vs the PyTorch tools users would pick instead, side by side on one machine.
 
     python tools/bench.py                 # full CPU run (GPT-2 124M; ~25 min on 2 cores)
-    python tools/bench.py --quick         # tiny model, ~2.5-3.5 min on 2 cores: a regular smoke of every section
+    python tools/bench.py --quick         # tiny model: a regular smoke of every section (each torch.compile side adds its compilation)
     python tools/bench.py --gpu           # tokens/s + MFU of GPT-2 124M, seq 1024, bf16 (tools/bench_gpu.sh)
+    python tools/bench.py --gpu --quick --batch 2 --steps 8   # its dry run on a CPU (tiny model)
     python tools/bench.py --sections train,finetune
     python tools/bench.py --sections train --rounds 3   # the sides alternate 3 times; median ratio
     python tools/bench.py --sections finetune --rounds 3   # + 2 more rounds of jaxgpt's and TRL's defaults
@@ -12,23 +13,27 @@ start-up, compile and peak memory are measured per side; both read the same
 weights from one safetensors folder and the same batches from one seed):
 
   train     train-step tokens/s, jaxgpt (jitted step, optax AdamW) vs transformers
-            GPT2LMHeadModel + torch.optim.AdamW eager; GPT-2 124M random init,
-            float32, 4x256 and 8x128; peak RSS; time to first step (process start
-            -> import -> load weights -> compile -> first step done), for jaxgpt
-            also with a warm persistent compilation cache (a second run); first-step
-            loss of both (same weights + batch => same number).
+            GPT2LMHeadModel (SDPA) + torch.optim.AdamW, eager and compiled (forward +
+            loss under torch.compile, fused AdamW); GPT-2 124M random init, float32,
+            4x256 and 8x128; peak RSS; time to first step (process start -> import ->
+            load weights -> compile -> first step done), for jaxgpt also with a warm
+            persistent compilation cache (a second run); first-step loss of every side
+            (same weights + batch => same number).
   finetune  one epoch SFT on N oasst threads (../shared) at seq 512: jaxgpt
             (`jaxgpt.train.train`, packing, its defaults: model.remat auto = minimal
             on a CPU; also with remat none and full, the latter as TRL's default
             gradient checkpointing) vs TRL SFTTrainer with its defaults and with
             packing; assistant-only loss, same ChatML template / tokenizer; wall
             time, peak RSS, trained tokens, final losses.
-  generate  tools/bench_generate.py (jaxgpt generate vs transformers generate).
+  generate  tools/bench_generate.py (jaxgpt generate vs transformers generate, eager
+            and with a static cache + torch.compile).
   serve     tools/bench_serve.py (python -m jaxgpt.serve vs transformers serve
             --continuous-batching: output tokens/s and time to first token at
             concurrency 1, 8 and 32); only when named: --sections serve.
   --gpu     tools/bench_gpu.sh: jaxgpt's train step on one GPU, GPT-2 124M, seq 1024,
-            bf16, each of GPU_VARIANTS, vs torch eager + autocast; tokens/s and MFU.
+            bf16, on packed and causal rows (GPU_HEADLINE; or any of GPU_VARIANTS), vs
+            torch.compile and torch eager with bf16 autocast; tokens/s, MFU, peak
+            memory, time to first step, losses at steps 1 and 10.
 
 Results are printed as a table and written to --out (JSON); docs/benchmarks.md
 holds the current numbers, docs/benchmarks-history.md every earlier run.
@@ -154,6 +159,10 @@ def worker_train_jax(a: dict) -> dict:
 
     from jaxgpt.train import flops_per_token
 
+    dry_run = None
+    if a.get("attention") == "cudnn" and jax.default_backend() != "gpu":
+        # The GPU section dry-run on a CPU: the same jax.nn.dot_product_attention call, XLA's implementation
+        a, dry_run = {**a, "attention": "xla"}, "attention xla for cudnn, which needs a GPU"
     step, state, batches, rng, gcfg = train_setup(a)
     rss_loaded = rss_mb()
     b, t = a["batch"], a["seq"]
@@ -162,13 +171,14 @@ def worker_train_jax(a: dict) -> dict:
         state, m = step(state, batches[i], rng)
         losses.append(float(m["loss"]))
         t_first = t_first or time.time()
-    times = []
+    times, timed_losses = [], []
     for i in range(a["warmup"], a["warmup"] + a["steps"]):
         t0 = time.perf_counter()
         state, m = step(state, batches[i], rng)
         jax.block_until_ready(state)
         times.append(time.perf_counter() - t0)
-    losses.append(float(m["loss"]))
+        timed_losses.append(m["loss"])
+    losses += [float(x) for x in timed_losses]
     pipelined = None
     if a.get("pipelined"):  # the GPU section: also time the steps as jaxgpt.train runs them
         # (The times above wait for every step, so each one also holds the host's dispatch of the
@@ -195,8 +205,8 @@ def worker_train_jax(a: dict) -> dict:
                 state, m = step(state, batches[i], rng)
             jax.block_until_ready(state)
         profile = summarize(a["profile_dir"], steps=2)
-    out = {**step_stats(times, b * t), "first_loss": losses[0],
-           "last_loss": losses[-1], "time_to_first_step_s": t_first - a["t_spawn"], "peak_rss_mb": rss_mb(),
+    out = {**step_stats(times, b * t), "first_loss": losses[0], "last_loss": losses[-1], "losses": losses,
+           "time_to_first_step_s": t_first - a["t_spawn"], "peak_rss_mb": rss_mb(),
            "rss_after_load_mb": rss_loaded, "backend": jax.default_backend(), "n_devices": len(jax.devices()),
            "device_kind": jax.devices()[0].device_kind}
     # The model's own FLOPs: padding rows of the embedding (vocab_multiple) do not count.
@@ -216,58 +226,110 @@ def worker_train_jax(a: dict) -> dict:
         out["peak_device_mb"] = stats["peak_bytes_in_use"] / 2**20
     if profile is not None:
         out["profile"] = profile
+    if dry_run:
+        out["dry_run"] = dry_run
     return out
 
 
+# torch.compile settings tried in order until one compiles and runs: inductor, each shape static
+# (the train step has one shape, generate a prefill and a decode shape), then inductor's GEMM
+# autotuning without CUDA graphs, then AOTAutograd without inductor's code generation.
+COMPILE_TRIES = ({"dynamic": False}, {"mode": "max-autotune-no-cudagraphs", "dynamic": False},
+                 {"backend": "aot_eager"})
+
+
+def compile_with_fallback(fn, first_call, tries=COMPILE_TRIES):
+    """``torch.compile(fn, **settings)`` under the first of ``tries`` with which ``first_call(compiled)``
+    runs (compiling is lazy: its errors surface in the first call). Returns (compiled, the first
+    call's result, {"settings": what ran, "failed": [each earlier try and its error]})."""
+    import torch
+
+    failed = []
+    for settings in tries:
+        try:
+            compiled = torch.compile(fn, **settings)
+            return compiled, first_call(compiled), {"settings": settings, "failed": failed}
+        except Exception as e:  # noqa: BLE001 - a host's compiler failure is a result: record it, try the next
+            failed.append({"settings": settings, "error": f"{type(e).__name__}: {e}"[:2000]})
+            torch._dynamo.reset()
+    raise RuntimeError("torch.compile failed with every setting tried: "
+                       + "; ".join(f"{f['settings']}: {f['error'][:300]}" for f in failed))
+
+
+def fresh_inductor_cache() -> None:
+    """Cold starts, as jaxgpt's workers get (JAXGPT_COMPILE_CACHE=off): inductor's on-disk caches
+    in an empty folder, set before torch is imported, removed when the process exits."""
+    import atexit
+
+    folder = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxgpt-bench-inductor-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+
 def worker_train_torch(a: dict) -> dict:
+    """transformers' GPT-2 with torch.optim.AdamW, eager; with ``compile``, PyTorch at its best as
+    nanoGPT runs it: the forward and loss under ``torch.compile`` (inductor) and a fused AdamW."""
+    compiled = a.get("compile", False)
+    if compiled:
+        fresh_inductor_cache()
     import torch
     import torch.nn.functional as F
     from transformers import GPT2LMHeadModel
 
     device = a.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = GPT2LMHeadModel.from_pretrained(a["model"], dtype=torch.float32).to(device)
+    model = GPT2LMHeadModel.from_pretrained(a["model"], dtype=torch.float32, attn_implementation="sdpa").to(device)
     model.train()  # dropout is 0 in the exported config, as in jaxgpt
     h = optimizer_hparams()
     # Same decay rule as jaxgpt: matrices decay; biases, LayerNorm and embeddings do not.
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "wte" not in n and "wpe" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "wte" not in n and "wpe" not in n)]
+    # fused: one kernel for the whole update, on CUDA and (torch >= 2.4) on the CPU; None: torch's default (foreach)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": h["weight_decay"]},
                              {"params": no_decay, "weight_decay": 0.0}],
-                            lr=h["lr"], betas=(h["b1"], h["b2"]), eps=h["eps"])
+                            lr=h["lr"], betas=(h["b1"], h["b2"]), eps=h["eps"], fused=compiled or None)
     rss_loaded = rss_mb()
     vocab = model.config.vocab_size
     batches = [torch.from_numpy(x).long().to(device)
                for x in make_batches(vocab, a["batch"], a["seq"], a["warmup"] + a["steps"])]
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=a.get("dtype") == "bfloat16")
 
-    def step(x, sync=True):
+    def loss_of(x):
         with autocast:
             logits = model(input_ids=x[:, :-1], use_cache=False).logits
-        loss = F.cross_entropy(logits.reshape(-1, vocab).float(), x[:, 1:].reshape(-1))
+        return F.cross_entropy(logits.reshape(-1, vocab).float(), x[:, 1:].reshape(-1))
+
+    def step(forward, x, sync=True):
+        loss = forward(x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), h["grad_clip"])
         opt.step()
         return loss.item() if sync else loss.detach()
 
-    losses, t_first = [], None
-    for i in range(a["warmup"]):
-        losses.append(step(batches[i]))
-        t_first = t_first or time.time()
+    forward, compile_info = loss_of, None
+    if compiled:  # the first step compiles the forward and (on the first backward) the backward
+        tries = [dict(t) for t in a.get("compile_tries", COMPILE_TRIES)]
+        forward, first, compile_info = compile_with_fallback(loss_of, lambda f: step(f, batches[0]), tries)
+        losses, t_first = [first], time.time()
+    else:
+        losses, t_first = [step(forward, batches[0])], time.time()
+    for i in range(1, a["warmup"]):
+        losses.append(step(forward, batches[i]))
     times = []
     for i in range(a["warmup"], a["warmup"] + a["steps"]):
         t0 = time.perf_counter()
-        last = step(batches[i])  # .item() syncs every step, as a training loop that logs does
+        losses.append(step(forward, batches[i]))  # .item() syncs every step, as a training loop that logs does
         times.append(time.perf_counter() - t0)
-    losses.append(last)
     pipelined = {}
     if a.get("pipelined"):  # as jaxgpt's side: each step's loss read once the next one is queued
-        dt = pipelined_step_s(lambda i: step(batches[i], sync=False), lambda loss: loss.item(),
+        dt = pipelined_step_s(lambda i: step(forward, batches[i], sync=False), lambda loss: loss.item(),
                               range(a["warmup"], a["warmup"] + a["steps"]))
         pipelined = {"step_s_pipelined": dt, "tokens_per_s_pipelined": a["batch"] * a["seq"] / dt}
     return {**step_stats(times, a["batch"] * a["seq"]), **pipelined, "first_loss": losses[0],
-            "last_loss": losses[-1], "time_to_first_step_s": t_first - a["t_spawn"], "peak_rss_mb": rss_mb(),
-            "rss_after_load_mb": rss_loaded, "torch_threads": torch.get_num_threads(),
+            "last_loss": losses[-1], "losses": losses, "time_to_first_step_s": t_first - a["t_spawn"],
+            "peak_rss_mb": rss_mb(), "rss_after_load_mb": rss_loaded, "torch_threads": torch.get_num_threads(),
+            "attention": model.config._attn_implementation, "fused_adamw": bool(compiled), "compile": compile_info,
+            "n_params": sum(p.numel() for p in model.parameters()),  # the tied head counted once, as jaxgpt's
+            "device_kind": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "peak_device_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}
 
 
@@ -415,19 +477,19 @@ def section_train(work: Path, quick: bool, steps: int, warmup: int, rounds: int 
     for b, t in shapes:
         # segments=False: plain causal attention, as PyTorch's side (a packing mask would be jaxgpt's work only)
         args = {"model": str(folder), "batch": b, "seq": t, "steps": steps, "warmup": warmup, "segments": False}
-        # Rounds alternate the sides (jaxgpt, PyTorch, PyTorch with jaxgpt's malloc settings: the
-        # like-for-like row), so a shared machine's slow minutes fall on both; the row's top-level
-        # results are round 1's, its medians are over all rounds.
+        # Rounds alternate the sides (jaxgpt, PyTorch eager, PyTorch compiled, PyTorch eager with
+        # jaxgpt's malloc settings: the like-for-like row), so a shared machine's slow minutes fall on
+        # all; the row's top-level results are round 1's, its medians are over all rounds.
         res = {"rounds": []}
         for i in range(rounds):
             one = {side: run_cpu_worker(f"train_{side}", args) for side in ("jax", "torch")}
+            one["torch_compiled"] = run_cpu_worker("train_torch", {**args, "compile": True})
             one["torch_tuned_malloc"] = run_cpu_worker("train_torch", args, malloc="tuned")
             res["rounds"].append(one)
             if rounds > 1:
                 print(f"  train {b}x{t}: round {i + 1}/{rounds}: {round_ratios(one)}", flush=True)
         res.update(res["rounds"][0])
-        res.update(median_ratios(res["rounds"], "jax", {"ratio": "torch", "ratio_tuned_malloc": "torch_tuned_malloc"},
-                                 "tokens_per_s"))
+        res.update(median_ratios(res["rounds"], "jax", TRAIN_PEERS, "tokens_per_s"))
         # Start-up again with the compiled step in a persistent cache (filled by a first run).
         cache = str(work / f"xla-cache-{b}x{t}")
         shutil.rmtree(cache, ignore_errors=True)
@@ -438,32 +500,52 @@ def section_train(work: Path, quick: bool, steps: int, warmup: int, rounds: int 
     return rows
 
 
+# The train section's ratios: jaxgpt's tokens/s over each PyTorch side's (name: side).
+TRAIN_PEERS = {"ratio": "torch", "ratio_compiled": "torch_compiled", "ratio_tuned_malloc": "torch_tuned_malloc"}
+TRAIN_PEER_LABELS = {"ratio": "eager", "ratio_compiled": "compiled", "ratio_tuned_malloc": "eager, same malloc"}
+
+
 def print_train_row(row: dict) -> None:
-    j, p = row["jax"], row["torch"]
-    if "error" in j or "error" in p:
-        print(f"  train {row['shape']}: jax {j.get('error', 'ok')} | torch {p.get('error', 'ok')}")
+    j = row["jax"]
+    if "error" in j:
+        print(f"  train {row['shape']}: jaxgpt {j['error']}")
         return
-    fpt = j["flops_per_token"]  # the same model on both sides: 6N + attention (jaxgpt.train.flops_per_token)
+    fpt = j["flops_per_token"]  # the same model on every side: 6N + attention (jaxgpt.train.flops_per_token)
     print(f"  train {row['shape']}: jaxgpt {j['tokens_per_s']:,.0f} tok/s ({j['tokens_per_s'] * fpt / 1e9:.0f} GFLOP/s), "
-          f"torch {p['tokens_per_s']:,.0f} tok/s ({p['tokens_per_s'] * fpt / 1e9:.0f} GFLOP/s) "
-          f"-> {j['tokens_per_s'] / p['tokens_per_s']:.2f}x | peak RSS {j['peak_rss_mb']:,.0f} vs "
-          f"{p['peak_rss_mb']:,.0f} MB | first step after {j['time_to_first_step_s']:.1f}s vs "
-          f"{p['time_to_first_step_s']:.1f}s | loss@1 {j['first_loss']:.4f} vs {p['first_loss']:.4f}"
-          + ("" if abs(j["first_loss"] - p["first_loss"]) <= 1e-3 else "  ** LOSSES DIFFER: not like for like **"))
-    q = row.get("torch_tuned_malloc", {})
-    if "tokens_per_s" in q:
-        tuned = "with" if q.get("glibc_tunables") else "without (not applicable here)"
-        print(f"  train {row['shape']}: torch {tuned} jaxgpt's malloc settings {q['tokens_per_s']:,.0f} tok/s "
-              f"-> jaxgpt {j['tokens_per_s'] / q['tokens_per_s']:.2f}x")
-    if len(row.get("rounds", [])) > 1 and row["median_ratio"] is not None:
-        per = ", ".join(f"{r:.2f}" for r in row["ratio_per_round"])
-        tuned = row["median_ratio_tuned_malloc"]
-        print(f"  train {row['shape']}: median over {len(row['rounds'])} rounds: jaxgpt / torch "
-              f"{row['median_ratio']:.2f}x ({per})" + (f", same malloc {tuned:.2f}x" if tuned else ""))
+          f"peak RSS {j['peak_rss_mb']:,.0f} MB, first step after {j['time_to_first_step_s']:.1f}s, "
+          f"loss@1 {j['first_loss']:.4f}")
+    for side, label in (("torch", "torch eager"), ("torch_compiled", "torch.compile"),
+                        ("torch_tuned_malloc", "torch eager with jaxgpt's malloc settings")):
+        p = row.get(side)
+        if p is None:
+            continue
+        if "error" in p:
+            print(f"  train {row['shape']}: {label}: {p['error']}")
+            continue
+        line = f"  train {row['shape']}: {label} {p['tokens_per_s']:,.0f} tok/s -> jaxgpt {j['tokens_per_s'] / p['tokens_per_s']:.2f}x"
+        if side == "torch_tuned_malloc":
+            print(line + ("" if p.get("glibc_tunables") else " (the settings do not apply here)"))
+            continue
+        if p.get("compile"):
+            line += f" | {compile_label(p['compile'])}"
+        print(line + f" ({p['tokens_per_s'] * fpt / 1e9:.0f} GFLOP/s) | peak RSS {p['peak_rss_mb']:,.0f} MB | first "
+              f"step after {p['time_to_first_step_s']:.1f}s | loss@1 {p['first_loss']:.4f}"
+              + ("" if abs(j["first_loss"] - p["first_loss"]) <= 1e-3 else "  ** LOSSES DIFFER: not like for like **"))
+    if len(row.get("rounds", [])) > 1:
+        medians = [f"{TRAIN_PEER_LABELS[name]} {row[f'median_{name}']:.2f}x "
+                   f"({', '.join(f'{r:.2f}' for r in row[f'{name}_per_round'])})"
+                   for name in TRAIN_PEERS if row.get(f"median_{name}") is not None]
+        print(f"  train {row['shape']}: median over {len(row['rounds'])} rounds, jaxgpt / torch: " + "; ".join(medians))
     w = row.get("jax_warm_cache", {})
     if "time_to_first_step_s" in w:
         print(f"  train {row['shape']}: jaxgpt first step after {w['time_to_first_step_s']:.1f}s with a warm "
               f"compilation cache")
+
+
+def compile_label(info: dict) -> str:
+    """Which torch.compile settings ran, and any that failed before them."""
+    failed = "".join(f"; failed: {f['settings']} ({f['error'][:120]})" for f in info["failed"])
+    return f"torch.compile {info['settings'] or 'defaults'}{failed}"
 
 
 def _ratio(one: dict, side: str, ref: str, key: str) -> float | None:
@@ -473,8 +555,9 @@ def _ratio(one: dict, side: str, ref: str, key: str) -> float | None:
 
 
 def round_ratios(one: dict) -> str:
-    r, q = (_ratio(one, "jax", ref, "tokens_per_s") for ref in ("torch", "torch_tuned_malloc"))
-    return (f"jaxgpt / torch {r:.2f}x" if r else "jaxgpt / torch: error") + (f", same malloc {q:.2f}x" if q else "")
+    ratios = {name: _ratio(one, "jax", ref, "tokens_per_s") for name, ref in TRAIN_PEERS.items()}
+    return "jaxgpt / torch " + ", ".join(f"{TRAIN_PEER_LABELS[name]} " + (f"{r:.2f}x" if r else "error")
+                                         for name, r in ratios.items())
 
 
 def median_ratios(rounds: list[dict], side: str, refs: dict[str, str], key: str) -> dict:
@@ -583,14 +666,33 @@ GPU_VARIANTS = [
 ]
 
 
+# The variants a plain --gpu run measures: jaxgpt's defaults on packed SFT rows (the packing
+# mask) and on causal rows, as the PyTorch sides train. --gpu-variants all: every variant.
+GPU_HEADLINE = ("the GPU defaults: cudnn attention, vocab padded to 128, blocks unrolled, loss in 8 sequence chunks, "
+                "Pallas kernels", "the GPU defaults, no packing mask")
+# The PyTorch sides of the GPU section (--gpu-torch): label and worker settings.
+GPU_TORCH = {"compiled": ("torch.compile + fused AdamW + bf16 autocast", {"compile": True}),
+             "eager": ("torch eager + bf16 autocast", {})}
+
+
+def loss_at(r: dict, step: int) -> float:
+    """The loss of training step ``step`` (1-based), or nan where the run was shorter."""
+    losses = r.get("losses", [])
+    return losses[step - 1] if len(losses) >= step else float("nan")
+
+
 def format_gpu_step(r: dict) -> str:
     """One GPU train worker's result in a line (and its profile's summary, if it has one)."""
-    line = (f"{r['tokens_per_s_pipelined']:,.0f} tok/s, MFU {100 * r.get('mfu_pipelined', 0):.1f}%, step "
-            f"{r['step_s_pipelined'] * 1e3:.1f} ms as jaxgpt.train runs (nothing read back: "
-            f"{r['step_s_no_readback'] * 1e3:.1f} ms); waiting for each step: {r['tokens_per_s']:,.0f} tok/s, "
-            f"MFU {100 * r.get('mfu', 0):.1f}%, {r['step_s'] * 1e3:.1f} ms; first step after "
-            f"{r['time_to_first_step_s']:.0f} s, peak device memory {r.get('peak_device_mb', float('nan')):,.0f} MiB, "
-            f"loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}")
+    nan = float("nan")
+    line = (f"{r['tokens_per_s_pipelined']:,.0f} tok/s, MFU {100 * r.get('mfu_pipelined', nan):.1f}%, step "
+            f"{r['step_s_pipelined'] * 1e3:.1f} ms as jaxgpt.train runs")
+    if "step_s_no_readback" in r:
+        line += f" (nothing read back: {r['step_s_no_readback'] * 1e3:.1f} ms)"
+    line += (f"; waiting for each step: {r['tokens_per_s']:,.0f} tok/s, MFU {100 * r.get('mfu', nan):.1f}%, "
+             f"{r['step_s'] * 1e3:.1f} ms; first step after {r['time_to_first_step_s']:.0f} s, peak device memory "
+             f"{r.get('peak_device_mb') or nan:,.0f} MiB, loss at step 1 {loss_at(r, 1):.4f}, step 10 {loss_at(r, 10):.4f}")
+    if r.get("dry_run"):
+        line += f" [dry run: {r['dry_run']}]"
     if "profile" in r:
         from trace_summary import format_summary
 
@@ -599,10 +701,13 @@ def format_gpu_step(r: dict) -> str:
 
 
 def run_gpu(args, work: Path) -> dict:
-    """GPT-2 124M at seq 1024 in bfloat16 (float32 master weights) on one accelerator: each
-    jaxgpt variant, then PyTorch eager with bf16 autocast, the same weights and batches.
-    --quick: the tiny model at seq 128 (a dry run of this path on any machine)."""
+    """GPT-2 124M at seq 1024 in bfloat16 (float32 master weights) on one accelerator: each chosen
+    jaxgpt variant, then each PyTorch side with bf16 autocast, the same weights and batches.
+    --quick: the tiny model at seq 128 (on a CPU, a dry run of this path: cuDNN's attention runs as XLA's)."""
     import jax
+
+    from jaxgpt.model import GPT2Config
+    from jaxgpt.train import flops_per_token
 
     # This process only writes the initial weights: on the GPU, jax would take 75% of its memory
     # for the whole run and leave the measured processes the rest.
@@ -611,13 +716,18 @@ def run_gpu(args, work: Path) -> dict:
     folder = write_init_model(work / ("init-tiny" if args.quick else "init-124m"), arch, chat=False)
     common = {"model": str(folder), "batch": args.batch, "seq": seq, "steps": args.steps or 10,
               "warmup": max(args.warmup, 2), "dtype": "bfloat16", "pipelined": True}
-    res = {"batch": args.batch, "seq": seq, "peak_flops": args.peak_flops, "jaxgpt": {}}
+    res = {"batch": args.batch, "seq": seq, "peak_flops": args.peak_flops, "jaxgpt": {}, "torch": {}}
 
     def save():
         if args.out:  # after every run: a killed benchmark keeps what it measured
             args.out.write_text(json.dumps({"gpu": res}, indent=2) + "\n")
 
-    chosen = [GPU_VARIANTS[int(i)] for i in args.gpu_variants.split(",")] if args.gpu_variants else GPU_VARIANTS
+    if args.gpu_variants == "all":
+        chosen = GPU_VARIANTS
+    elif args.gpu_variants:
+        chosen = [GPU_VARIANTS[int(i)] for i in args.gpu_variants.split(",")]
+    else:
+        chosen = [v for v in GPU_VARIANTS if v[0] in GPU_HEADLINE]
     for n, (label, settings) in enumerate(chosen):
         extra = {"profile_dir": str(args.profile / f"variant{n}")} if args.profile else {}
         r = run_worker("train_jax", {**common, **settings, **extra, "peak_flops": args.peak_flops},
@@ -628,21 +738,28 @@ def run_gpu(args, work: Path) -> dict:
             print(f"  gpu jaxgpt ({label}): {r['error']}", flush=True)
             continue
         print(f"  gpu {r['device_kind']} jaxgpt ({label}), batch {args.batch} x {seq}: {format_gpu_step(r)}", flush=True)
-    t = res["torch_eager_autocast"] = run_worker("train_torch", common, timeout=args.worker_timeout)
-    save()
-    if "error" in t:
-        print(f"  gpu torch: {t['error']}", flush=True)
-        return res
-    print(f"  gpu torch eager + bf16 autocast: {t['tokens_per_s_pipelined']:,.0f} tok/s, step "
-          f"{t['step_s_pipelined'] * 1e3:.1f} ms (each loss read one step later); waiting for each step: "
-          f"{t['tokens_per_s']:,.0f} tok/s, {t['step_s'] * 1e3:.1f} ms, "
-          f"first step after {t['time_to_first_step_s']:.0f} s, peak device memory "
-          f"{t.get('peak_device_mb') or float('nan'):,.0f} MiB, loss {t['first_loss']:.4f} -> {t['last_loss']:.4f}",
-          flush=True)
+    for side in [s.strip() for s in args.gpu_torch.split(",") if s.strip()]:
+        label, settings = GPU_TORCH[side]
+        t = res["torch"][label] = run_worker("train_torch", {**common, **settings}, timeout=args.worker_timeout)
+        save()
+        if "error" in t:
+            print(f"  gpu {label}: {t['error']}", flush=True)
+            continue
+        # MFU as jaxgpt's: the same model's training FLOPs per token (6N + attention)
+        fpt = flops_per_token(GPT2Config(**arch), t["n_params"], seq)
+        t.update(flops_per_token=fpt, mfu=t["tokens_per_s"] * fpt / args.peak_flops,
+                 mfu_pipelined=t["tokens_per_s_pipelined"] * fpt / args.peak_flops)
+        save()
+        compiled = f" ({compile_label(t['compile'])})" if t.get("compile") else ""
+        print(f"  gpu {t.get('device_kind', '')} {label}{compiled}, batch {args.batch} x {seq}: {format_gpu_step(t)}",
+              flush=True)
     for label, r in res["jaxgpt"].items():
-        if "error" not in r:
-            print(f"  jaxgpt ({label}) / torch: {r['tokens_per_s_pipelined'] / t['tokens_per_s_pipelined']:.2f}x "
-                  f"(waiting for each step: {r['tokens_per_s'] / t['tokens_per_s']:.2f}x)", flush=True)
+        for tlabel, t in res["torch"].items():
+            if "error" not in r and "error" not in t:
+                print(f"  jaxgpt ({label}) / {tlabel}: {r['tokens_per_s_pipelined'] / t['tokens_per_s_pipelined']:.2f}x "
+                      f"(waiting for each step: {r['tokens_per_s'] / t['tokens_per_s']:.2f}x); loss at step 1 "
+                      f"{loss_at(r, 1):.4f} vs {loss_at(t, 1):.4f}, step 10 {loss_at(r, 10):.4f} vs {loss_at(t, 10):.4f}",
+                      flush=True)
     return res
 
 
@@ -650,7 +767,7 @@ def run_gpu(args, work: Path) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny model, few steps: ~2.5-3.5 minutes on 2 cores")
+    p.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke of every section")
     p.add_argument("--gpu", action="store_true", help="GPU: GPT-2 124M, seq 1024, bf16 tokens/s and MFU")
     p.add_argument("--sections", default="train,finetune,generate")
     p.add_argument("--steps", type=int, default=None, help="timed train steps (default 5); tokens/s from the median step")
@@ -662,7 +779,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="oasst threads for the fine-tuning epoch (64; quick 8)")
     p.add_argument("--batch", type=int, default=None, help="batch rows: fine-tuning (8) / --gpu (32)")
     p.add_argument("--peak-flops", type=float, default=H200_BF16_PEAK, help="--gpu: peak FLOP/s for MFU")
-    p.add_argument("--gpu-variants", default=None, help="--gpu: which jaxgpt variants, as indices into GPU_VARIANTS (default all)")
+    p.add_argument("--gpu-variants", default=None,
+                   help="--gpu: which jaxgpt variants, as indices into GPU_VARIANTS, or all (default: GPU_HEADLINE, "
+                        "jaxgpt's defaults on packed and on causal rows)")
+    p.add_argument("--gpu-torch", default="compiled,eager", help="--gpu: which PyTorch sides (compiled, eager)")
     p.add_argument("--worker-timeout", type=float, default=None, help="--gpu: seconds one run may take")
     p.add_argument("--profile", type=Path, default=None,
                    help="--gpu: trace two more steps of each jaxgpt variant into this folder and print where "
@@ -682,6 +802,9 @@ def main(argv=None) -> int:
         p.error("--rounds must be at least 1")
     if args.warmup < 1:
         p.error("--warmup must be at least 1: the first step compiles, and is never timed")
+    unknown = sorted({s.strip() for s in args.gpu_torch.split(",") if s.strip()} - set(GPU_TORCH))
+    if unknown:
+        p.error(f"--gpu-torch: unknown {', '.join(unknown)} (choose from {', '.join(GPU_TORCH)})")
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(sections) - {"train", "finetune", "generate", "serve"})
     if unknown:

@@ -1,4 +1,4 @@
-"""Generation speed: jaxgpt's compiled KV-cache loop vs transformers' PyTorch ``generate``.
+"""Generation speed: jaxgpt's compiled KV-cache loop vs transformers' PyTorch ``generate``, eager and compiled.
 
     python tools/bench_generate.py                # GPT-2 124M random init, CPU, batch 1 and 8, 128 new tokens
     python tools/bench_generate.py --quick        # tiny model, a smoke run
@@ -15,7 +15,10 @@ no stop token (every row makes exactly ``--new-tokens``), random prompts of
 thread pools and allocators of the two frameworks never meet); one untimed call
 first (jaxgpt compiles there), then the median of ``--repeats`` timed calls.
 tokens/s = batch * new tokens / wall time of one ``generate`` call, prefill
-included, end to end from host token ids to host token ids.
+included, end to end from host token ids to host token ids. transformers runs twice: eager, as
+``generate`` runs by default, and compiled, as its docs make it fast (``cache_implementation="static"``
+and the model's forward under ``torch.compile``, inductor; the first call compiles and is not timed;
+tools/bench.py's ``COMPILE_TRIES`` in order until one works, recorded in ``torch_compile``).
 
 The greedy tokens of both sides are compared too (same weights -> same tokens,
 up to float near-ties). With ``--decoding-dtypes`` jaxgpt also runs with each
@@ -104,15 +107,23 @@ def timed(call, repeats: int):
 
 
 def side_torch(a: dict) -> dict:
+    """transformers' ``generate``; with ``compile``, as transformers' docs make it fast: a static
+    KV cache and the model's forward under ``torch.compile`` (inductor)."""
+    if a.get("compile"):
+        from bench import fresh_inductor_cache
+
+        fresh_inductor_cache()
     import torch
     from transformers import GenerationConfig, GPT2LMHeadModel
 
-    model = GPT2LMHeadModel.from_pretrained(a["model"], dtype=getattr(torch, a.get("torch_dtype", "float32"))).eval()
+    model = GPT2LMHeadModel.from_pretrained(a["model"], dtype=getattr(torch, a.get("torch_dtype", "float32")),
+                                            attn_implementation="sdpa").eval()
     if a.get("dynamic_int8"):
         model = dynamic_int8(model)
     # greedy, no stop token: every row makes exactly new_tokens, like the jaxgpt side
     model.generation_config = GenerationConfig(do_sample=False, max_new_tokens=a["new_tokens"], eos_token_id=None,
-                                               pad_token_id=0)
+                                               pad_token_id=0,
+                                               cache_implementation="static" if a.get("compile") else None)
     ids = torch.tensor(prompts(model.config.vocab_size, a["batch"], a["prompt_len"]))
     mask = torch.ones_like(ids)
 
@@ -120,9 +131,23 @@ def side_torch(a: dict) -> dict:
         with torch.inference_mode():
             return model.generate(ids, attention_mask=mask)
 
-    out, first_s, times = timed(call, a["repeats"])
-    return {"times_s": times, "first_call_s": first_s, "tokens": out[:, ids.shape[1]:].tolist(),
-            "torch_threads": torch.get_num_threads()}
+    res = {"torch_threads": torch.get_num_threads()}
+    if a.get("compile"):  # the first call compiles the prefill's and the decoding step's shapes
+        from bench import compile_with_fallback
+
+        eager_forward = model.forward
+
+        def first_call(forward):
+            model.forward = forward
+            t0 = time.perf_counter()
+            call()
+            return time.perf_counter() - t0
+
+        _, first_s, res["compile"] = compile_with_fallback(eager_forward, first_call)
+        out, _, times = timed(call, a["repeats"])
+    else:
+        out, first_s, times = timed(call, a["repeats"])
+    return {**res, "times_s": times, "first_call_s": first_s, "tokens": out[:, ids.shape[1]:].tolist()}
 
 
 def dynamic_int8(model):
@@ -180,12 +205,18 @@ def run(work_dir: Path, *, quick: bool = False, batches=(1, 8), new_tokens: int 
         args = {"model": str(folder), "batch": batch, "new_tokens": new_tokens, "prompt_len": prompt_len,
                 "repeats": repeats, "param_dtype": "float32"}
         torch_res = run_side("torch", args)
+        compiled = run_side("torch", {**args, "compile": True})
         jax_res = run_side("jax", args)
         row = {"batch": batch, "jaxgpt_tok_s": jax_res["tokens_per_s"], "torch_tok_s": torch_res["tokens_per_s"],
                "ratio": jax_res["tokens_per_s"] / torch_res["tokens_per_s"],
                "jaxgpt_first_call_s": jax_res["first_call_s"], "torch_first_call_s": torch_res["first_call_s"],
                "greedy_token_agreement": agreement(jax_res["tokens"], torch_res["tokens"]),
-               "torch_threads": torch_res["torch_threads"]}
+               "torch_threads": torch_res["torch_threads"],
+               # transformers with a static cache and torch.compile: PyTorch's fastest generate
+               "torch_compiled_tok_s": compiled["tokens_per_s"],
+               "ratio_compiled": jax_res["tokens_per_s"] / compiled["tokens_per_s"],
+               "torch_compiled_first_call_s": compiled["first_call_s"], "torch_compile": compiled["compile"],
+               "compiled_greedy_token_agreement": agreement(jax_res["tokens"], compiled["tokens"])}
         for dt in decoding_dtypes:
             res = run_side("jax", {**args, "param_dtype": dt, "reference_tokens": jax_res["tokens"]})
             row[f"{dt}_weights"] = {"jaxgpt_tok_s": res["tokens_per_s"], "ratio": res["tokens_per_s"] / torch_res["tokens_per_s"],
@@ -213,6 +244,12 @@ def format_row(r: dict) -> str:
     s = (f"  generate batch {r['batch']}: jaxgpt {r['jaxgpt_tok_s']:.1f} tok/s, transformers {r['torch_tok_s']:.1f} "
          f"tok/s -> {r['ratio']:.2f}x | first call {r['jaxgpt_first_call_s']:.1f}s vs {r['torch_first_call_s']:.1f}s"
          f" | same greedy tokens {r['greedy_token_agreement']:.1%}")
+    if "torch_compiled_tok_s" in r:
+        from bench import compile_label
+
+        s += (f"\n    transformers, static cache + {compile_label(r['torch_compile'])}: {r['torch_compiled_tok_s']:.1f} "
+              f"tok/s -> jaxgpt {r['ratio_compiled']:.2f}x | first call {r['torch_compiled_first_call_s']:.1f}s | "
+              f"same greedy tokens {r['compiled_greedy_token_agreement']:.1%}")
     for key, d in r.items():
         if key.endswith("_weights"):  # one per --decoding-dtypes entry
             dt = key[: -len("_weights")]

@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # GPU benchmark: tokens/s and MFU of jaxgpt's train step, GPT-2 124M, seq 1024, bfloat16 compute
-# (float32 master weights), one GPU, plus the same step in PyTorch eager (bf16 autocast) for the ratio.
+# (float32 master weights), one GPU, against PyTorch at its best (torch.compile, fused AdamW, SDPA
+# flash attention, bf16 autocast) and PyTorch eager (bf16 autocast). Fits a 10-minute device call.
 #
 #   bash tools/bench_gpu.sh                 # uses .venv if present, else python3
 #   BATCH=16 STEPS=20 bash tools/bench_gpu.sh   # batch rows of 1024 tokens (default 32, as gpt2-chat.yaml)
-#   PROFILE=/tmp/prof bash tools/bench_gpu.sh   # also trace each variant and print where the device time goes
-#   bash tools/bench_gpu.sh --gpu-variants 5,8,9  # more tools/bench.py options: here three of GPU_VARIANTS only
+#   PROFILE=/tmp/prof bash tools/bench_gpu.sh   # also trace each jaxgpt variant and print where the device time goes
+#   bash tools/bench_gpu.sh --gpu-variants all  # more tools/bench.py options: here every one of GPU_VARIANTS
+#   BATCH=2 STEPS=8 bash tools/bench_gpu.sh --quick   # a dry run on a CPU: tiny model, seq 128
 #
-# Needs a CUDA build of jax (pip install "jaxgpt[cuda]") and, for the PyTorch side, a CUDA torch.
+# Needs a CUDA build of jax (pip install "jaxgpt[cuda]") and, for the PyTorch sides, a CUDA torch.
 # First tools/check_gpu.py (versions; jaxgpt's Pallas kernels against float32 math, cuDNN attention
 # against jaxgpt's own, the kernels against XLA's fusions in a small model, all on the device), then
-# tools/bench.py --gpu: each jaxgpt variant (attention einsum / cudnn, vocab padding, with and
-# without a packing mask) in its own process, then torch.
+# tools/bench.py --gpu, each side in its own process: jaxgpt's defaults on packed SFT rows (the
+# packing mask) and on causal rows (GPU_HEADLINE), then torch.compile, then torch eager.
+# Every side prints tokens/s, MFU, peak device memory, time to first step (process start to the
+# first step done, compilation included) and its losses at step 1 and step 10 (same weights and
+# batches on every side: they agree within bf16 rounding).
 # MFU = tokens/s x training FLOPs per token (6N + attention, as jaxgpt.train logs it) / peak bf16
 # FLOP/s of the device (989 TFLOP/s dense for H100/H200 SXM; override with PEAK_FLOPS). Tokens/s
 # are timed twice: steps dispatched back to back as jaxgpt.train runs them (the headline), and
