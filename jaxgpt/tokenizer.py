@@ -101,7 +101,7 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> PreTrainedT
         # GPT2Tokenizer(vocab_file=, merges_file=) is silently empty in transformers 5; from_pretrained is not.
         tok = GPT2Tokenizer.from_pretrained(str(VENDORED_GPT2))
     else:
-        from jaxgpt.weights import is_local_path, missing_folder
+        from jaxgpt.paths import is_local_path, missing_folder
 
         local = Path(name_or_path).expanduser()
         if is_local_path(str(name_or_path)) and not local.exists():

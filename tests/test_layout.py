@@ -13,13 +13,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "jaxgpt"
 # group of its layer or anything above. The mesh sits under the model: the Pallas kernels run per
 # shard by its logical-axis rules.
 LAYERS: list[dict[str, set[str]]] = [
-    {"base": {"backend", "compile_cache", "host_memory", "inputs"}},
+    {"base": {"backend", "compile_cache", "host_memory", "inputs", "paths"}},
     {"config": {"config"}},
     {"mesh": {"sharding"}},
     {"data": {"data", "tokenizer"},
      "model": {"model", "kernels", "decoding", "loss", "weights"}},
     {"step + loop": {"train"}},
     {"checkpoint": {"checkpoint"}},
+    {"loader": {"loader"}},
     {"apps": {"sample", "chat", "export", "demo", "__init__"}},
 ]
 
@@ -27,7 +28,6 @@ LAYERS: list[dict[str, set[str]]] = [
 # fails when one is gone, so this list only shrinks.
 ALLOWED = {
     ("config", "data"),  # config.py builds its data section from data.py's defaults (data.py imports config back)
-    ("tokenizer", "weights"),  # for weights.resolve, a path helper, in the jax-heavy weights module
     ("train", "checkpoint"),  # the loop saves and restores itself; hooks given by the setup will
     ("train", "sample"),  # the loop's sample generations; likewise a hook
 }
