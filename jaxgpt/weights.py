@@ -25,8 +25,8 @@ import numpy as np
 from flax import nnx
 
 from jaxgpt.model import DTYPES, GPT2, GPT2Config, abstract_model
-# Path resolution is jax-free (jaxgpt.paths); its names stay importable from here too.
-from jaxgpt.paths import WEIGHT_FILES, WeightsError, is_hf_folder, is_local_path, missing_folder, resolve  # noqa: F401
+from jaxgpt.paths import WEIGHT_FILES, WeightsError, resolve
+from jaxgpt.paths import is_local_path, missing_folder  # noqa: F401 (jaxgpt.train imports them from here)
 
 
 # HF name (without the "transformer." prefix) -> jaxgpt parameter path. "{i}" is the layer.
@@ -217,31 +217,6 @@ def read_hf_tensors(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], P
             raw = READERS[fname](folder / fname)
             return {_strip(k): v for k, v in raw.items()}, folder / fname
     raise WeightsError(f"{folder}: no GPT-2 weights found (looked for {', '.join(WEIGHT_FILES)})")
-
-
-def folder_eos_ids(name_or_path: str | os.PathLike) -> list[int]:
-    """Every ``eos_token_id`` an HF folder's ``config.json`` and ``generation_config.json`` list (a hub id's
-    from the local cache only; a training run's folder has none)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir() and not is_hf_folder(path):
-        return []
-    ids: list[int] = []
-    for fname in ("config.json", "generation_config.json"):
-        if path.is_dir():
-            f = path / fname
-        else:
-            from huggingface_hub import try_to_load_from_cache
-
-            hit = try_to_load_from_cache(str(name_or_path), fname)
-            f = Path(hit) if isinstance(hit, str) else None
-        if f is None or not f.is_file():
-            continue
-        try:
-            eos = json.loads(f.read_text()).get("eos_token_id")
-        except (ValueError, AttributeError) as e:
-            raise WeightsError(f"{f}: cannot read eos_token_id: {e}") from None
-        ids += [int(i) for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int)]
-    return list(dict.fromkeys(ids))
 
 
 # ----------------------------------------------------------------------------- load / save
