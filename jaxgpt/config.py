@@ -82,9 +82,26 @@ CHOICES = {
 }
 
 
-def check_choice(key: str, value, error=ConfigError):
+# The integer keys with a lower bound: (bound, what the edge means).
+MINIMUMS = {
+    "train.steps": (1, ""), "train.batch_size": (1, ""), "train.grad_accum": (1, ""),
+    "train.eval_every": (0, " (0 = never)"), "train.eval_batches": (1, " (null = the whole held-out set)"),
+    "schedule.warmup_steps": (0, ""), "schedule.decay_steps": (1, " (null = train.steps)"),
+    "checkpoint.save_every": (1, ""), "checkpoint.keep": (1, ""), "logging.log_every": (1, ""),
+}
+
+
+def check_key(key: str, value, error=ConfigError):
+    """``value`` if it is one of the key's choices, inside its float range and above its minimum."""
+    if value is None:
+        return value
     if key in CHOICES and value not in CHOICES[key]:
         raise error(f"{key}={value!r}: choose from {', '.join(CHOICES[key])}")
+    if key in FLOAT_RANGES:
+        return FLOAT_RANGES[key].check(key, value, error)
+    if key in MINIMUMS and value < MINIMUMS[key][0]:
+        low, note = MINIMUMS[key]
+        raise error(f"{key}={value}: must be {'at least 1' if low == 1 else f'>= {low}'}{note}")
     return value
 
 
@@ -156,10 +173,10 @@ class DataConfig:
         self.sources = [_as_source(s, "sources") for s in _as_list(self.sources)]
         self.eval_sources = [_as_source(s, "eval_sources") for s in _as_list(self.eval_sources)]
         for key in ("format", "template", "loss_on", "truncation"):
-            check_choice(f"data.{key}", getattr(self, key), DataError)
+            check_key(f"data.{key}", getattr(self, key), DataError)
         if not isinstance(self.seq_len, int) or self.seq_len < 2:
             raise DataError(f"data.seq_len must be an integer >= 2, got {self.seq_len!r}")
-        FLOAT_RANGES["data.eval_fraction"].check("data.eval_fraction", self.eval_fraction, DataError)
+        check_key("data.eval_fraction", self.eval_fraction, DataError)
         if self.max_examples is not None and self.max_examples < 1:
             raise DataError(f"data.max_examples must be >= 1, got {self.max_examples!r}")
         if self.stream_window < 1:
@@ -339,7 +356,7 @@ def _coerce(value, tp, where: str):
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            return check_key(where, value)
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 3e-5 (no dot) as a string
@@ -348,13 +365,15 @@ def _coerce(value, tp, where: str):
             except ValueError:
                 pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return FLOAT_RANGES.get(where, FINITE).check(where, value, ConfigError)
+            if where in FLOAT_RANGES:
+                return check_key(where, value)
+            return FINITE.check(where, value, ConfigError)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             if undecodable(value):
                 raise ConfigError(f"{where}: {undecodable(value)}")
-            return check_choice(where, value)
+            return check_key(where, value)
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     return value  # other annotations (e.g. in DataConfig) are the owner's to check
 
@@ -382,13 +401,6 @@ def _suggest(key: str, options) -> str:
         by_tail = {o.rsplit(".", 1)[-1]: o for o in options}
         close = [by_tail[m] for m in difflib.get_close_matches(tail, list(by_tail), n=1, cutoff=0.6)]
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def all_keys() -> list[str]:
-    keys = []
-    for section, cls in _hints(Config).items():
-        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls) if f.init]
-    return keys
 
 
 def from_dict(raw: dict | None, source: str = "config") -> Config:
@@ -508,11 +520,11 @@ def resolve_mesh(mesh: MeshConfig, num_devices: int) -> tuple[int, int, int]:
 
 def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> tuple[int, int, int]:
     """Checks that need the device count; returns the resolved mesh shape."""
+    for section, cls in _hints(Config).items():  # a Config built in Python skipped _coerce
+        for f in dataclasses.fields(cls):
+            check_key(f"{section}.{f.name}", getattr(getattr(cfg, section), f.name))
     data, fsdp, tensor = resolve_mesh(cfg.mesh, num_devices)
     t = cfg.train
-    for key in ("steps", "batch_size", "grad_accum"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key}={getattr(t, key)}: must be at least 1")
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
     micro = t.batch_size // t.grad_accum
@@ -524,9 +536,6 @@ def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> tuple[int
     if micro % num_processes:
         raise ConfigError(f"train.batch_size={t.batch_size}: the micro-batch of {micro} is not divisible by "
                           f"the {num_processes} processes")
-    for key in CHOICES:  # a Config built in Python skipped _coerce
-        section, name = key.split(".")
-        check_choice(key, getattr(getattr(cfg, section), name))
     if cfg.model.param_dtype == "float16":
         raise ConfigError("model.param_dtype=float16: the weights and AdamW state in float16 underflow (eps=1e-8 is "
                           "0 there) and turn to NaN; keep them in float32 or bfloat16 (model.dtype=float16 computes "
@@ -539,26 +548,6 @@ def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> tuple[int
     if cfg.model.loss_chunks is not None and (cfg.model.loss_chunks < 1 or cfg.data.seq_len % cfg.model.loss_chunks):
         raise ConfigError(f"model.loss_chunks={cfg.model.loss_chunks}: must be at least 1 and divide "
                           f"data.seq_len={cfg.data.seq_len}")
-    for key, allowed in FLOAT_RANGES.items():  # a Config built in Python skipped _coerce
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value is not None:
-            allowed.check(key, value, ConfigError)
-    sc = cfg.schedule
-    if sc.warmup_steps < 0:
-        raise ConfigError(f"schedule.warmup_steps={sc.warmup_steps}: must be >= 0")
-    if sc.decay_steps is not None and sc.decay_steps < 1:
-        raise ConfigError(f"schedule.decay_steps={sc.decay_steps}: must be at least 1 (null = train.steps)")
-    if cfg.checkpoint.save_every < 1:
-        raise ConfigError(f"checkpoint.save_every={cfg.checkpoint.save_every}: must be at least 1")
-    if cfg.checkpoint.keep < 1:
-        raise ConfigError(f"checkpoint.keep={cfg.checkpoint.keep}: must be at least 1")
-    if t.eval_every < 0:
-        raise ConfigError(f"train.eval_every={t.eval_every}: must be >= 0 (0 = never)")
-    if t.eval_batches is not None and t.eval_batches < 1:
-        raise ConfigError(f"train.eval_batches={t.eval_batches}: must be at least 1 (null = the whole held-out set)")
-    if cfg.logging.log_every < 1:
-        raise ConfigError(f"logging.log_every={cfg.logging.log_every}: must be at least 1")
     return data, fsdp, tensor
 
 
