@@ -328,8 +328,9 @@ def _coerce(value, tp, where: str):
                 return _coerce(value, arg, where)
             except ConfigError as e:
                 errors.append(e)
-        if [a for a in args if a is not type(None)] == [float]:
-            raise errors[0]  # float | None given inf: say why it is refused, not just the types
+        kinds = [a for a in args if a is not type(None)]
+        if kinds == [float] or (kinds == [int] and isinstance(value, int) and not isinstance(value, bool)):
+            raise errors[0]  # a number of the right type out of range (inf, 0): say why, not just the types
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if origin in (list, tuple):
         (arg, *_) = typing.get_args(tp) or (Any,)

@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import PreTrainedTokenizerBase
+
 from jaxgpt.decoding import DECODING_LAYOUTS, INT8_DECODING, for_decoding
 from jaxgpt.model import GPT2
 from jaxgpt.paths import WEIGHT_FILES, WeightsError, is_hf_folder, resolve
@@ -37,7 +39,7 @@ class LoadError(ValueError):
 @dataclass(frozen=True)
 class Loaded:
     model: GPT2
-    tokenizer: object  # a transformers tokenizer: the source's own, else the vendored GPT-2 one
+    tokenizer: PreTrainedTokenizerBase  # the source's own, else the vendored GPT-2 one
     kind: str  # "hf" (a local folder or a hub id) or "checkpoint" (a jaxgpt training run)
     folder: Path  # the HF folder (a hub id's cached snapshot) or the run / step folder read
     stop_ids: list[int]  # where generation ends (stop_ids_for)
