@@ -19,6 +19,7 @@ from jaxgpt.data.pack import DataStats, PackedDataset, pack_best_fit, tokenize_c
 from jaxgpt.data.read import Example, detect_format, is_local, local_files, read_records, to_example
 from jaxgpt.tokenizer import add_chat_template, template_name
 
+
 def _prepare_tokenizer(cfg: DataConfig, tok, chat: bool):
     if not chat:
         return tok

@@ -12,6 +12,7 @@ from jaxgpt.config import CHOICES, SECTIONS, DataError, config_path, from_dict, 
 from jaxgpt.data.build import StreamCursor, StreamingDataset, build_datasets
 from jaxgpt.tokenizer import load_tokenizer
 
+
 def render_marked(tok, ids: np.ndarray, mask: np.ndarray, color: bool) -> str:
     """Decoded tokens with trained ones (targets with loss) marked: green, or between ⟦ ⟧."""
     trained = mask.astype(bool).copy()

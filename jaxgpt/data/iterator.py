@@ -10,6 +10,7 @@ from jaxgpt.config import DataError
 from jaxgpt.data.build import StreamCursor, StreamingDataset
 from jaxgpt.data.pack import PackedDataset, make_batch
 
+
 class DataIterator:
     """Endless, deterministic batches of packed rows; this process's share of each global batch.
 

@@ -11,6 +11,7 @@ import numpy as np
 from jaxgpt.config import DataError
 from jaxgpt.data.read import Example
 
+
 @dataclass
 class DataStats:
     """What happened to every record; efficiency is measured on the packed rows."""
