@@ -25,9 +25,8 @@ demo: $(STAMP)
 
 # Two pytest workers, one test file each at a time (--dist loadfile keeps a file's fixtures in one
 # process): most tests are bound by single-threaded XLA compilation (tests/conftest.py compiles at
-# LLVM -O0 for that reason), so on 2 cores the tests take 5-10 min (clean clone: 283 tests in 5:00 on an
-# AMD EPYC host, 202 in 8:45 on an Intel Xeon one; plus 1-3 min building .venv). A third worker was
-# no faster. TEST_WORKERS=0 runs them in this process.
+# LLVM -O0 for that reason), so on 2 cores the tests take 5-10 min, depending on the host (plus 1-3 min
+# building .venv). A third worker was no faster. TEST_WORKERS=0 runs them in this process.
 # --durations=15: the slowest tests, printed in every CI log (the budget is 15 min in all).
 # tests/test_packaging.py installs the built wheel into a venv of its own under .whl/ (no torch, no
 # extras; dependencies from pip's cache at .venv's versions), built on its first run and reused.

@@ -2,8 +2,7 @@
 
 A rerun of the same program (a resume after preemption, the next run with the same
 model, shapes and settings, another chat session) loads the compiled executable from
-disk instead of compiling it again. GPT-2 124M's train step at 4 x 256 on a 2-core CPU:
-time to first step 58 s with a cold cache, 30 s with a warm one (docs/benchmarks-history.md).
+disk instead of compiling it again (time to first step: docs/benchmarks.md).
 
 Where the cache lives, first match wins:
   JAX_COMPILATION_CACHE_DIR   jax's own setting (a local path or gs://...), left as it is;

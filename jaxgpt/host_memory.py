@@ -1,13 +1,9 @@
 """glibc malloc settings for XLA:CPU: keep freed memory instead of faulting it in again every step.
 
-XLA:CPU allocates a step's temporaries afresh on every call, in large blocks (GPT-2 124M at
-4 x 256: ~2.3 GB a step). With glibc's defaults, blocks that large come from ``mmap`` and go
-back to the kernel when freed, so every step touches 2.3 GB of new pages again: ~590,000 page
-faults and ~1.2 s of kernel time a step. With ``TUNABLES`` below, freed memory stays in
-malloc's heap (backed by transparent huge pages) and is reused: ~1,200 page faults a step, and
-the step ran a median 9% faster on the AMD EPYC host (docs/training.md, docs/benchmarks-history.md).
-Peak memory is unchanged; what changes is that the process keeps its peak after the peak (as
-PyTorch's and jax's own GPU allocators do).
+XLA:CPU allocates a step's temporaries afresh on every call, in blocks large enough that glibc
+serves them with ``mmap`` and unmaps them when freed, so every step faults its memory in again.
+With ``TUNABLES`` they stay in malloc's heap (on transparent huge pages) and are reused: the step
+is faster, peak memory the same, but the process keeps its peak (docs/training.md, "Host memory").
 
 glibc reads ``GLIBC_TUNABLES`` when a process starts, so the CLIs that train on the CPU
 (``python -m jaxgpt.train``, ``python -m jaxgpt.demo``) re-execute themselves once with it set,
@@ -15,9 +11,8 @@ before importing jax. They do not when:
   - ``GLIBC_TUNABLES`` is already set (yours win, and the restarted process sees it set);
   - ``JAXGPT_MALLOC=default`` (the opt-out);
   - the host is not Linux with glibc >= 2.35 (the ``hugetlb`` tunable);
-  - jax may run on an accelerator: ``JAX_PLATFORMS`` names another platform first, or, when it is
-    unset, a jax GPU / TPU plugin (or libtpu) is installed. On those hosts the step's memory is
-    the device's; keeping the host's peak (checkpoint staging can be tens of GB) is not worth it.
+  - jax may run on an accelerator (``JAX_PLATFORMS`` names another platform first, or, when it is
+    unset, a jax GPU / TPU plugin or libtpu is installed): the step's memory is the device's.
 """
 
 from __future__ import annotations

@@ -3,22 +3,16 @@ bias + GELU (each a forward and a backward kernel under a ``jax.custom_vjp``), a
 loss's log-sum-exp. The model uses them with ``model.kernels`` (by default on NVIDIA GPUs in bf16;
 on a mesh of several devices, per shard: ``on_mesh``).
 
-Why: on an H200, GPT-2 124M's step at 32 x 1024 spent ~23 ms of 72 outside matmuls and attention.
-XLA:GPU ran each LayerNorm in four passes, plus a float32 [B, T, E] intermediate in the backward
-(~250 us each, where one read and one write of the bf16 activations take ~25 us), bias + GELU at
-about half the memory bandwidth, and the loss's log-sum-exp as two passes over the float32 logits.
-With these kernels: 1.067x the step's tokens/s in the same run (docs/benchmarks-history.md).
+Why: XLA:GPU ran each LayerNorm in four passes with a float32 intermediate, bias + GELU below the
+memory bandwidth and the log-sum-exp in two passes; these read and write each activation once
+(the speed-up: docs/benchmarks.md, "Backend defaults").
 
-- ``layer_norm``: the forward normalises a few rows per program, held in registers; the backward
-  recomputes the statistics from x and writes dx, plus each program's partial sums of the scale and
-  bias gradients, which XLA adds up. LayerNorm forward + backward alone: 159 us against 351.
-  ``add_layer_norm`` takes the residual add before it into the same kernels (each block's second
-  LayerNorm; not measured on a GPU yet: ``tools/probe_kernels_gpu.py --variants 0,7``).
-- ``bias_gelu``: ``gelu_tanh(y + bias)`` from the product ``y``; its backward recomputes GELU from
-  ``y`` (nothing is stored but ``y``, as ``jax.checkpoint`` did) and writes the gradient plus the
-  bias gradient's partial sums. In the step: 3.3 ms against 4.4.
-- ``logsumexp``: one pass over each row, a running maximum and the sum of exponentials rescaled to
-  it. In the step: 1.8 ms against 2.5 (XLA's one-pass reduction) and 3.1 (two passes).
+- ``layer_norm``: a few rows per program, held in registers; the backward recomputes the
+  statistics from x and writes per-program partial sums of the scale and bias gradients.
+  ``add_layer_norm`` takes the residual add before it into the same kernels.
+- ``bias_gelu``: ``gelu_tanh(y + bias)``; the backward recomputes GELU from ``y``, so only ``y``
+  is kept, as ``jax.checkpoint`` would.
+- ``logsumexp``: one pass over each row with a running maximum.
 
 The ``reference_*`` functions are the same math in jax.numpy: what the model runs elsewhere, and
 what the tests compare the kernels with, in Pallas' interpreter on a CPU (``interpret=True``).
@@ -39,8 +33,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxgpt import sharding
 
-# Tiling, for GPT-2's widths: rows per block, blocks per backward program, Triton warps and
-# pipeline stages (picked on an H200 by tools/probe_kernels_gpu.py: docs/benchmarks-history.md).
+# Tiling for GPT-2's widths (rows per block, blocks per backward program, Triton warps, pipeline
+# stages), the fastest that tools/probe_kernels_gpu.py found (docs/benchmarks-history.md).
 LN_ROWS, LN_BLOCKS, LN_WARPS, LN_STAGES = 4, 8, 4, 2
 GELU_ROWS, GELU_COLS, GELU_BLOCKS, GELU_WARPS = 16, 256, 8, 4
 LSE_ROWS, LSE_COLS, LSE_WARPS, LSE_STAGES = 1, 2048, 8, 2

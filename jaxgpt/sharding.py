@@ -1,15 +1,10 @@
 """Device mesh, the logical-axis rules, and placing parameters and batches on it.
 
-The mesh has three axes:
-  data    pure data parallelism (parameters replicated),
-  fsdp    data parallelism that also shards parameters and optimizer state,
-  tensor  tensor parallelism: attention heads, MLP hidden units and vocab rows.
-
-Every parameter of ``jaxgpt.model`` names its dimensions (``vocab``, ``embed``,
-``heads``, ``head_dim``, ``mlp``); ``RULES`` below is the only place that says
-which mesh axis each name goes to. A dimension that the mesh axis does not
-divide is replicated instead (e.g. GPT-2's 50257 vocab rows unless
-``model.vocab_multiple`` pads them).
+Mesh axes: ``data`` (replicas), ``fsdp`` (data parallel, parameters and optimizer state sharded)
+and ``tensor`` (attention heads, MLP hidden units and vocab rows). Every parameter of
+``jaxgpt.model`` names its dimensions; ``RULES`` is the only place that maps each name to a mesh
+axis. A dimension the mesh axis does not divide is replicated (e.g. GPT-2's 50257 vocab rows
+unless ``model.vocab_multiple`` pads them).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Variants of jaxgpt's train step in one process, their steps taking turns: an A/B test of a
 few percent on a host whose speed drifts.
 
-On the 2-core dev VMs a step's time moved by 10-35% within minutes (docs/benchmarks-history.md), so two
+On a shared VM a step's time drifts by more than that within minutes (docs/benchmarks.md), so two
 runs one after the other cannot show a 3% change. Here every variant is built from the same weights
 and batches in one process, each with its own state, and their steps take turns (the order reversed
 every other round), so a slow stretch of the host falls on all of them. Prints each variant's

@@ -24,6 +24,9 @@ weights from one safetensors folder and the same batches from one seed):
             packing; assistant-only loss, same ChatML template / tokenizer; wall
             time, peak RSS, trained tokens, final losses.
   generate  tools/bench_generate.py (jaxgpt generate vs transformers generate).
+  serve     tools/bench_serve.py (python -m jaxgpt.serve vs transformers serve
+            --continuous-batching: output tokens/s and time to first token at
+            concurrency 1, 8 and 32); only when named: --sections serve.
   --gpu     tools/bench_gpu.sh: jaxgpt's train step on one GPU, GPT-2 124M, seq 1024,
             bf16, each of GPU_VARIANTS, vs torch eager + autocast; tokens/s and MFU.
 
@@ -529,16 +532,27 @@ def section_finetune(work: Path, quick: bool, threads: int, seq: int, batch: int
     return res
 
 
-def section_generate(work: Path, quick: bool) -> dict:
-    """tools/bench_generate.py (the sampling module's benchmark), run as a library."""
+def _tool(name: str):
+    """tools/<name>.py as a module."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_generate", Path(__file__).with_name("bench_generate.py"))
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def section_generate(work: Path, quick: bool) -> dict:
+    """tools/bench_generate.py (the sampling module's benchmark), run as a library."""
+    mod = _tool("bench_generate")
     # --quick: w8a8 only, with its PyTorch peer (each layout adds processes; tests cover the others' paths)
     return mod.run(work, quick=quick, decoding_dtypes=("w8a8",) if quick else ("bfloat16", "int8", "w8a8"),
                    **({"new_tokens": 32, "repeats": 2} if quick else {}))
+
+
+def section_serve(work: Path, quick: bool) -> dict:
+    """tools/bench_serve.py: jaxgpt.serve vs transformers serve --continuous-batching, run as a library."""
+    return _tool("bench_serve").run(work, quick=quick, **({"levels": (1, 8), "requests": 8} if quick else {}))
 
 
 # jaxgpt settings the --gpu run tries, one process each: (label, worker settings)
@@ -669,9 +683,9 @@ def main(argv=None) -> int:
     if args.warmup < 1:
         p.error("--warmup must be at least 1: the first step compiles, and is never timed")
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = sorted(set(sections) - {"train", "finetune", "generate"})
+    unknown = sorted(set(sections) - {"train", "finetune", "generate", "serve"})
     if unknown:
-        p.error(f"--sections: unknown {', '.join(unknown)} (choose from train, finetune, generate)")
+        p.error(f"--sections: unknown {', '.join(unknown)} (choose from train, finetune, generate, serve)")
     steps = args.steps or 5
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="jaxgpt-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -687,7 +701,8 @@ def main(argv=None) -> int:
             "finetune": lambda: section_finetune(work, args.quick, args.threads or (8 if args.quick else 64),
                                                  seq=128 if args.quick else 512, batch=args.batch or 8,
                                                  rounds=args.rounds),
-            "generate": lambda: section_generate(work, args.quick)}
+            "generate": lambda: section_generate(work, args.quick),
+            "serve": lambda: section_serve(work, args.quick)}
     for name in sections:
         try:
             results[name] = runs[name]()

@@ -225,7 +225,7 @@ def main() -> int:
         ("kernels: xla, packed", {"kernels": "xla"}),
         ("kernels: pallas, LayerNorm only, packed", {**pallas, "xla_gelu": True}),
         ("kernels: pallas, GELU only, packed", {**pallas, "xla_ln": True}),
-        # Where do the ~2.5 ms between the trace's busy time and the pipelined step go?
+        # Where does the gap between the trace's busy time and the pipelined step go (docs/benchmarks.md)?
         ("kernels: pallas, packed, no command buffers", {**pallas, "xla_flags": "--xla_gpu_enable_command_buffer="}),
         ("kernels: pallas, packed, residual add not fused into LayerNorm", {**pallas, "unfused_add": True}),
     ]
