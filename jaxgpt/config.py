@@ -12,8 +12,8 @@ file holding only what differs from the defaults, plus dotted overrides::
 
 Everything is checked before JAX compiles anything; each problem is one line
 naming the file and key (``ConfigError``; ``DataError`` for the data section, which
-``jaxgpt.data`` reads). A key is checked in one place: its type, float range (``FLOAT_RANGES``)
-or choices (``CHOICES``) as it is read, the rules between keys in ``validate``.
+``jaxgpt.data`` reads). A key's value is checked in one place, ``check_key`` (its choices, float
+range or integer minimum), as it is read; the rules between keys are ``validate``'s.
 """
 
 from __future__ import annotations
@@ -80,8 +80,6 @@ CHOICES = {
     "data.loss_on": ("assistant", "all", "completion"),
     "data.truncation": ("truncate", "drop"),
 }
-
-
 # The integer keys with a lower bound: (bound, what the edge means).
 MINIMUMS = {
     "train.steps": (1, ""), "train.batch_size": (1, ""), "train.grad_accum": (1, ""),
