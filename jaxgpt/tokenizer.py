@@ -82,7 +82,7 @@ def from_pretrained(name_or_path: str) -> PreTrainedTokenizerBase:
     """``AutoTokenizer.from_pretrained``, without importing it for a local folder of GPT-2's own class.
 
     Importing AutoTokenizer loads transformers' model configs, which import torch when it is
-    installed: ~1.3 s of every command's start-up, for a class that GPT-2 folders name anyway.
+    installed: seconds of every command's start-up, for a class that GPT-2 folders name anyway.
     """
     config = Path(name_or_path) / "tokenizer_config.json"
     if config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class") in GPT2_CLASSES:
