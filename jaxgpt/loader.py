@@ -8,7 +8,7 @@ What a name means is decided here, and only here:
 - anything else: a hub id, fetched into the Hugging Face cache (``jaxgpt.paths.resolve``, which
   names a file or a mistyped local folder instead), unless ``hub=False``.
 
-sample, chat and export load through it (``jaxgpt.sample.load_model`` is the same, as a pair).
+sample, chat, export and serve load through it (``jaxgpt.sample.load_model`` gives the same, as a pair).
 """
 
 from __future__ import annotations
