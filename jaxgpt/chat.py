@@ -25,7 +25,8 @@ from typing import Callable
 from jaxgpt import compile_cache
 from jaxgpt.decoding import DECODING_LAYOUTS
 from jaxgpt.inputs import readable
-from jaxgpt.sample import PARAM_DTYPE_HELP, SampleError, check_sampling, load_model, stop_ids_for, stream
+from jaxgpt.loader import load_model, stop_ids_for
+from jaxgpt.sample import PARAM_DTYPE_HELP, SampleError, check_sampling, stream
 from jaxgpt.tokenizer import add_chat_template
 
 
@@ -123,10 +124,10 @@ def main(argv=None) -> int:
         sys.stdin.reconfigure(errors="replace")
     try:
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, flags=True)  # before loading
-        model, tokenizer = load_model(args.model, dtype=args.dtype, param_dtype=args.param_dtype)
-        session = ChatSession(model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, system=args.system,
-                              chunk=args.chunk, source=args.model)
+        loaded = load_model(args.model, dtype=args.dtype, param_dtype=args.param_dtype)
+        session = ChatSession(loaded.model, loaded.tokenizer, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, system=args.system,
+                              chunk=args.chunk, source=loaded.folder)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

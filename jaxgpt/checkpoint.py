@@ -57,7 +57,6 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxgpt.model import GPT2Config, abstract_model
-from jaxgpt.weights import WEIGHT_FILES, is_hf_folder
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +80,10 @@ def _registry():
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be written or read; the message names the folder."""
+
+
+class NoCheckpointError(CheckpointError):
+    """A folder with no checkpoint step in it (jaxgpt.loader says whether it is an HF folder instead)."""
 
 
 def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
@@ -733,10 +736,7 @@ def _candidates(path: Path) -> tuple[list[Path], bool]:
     root = path / CHECKPOINT_SUBDIR if (path / CHECKPOINT_SUBDIR).is_dir() else path
     steps = saved_steps(root)[::-1]
     if not steps:
-        hint = ""
-        if (path / "config.json").is_file() and not is_hf_folder(path):  # the commands take an HF folder too
-            hint = f"; nor a Hugging Face model folder (config.json, but none of {', '.join(WEIGHT_FILES)})"
-        raise CheckpointError(f"{path}: no jaxgpt checkpoint found (looked in {root}){hint}")
+        raise NoCheckpointError(f"{path}: no jaxgpt checkpoint found (looked in {root})")
     return [root / str(s) for s in steps], False
 
 

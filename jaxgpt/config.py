@@ -11,8 +11,9 @@ file holding only what differs from the defaults, plus dotted overrides::
 (``jaxgpt/configs/``: ``demo``, ``gpt2-chat``, ``gpt2-{medium,large,xl}-pod``).
 
 Everything is checked before JAX compiles anything; each problem is one line
-naming the file and key (``ConfigError``). Data knobs live in
-``jaxgpt.data.DataConfig`` and are composed here as the ``data`` section.
+naming the file and key (``ConfigError``; ``DataError`` for the data section, which
+``jaxgpt.data`` reads). A key's value is checked in one place, ``check_key`` (its choices, float
+range or integer minimum), as it is read; the rules between keys are ``validate``'s.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from typing import Any
 
 import yaml
 
-from jaxgpt.data import DataConfig, help_field
 from jaxgpt.inputs import FINITE, Range, undecodable
 
 PACKAGE = Path(__file__).resolve().parent
@@ -40,7 +40,67 @@ class ConfigError(ValueError):
     """A configuration problem, as one line naming the file and key."""
 
 
+class DataError(ValueError):
+    """Bad data or data config; the message names the file and line, row or key."""
+
+
+def help_field(default, help: str):
+    """A dataclass field with a help string (shown by ``python -m jaxgpt.train --help``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 _f = help_field
+
+# Every float key's range (jaxgpt.inputs: finite, and inside it); any other float must be finite.
+FLOAT_RANGES = {
+    "model.dropout": Range(0, 1, high_open=True),
+    # AdamW moves every weight by about lr per step: past 1 no GPT-2 survives a step.
+    "optimizer.lr": Range(0, 1, low_open=True),
+    "optimizer.b1": Range(0, 1, high_open=True),
+    "optimizer.b2": Range(0, 1, high_open=True),
+    "optimizer.eps": Range(0, 1, low_open=True),
+    "optimizer.weight_decay": Range(0),
+    "optimizer.grad_clip": Range(0, note="0 or null = off"),
+    "schedule.min_lr_ratio": Range(0, 1),
+    "data.eval_fraction": Range(0, 1, high_open=True),
+    "logging.peak_flops_per_device": Range(0, low_open=True, note="null = known TPUs/GPUs only"),
+}
+FORMATS = ("auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text")
+# The string keys that take one of a few values.
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16", "float16"),
+    "model.attention": ("auto", "einsum", "xla", "cudnn"),
+    "model.kernels": ("auto", "xla", "pallas"),
+    "schedule.name": ("cosine", "linear", "constant"),
+    "data.format": FORMATS,
+    "data.template": ("chatml", "plain", "tokenizer"),
+    "data.loss_on": ("assistant", "all", "completion"),
+    "data.truncation": ("truncate", "drop"),
+}
+# The integer keys with a lower bound: (bound, what the edge means).
+MINIMUMS = {
+    "train.steps": (1, ""), "train.batch_size": (1, ""), "train.grad_accum": (1, ""),
+    "train.eval_every": (0, " (0 = never)"), "train.eval_batches": (1, " (null = the whole held-out set)"),
+    "schedule.warmup_steps": (0, ""), "schedule.decay_steps": (1, " (null = train.steps)"),
+    "checkpoint.save_every": (1, ""), "checkpoint.keep": (1, ""), "logging.log_every": (1, ""),
+}
+
+
+def check_key(key: str, value, error=ConfigError):
+    """``value`` if it is one of the key's choices, inside its float range and above its minimum."""
+    if value is None:
+        return value
+    if key in CHOICES and value not in CHOICES[key]:
+        raise error(f"{key}={value!r}: choose from {', '.join(CHOICES[key])}")
+    if key in FLOAT_RANGES:
+        return FLOAT_RANGES[key].check(key, value, error)
+    if key in MINIMUMS and value < MINIMUMS[key][0]:
+        low, note = MINIMUMS[key]
+        raise error(f"{key}={value}: must be {'at least 1' if low == 1 else f'>= {low}'}{note}")
+    return value
 
 
 @dataclass
@@ -62,6 +122,95 @@ class ModelConfig:
     dropout: float = _f(0.0, "dropout rate on embeddings, attention and residuals (0 = off)")
     kernels: str = _f("auto", "LayerNorm, bias + GELU and the chunked loss's log-sum-exp: xla (jax.numpy, fused by XLA) | pallas (jaxgpt.kernels' Pallas kernels: NVIDIA GPUs) | auto (pallas on NVIDIA GPUs, A100 or later, in bf16 / fp16, else xla)")
     loss_chunks: int | None = _f(None, "compute the LM head + cross-entropy in this many sequence chunks, never holding the whole [batch, seq, vocab] logits (less memory; data.seq_len must divide by it); null = 8 on a GPU (faster there), 1 elsewhere")
+
+
+@dataclass
+class DataSource:
+    """One dataset: a local file / folder, or a hub dataset id with config ``name`` and ``split``.
+
+    ``weight`` scales this source's share of an epoch: 2.0 repeats every example
+    twice, 0.5 keeps a seeded random half.
+    """
+
+    path: str
+    name: str | None = None
+    split: str = "train"
+    weight: float = 1.0
+    format: str | None = None  # None: DataConfig.format
+
+    def __post_init__(self):
+        if not isinstance(self.path, str) or not self.path:
+            raise DataError(f"data source path must be a non-empty string, got {self.path!r}")
+        self.weight = Range(0, low_open=True).check(f"{self.path}: weight", self.weight, DataError)
+        if self.format is not None and self.format not in FORMATS:
+            raise DataError(f"{self.path}: format={self.format!r}: choose from {', '.join(FORMATS)}")
+
+
+@dataclass
+class DataConfig:
+    """Data knobs (the ``data:`` section of a run config)."""
+
+    sources: list[DataSource] = _f([], "files, folders or hub ids, or {path, name, split, weight, format} each")
+    format: str = _f("auto", "auto (from each file's first record) | messages | sharegpt | prompt_completion | "
+                     "alpaca | text")
+    template: str = _f("chatml", "chatml | plain (no new tokens) | tokenizer (its own template, as is)")
+    seq_len: int = _f(1024, "tokens per row (model inputs); a conversation fits if it has <= seq_len + 1 tokens")
+    loss_on: str = _f("assistant", "assistant | all | completion (only the final assistant turn / the completion)")
+    truncation: str = _f("truncate", "truncate | drop conversations longer than a row")
+    skip_invalid: bool = _f(False, "skip and count bad records instead of raising")
+    pack: bool = _f(True, "pack several conversations per row; false = one per row (to compare efficiency)")
+    seed: int = _f(0, "packing tie-break, eval split, weights and epoch order")
+    shuffle: bool = _f(True, "shuffle the rows every epoch")
+    eval_fraction: float = _f(0.0, "hold out this share of each source's examples for eval")
+    eval_sources: list[DataSource] = _f([], "separate eval data (as sources; weights ignored)")
+    max_examples: int | None = _f(None, "read at most this many records per source (smoke runs)")
+    streaming: bool = _f(False, "read lazily and pack stream_window examples at a time (data larger than memory)")
+    stream_window: int = _f(4096, "examples per packing window when streaming")
+
+    def __post_init__(self):
+        self.sources = [_as_source(s, "sources") for s in _as_list(self.sources)]
+        self.eval_sources = [_as_source(s, "eval_sources") for s in _as_list(self.eval_sources)]
+        for key in ("format", "template", "loss_on", "truncation"):
+            check_key(f"data.{key}", getattr(self, key), DataError)
+        if not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise DataError(f"data.seq_len must be an integer >= 2, got {self.seq_len!r}")
+        check_key("data.eval_fraction", self.eval_fraction, DataError)
+        if self.max_examples is not None and self.max_examples < 1:
+            raise DataError(f"data.max_examples must be >= 1, got {self.max_examples!r}")
+        if self.stream_window < 1:
+            raise DataError(f"data.stream_window must be >= 1, got {self.stream_window!r}")
+        if self.streaming and self.eval_fraction:
+            raise DataError("data.eval_fraction needs the whole dataset; with streaming give data.eval_sources")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DataConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise DataError(f"unknown data config key(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _as_list(x):
+    if x is None:
+        return []
+    return [x] if isinstance(x, (str, dict, DataSource)) else list(x)
+
+
+def _as_source(s, key: str) -> DataSource:
+    if isinstance(s, DataSource):
+        return s
+    if isinstance(s, str):
+        return DataSource(path=s)
+    if isinstance(s, dict):
+        unknown = sorted(set(s) - {f.name for f in dataclasses.fields(DataSource)})
+        if unknown:
+            raise DataError(f"data.{key}: unknown key(s) {unknown} in {s!r}")
+        return DataSource(**s)
+    raise DataError(f"data.{key}: expected a path or a mapping, got {s!r}")
 
 
 @dataclass
@@ -150,22 +299,6 @@ class Config:
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
-# Every float key's range (jaxgpt.inputs: finite, and inside it); any other float must be finite.
-FLOAT_RANGES = {
-    "model.dropout": Range(0, 1, high_open=True),
-    # AdamW moves every weight by about lr per step: past 1 no GPT-2 survives a step.
-    "optimizer.lr": Range(0, 1, low_open=True),
-    "optimizer.b1": Range(0, 1, high_open=True),
-    "optimizer.b2": Range(0, 1, high_open=True),
-    "optimizer.eps": Range(0, 1, low_open=True),
-    "optimizer.weight_decay": Range(0),
-    "optimizer.grad_clip": Range(0, note="0 or null = off"),
-    "schedule.min_lr_ratio": Range(0, 1),
-    "data.eval_fraction": Range(0, 1, high_open=True),
-    "logging.peak_flops_per_device": Range(0, low_open=True, note="null = known TPUs/GPUs only"),
-}
-
-
 # ----------------------------------------------------------------------------- building from dicts
 
 def _hints(cls) -> dict[str, Any]:
@@ -193,8 +326,9 @@ def _coerce(value, tp, where: str):
                 return _coerce(value, arg, where)
             except ConfigError as e:
                 errors.append(e)
-        if [a for a in args if a is not type(None)] == [float]:
-            raise errors[0]  # float | None given inf: say why it is refused, not just the types
+        kinds = [a for a in args if a is not type(None)]
+        if kinds == [float] or (kinds == [int] and isinstance(value, int) and not isinstance(value, bool)):
+            raise errors[0]  # a number of the right type out of range (inf, 0): say why, not just the types
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if origin in (list, tuple):
         (arg, *_) = typing.get_args(tp) or (Any,)
@@ -221,7 +355,7 @@ def _coerce(value, tp, where: str):
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            return check_key(where, value)
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 3e-5 (no dot) as a string
@@ -230,13 +364,15 @@ def _coerce(value, tp, where: str):
             except ValueError:
                 pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return FLOAT_RANGES.get(where, FINITE).check(where, value, ConfigError)
+            if where in FLOAT_RANGES:
+                return check_key(where, value)
+            return FINITE.check(where, value, ConfigError)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             if undecodable(value):
                 raise ConfigError(f"{where}: {undecodable(value)}")
-            return value
+            return check_key(where, value)
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     return value  # other annotations (e.g. in DataConfig) are the owner's to check
 
@@ -264,13 +400,6 @@ def _suggest(key: str, options) -> str:
         by_tail = {o.rsplit(".", 1)[-1]: o for o in options}
         close = [by_tail[m] for m in difflib.get_close_matches(tail, list(by_tail), n=1, cutoff=0.6)]
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def all_keys() -> list[str]:
-    keys = []
-    for section, cls in _hints(Config).items():
-        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls) if f.init]
-    return keys
 
 
 def from_dict(raw: dict | None, source: str = "config") -> Config:
@@ -390,11 +519,11 @@ def resolve_mesh(mesh: MeshConfig, num_devices: int) -> tuple[int, int, int]:
 
 def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> tuple[int, int, int]:
     """Checks that need the device count; returns the resolved mesh shape."""
+    for section, cls in _hints(Config).items():  # a Config built in Python skipped _coerce
+        for f in dataclasses.fields(cls):
+            check_key(f"{section}.{f.name}", getattr(getattr(cfg, section), f.name))
     data, fsdp, tensor = resolve_mesh(cfg.mesh, num_devices)
     t = cfg.train
-    for key in ("steps", "batch_size", "grad_accum"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key}={getattr(t, key)}: must be at least 1")
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
     micro = t.batch_size // t.grad_accum
@@ -406,47 +535,18 @@ def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> tuple[int
     if micro % num_processes:
         raise ConfigError(f"train.batch_size={t.batch_size}: the micro-batch of {micro} is not divisible by "
                           f"the {num_processes} processes")
-    if cfg.schedule.name not in ("cosine", "linear", "constant"):
-        raise ConfigError(f"schedule.name={cfg.schedule.name!r}: choose from cosine, linear, constant")
-    for key in ("dtype", "param_dtype"):
-        if getattr(cfg.model, key) not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"model.{key}={getattr(cfg.model, key)!r}: choose from float32, bfloat16, float16")
     if cfg.model.param_dtype == "float16":
         raise ConfigError("model.param_dtype=float16: the weights and AdamW state in float16 underflow (eps=1e-8 is "
                           "0 there) and turn to NaN; keep them in float32 or bfloat16 (model.dtype=float16 computes "
                           "in float16)")
-    if cfg.model.attention not in ("auto", "einsum", "xla", "cudnn"):
-        raise ConfigError(f"model.attention={cfg.model.attention!r}: choose from auto, einsum, xla, cudnn")
     if cfg.model.attention == "cudnn" and (cfg.model.dtype == "float32" or cfg.model.dropout):
         raise ConfigError("model.attention=cudnn needs model.dtype bfloat16 or float16 and model.dropout=0 "
                           "(attention=auto picks it only where it applies)")
-    if cfg.model.kernels not in ("auto", "xla", "pallas"):
-        raise ConfigError(f"model.kernels={cfg.model.kernels!r}: choose from auto, xla, pallas")
     if cfg.model.remat not in (True, False, "auto", "none", "minimal", "full"):
         raise ConfigError(f"model.remat={cfg.model.remat!r}: choose from auto, none, minimal, full (or true / false)")
     if cfg.model.loss_chunks is not None and (cfg.model.loss_chunks < 1 or cfg.data.seq_len % cfg.model.loss_chunks):
         raise ConfigError(f"model.loss_chunks={cfg.model.loss_chunks}: must be at least 1 and divide "
                           f"data.seq_len={cfg.data.seq_len}")
-    for key, allowed in FLOAT_RANGES.items():  # a Config built in Python skipped _coerce
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value is not None:
-            allowed.check(key, value, ConfigError)
-    sc = cfg.schedule
-    if sc.warmup_steps < 0:
-        raise ConfigError(f"schedule.warmup_steps={sc.warmup_steps}: must be >= 0")
-    if sc.decay_steps is not None and sc.decay_steps < 1:
-        raise ConfigError(f"schedule.decay_steps={sc.decay_steps}: must be at least 1 (null = train.steps)")
-    if cfg.checkpoint.save_every < 1:
-        raise ConfigError(f"checkpoint.save_every={cfg.checkpoint.save_every}: must be at least 1")
-    if cfg.checkpoint.keep < 1:
-        raise ConfigError(f"checkpoint.keep={cfg.checkpoint.keep}: must be at least 1")
-    if t.eval_every < 0:
-        raise ConfigError(f"train.eval_every={t.eval_every}: must be >= 0 (0 = never)")
-    if t.eval_batches is not None and t.eval_batches < 1:
-        raise ConfigError(f"train.eval_batches={t.eval_batches}: must be at least 1 (null = the whole held-out set)")
-    if cfg.logging.log_every < 1:
-        raise ConfigError(f"logging.log_every={cfg.logging.log_every}: must be at least 1")
     return data, fsdp, tensor
 
 

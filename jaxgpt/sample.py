@@ -38,10 +38,9 @@ a narrower decoding layout (``jaxgpt.decoding.for_decoding``, ``load_model(param
     One sampling step on [B, V] float32 logits.
 
 ``load_model(path_or_hub_id, dtype="float32", param_dtype="float32") -> (model, tokenizer)``
-    An HF folder or hub id (via ``jaxgpt.weights.load_pretrained``; tokenizer
-    from the folder, else the vendored GPT-2 one), or a jaxgpt training
-    checkpoint (via ``jaxgpt.checkpoint.load_for_inference``), in the decoding
-    layout on a CPU (float32 too: the same numbers, kernels stored [out, in]).
+    ``jaxgpt.loader.load_model``'s model and tokenizer (an HF folder, a hub id or a jaxgpt
+    training checkpoint), in the decoding layout on a CPU (float32 too: the same numbers,
+    kernels stored [out, in]).
 
 Shapes are bucketed (prompt length and ``max_new_tokens`` to powers of two, at
 least 16) so that a chat session compiles a handful of programs, not one per
@@ -53,9 +52,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import logging
 import sys
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import jax
@@ -64,15 +61,12 @@ import numpy as np
 from flax import nnx
 
 from jaxgpt import compile_cache
-from jaxgpt.decoding import DECODING_DTYPES, DECODING_LAYOUTS, INT8_DECODING, for_decoding
+from jaxgpt import loader
+from jaxgpt.decoding import DECODING_DTYPES, DECODING_LAYOUTS
 from jaxgpt.inputs import SAMPLING, readable
+from jaxgpt.loader import MAX_STOP_IDS, stop_ids_for  # noqa: F401 (the CLIs, the demo and tools take them from here)
 from jaxgpt.model import GPT2, init_cache
-from jaxgpt.tokenizer import has_tokenizer, load_tokenizer, stop_token_ids
-from jaxgpt.weights import folder_eos_ids, is_hf_folder, load_pretrained, resolve
 
-log = logging.getLogger("jaxgpt.sample")
-
-MAX_STOP_IDS = 8  # stop ids are padded to a fixed count so the set never changes the compiled shape
 MIN_BUCKET = 16
 
 
@@ -263,50 +257,9 @@ PARAM_DTYPE_HELP = ("weights dtype. bfloat16 and int8 store them in the decoding
 
 
 def load_model(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str = "float32"):
-    """(model, tokenizer) from an HF folder / hub id, or from a jaxgpt training checkpoint.
-
-    ``param_dtype`` "bfloat16", "int8" or "w8a8" gives the model in the decoding layout
-    (``jaxgpt.decoding.for_decoding``): weights read at a half or a quarter of float32's bytes
-    per token (w8a8 quantises the activations too). int8 and w8a8 are quantised from the float32 weights.
-    float32 weights with float32 compute on a CPU come in the float32 decoding layout: the same
-    numbers with the kernels stored [out, in], which XLA:CPU multiplies faster while decoding.
-    Models in a decoding layout sample and evaluate; they cannot be trained, saved or exported.
-    """
-    if param_dtype not in DECODING_LAYOUTS:
-        raise SampleError(f"param_dtype {param_dtype!r}: choose from {', '.join(DECODING_LAYOUTS)}")
-    decoding = None if param_dtype == "float32" else param_dtype
-    if decoding is None and dtype == "float32" and jax.default_backend() == "cpu":
-        decoding = "float32"  # the same float32 weights, stored [out, in]: faster products on a CPU
-    if decoding in INT8_DECODING:
-        param_dtype = "float32"  # quantised from the float32 weights
-    path = Path(path_or_hub_id).expanduser()
-    if path.is_dir() and not is_hf_folder(path):  # a training run's output_dir has its own config.json
-        from jaxgpt.checkpoint import load_for_inference  # only needed for training checkpoints
-
-        model, tokenizer = load_for_inference(str(path), dtype=dtype, param_dtype=param_dtype)
-    else:
-        folder = resolve(path_or_hub_id)
-        model, _ = load_pretrained(folder, dtype=dtype, param_dtype=param_dtype)
-        # The folder's own tokenizer (it may carry a chat template), else the vendored GPT-2 one.
-        tokenizer = load_tokenizer(folder if has_tokenizer(folder) else None)
-    if decoding:
-        model = for_decoding(model, decoding)
-    return model, tokenizer
-
-
-def stop_ids_for(tokenizer, model: GPT2, source: str | None = None) -> list[int]:
-    """End-of-text and end-of-turn ids (EOS, ``<|im_end|>`` with ChatML) that the model can produce;
-    with ``source`` (what ``load_model`` loaded) also every EOS id its ``config.json`` and
-    ``generation_config.json`` list, where transformers' ``generate`` stops too."""
-    ids = set(stop_token_ids(tokenizer)) | {model.config.eos_token_id}
-    ids = sorted(i for i in ids if i is not None and 0 <= i < model.config.vocab_size)
-    if source is not None:  # the folder's own, after these, up to what the decode loop takes
-        extra = [i for i in folder_eos_ids(source) if i not in ids and 0 <= i < model.config.vocab_size]
-        if len(ids) + len(extra) > MAX_STOP_IDS:
-            log.warning("%s lists %d end-of-sequence ids; generation stops at the first %d: %s", source,
-                        len(ids) + len(extra), MAX_STOP_IDS, (ids + extra)[:MAX_STOP_IDS])
-        ids = sorted((ids + extra)[:MAX_STOP_IDS])
-    return ids
+    """(model, tokenizer) of ``jaxgpt.loader.load_model``, in the decoding layout."""
+    loaded = loader.load_model(path_or_hub_id, dtype=dtype, param_dtype=param_dtype)
+    return loaded.model, loaded.tokenizer
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -331,11 +284,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, flags=True)
         if args.num_samples < 1:
             raise SampleError(f"--num-samples must be >= 1, got {args.num_samples}")
-        model, tokenizer = load_model(args.model, dtype=args.dtype, param_dtype=args.param_dtype)
+        loaded = loader.load_model(args.model, dtype=args.dtype, param_dtype=args.param_dtype)
+        model, tokenizer = loaded.model, loaded.tokenizer
         ids = tokenizer.encode(args.prompt) if args.prompt else [model.config.bos_token_id]
         outs = generate(model, [ids] * args.num_samples, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        stop_ids=stop_ids_for(tokenizer, model, args.model), seed=args.seed)
+                        stop_ids=loaded.stop_ids, seed=args.seed)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

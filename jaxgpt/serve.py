@@ -13,7 +13,7 @@ Per request: ``max_tokens`` (chat: also ``max_completion_tokens``), ``temperatur
 model; the server keeps serving.
 
 ``create_app(engine, model_name)`` builds the FastAPI app (tests run it in-process);
-``main()`` loads the model with ``jaxgpt.sample.load_model`` and runs uvicorn.
+``main()`` loads the model with ``jaxgpt.loader.load_model`` and runs uvicorn.
 """
 
 from __future__ import annotations
@@ -465,17 +465,18 @@ def prometheus(stats: dict[str, Any]) -> str:
 
 def build_engine(model_path: str, *, max_batch: int = 8, max_context: int | None = None, dtype: str = "float32",
                  param_dtype: str = "float32", warmup: bool = True) -> Engine:
-    """Load ``model_path`` (``jaxgpt.sample.load_model``) into a started engine; ``warmup`` compiles
+    """Load ``model_path`` (``jaxgpt.loader.load_model``) into a started engine; ``warmup`` compiles
     the decode step for every cache length and a first prefill before any request comes."""
-    from jaxgpt.sample import load_model, stop_ids_for
+    from jaxgpt.loader import load_model, stop_ids_for
     from jaxgpt.tokenizer import add_chat_template
 
-    model, tokenizer = load_model(model_path, dtype=dtype, param_dtype=param_dtype)
+    loaded = load_model(model_path, dtype=dtype, param_dtype=param_dtype)
+    model, tokenizer = loaded.model, loaded.tokenizer
     if not tokenizer.chat_template:
         add_chat_template(tokenizer, "plain")
         log.warning("the tokenizer has no chat template: chat requests use jaxgpt's plain 'User:/Assistant:' format")
     engine = Engine(model, tokenizer, max_batch=max_batch, max_context=max_context,
-                    stop_ids=stop_ids_for(tokenizer, model, model_path))
+                    stop_ids=stop_ids_for(tokenizer, model, loaded.folder))  # after the template: its end of turn
     if warmup:
         engine.compile_steps()
     engine.start()

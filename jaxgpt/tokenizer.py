@@ -82,7 +82,7 @@ def from_pretrained(name_or_path: str) -> PreTrainedTokenizerBase:
     """``AutoTokenizer.from_pretrained``, without importing it for a local folder of GPT-2's own class.
 
     Importing AutoTokenizer loads transformers' model configs, which import torch when it is
-    installed: ~1.3 s of every command's start-up, for a class that GPT-2 folders name anyway.
+    installed: seconds of every command's start-up, for a class that GPT-2 folders name anyway.
     """
     config = Path(name_or_path) / "tokenizer_config.json"
     if config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class") in GPT2_CLASSES:
@@ -101,7 +101,7 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> PreTrainedT
         # GPT2Tokenizer(vocab_file=, merges_file=) is silently empty in transformers 5; from_pretrained is not.
         tok = GPT2Tokenizer.from_pretrained(str(VENDORED_GPT2))
     else:
-        from jaxgpt.weights import is_local_path, missing_folder
+        from jaxgpt.paths import is_local_path, missing_folder
 
         local = Path(name_or_path).expanduser()
         if is_local_path(str(name_or_path)) and not local.exists():

@@ -25,10 +25,8 @@ import numpy as np
 from flax import nnx
 
 from jaxgpt.model import DTYPES, GPT2, GPT2Config, abstract_model
-
-
-class WeightsError(ValueError):
-    """A checkpoint could not be read or does not fit the model."""
+from jaxgpt.paths import WEIGHT_FILES, WeightsError, resolve
+from jaxgpt.paths import is_local_path, missing_folder  # noqa: F401 (jaxgpt.train imports them from here)
 
 
 # HF name (without the "transformer." prefix) -> jaxgpt parameter path. "{i}" is the layer.
@@ -55,8 +53,6 @@ HF_LAYER_TO_JAXGPT = {
 # Present in some HF files but not parameters (causal-mask buffers, the tied head).
 IGNORED_HF_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
 
-# Weight files in order of preference.
-WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "flax_model.msgpack", "pytorch_model.bin")
 # HF config keys jaxgpt reads; everything else in config.json is ignored.
 ARCH_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
              "layer_norm_epsilon", "activation_function", "bos_token_id", "eos_token_id")
@@ -223,91 +219,6 @@ def read_hf_tensors(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], P
     raise WeightsError(f"{folder}: no GPT-2 weights found (looked for {', '.join(WEIGHT_FILES)})")
 
 
-def is_hf_folder(path: str | os.PathLike) -> bool:
-    """A folder holding ``config.json`` and one of ``WEIGHT_FILES``. A jaxgpt training output_dir has
-    a ``config.json`` too (the run's), beside its checkpoints, but no weights file."""
-    path = Path(path)
-    return (path / "config.json").is_file() and any((path / f).is_file() for f in WEIGHT_FILES)
-
-
-def folder_eos_ids(name_or_path: str | os.PathLike) -> list[int]:
-    """Every ``eos_token_id`` an HF folder's ``config.json`` and ``generation_config.json`` list (a hub id's
-    from the local cache only; a training run's folder has none)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir() and not is_hf_folder(path):
-        return []
-    ids: list[int] = []
-    for fname in ("config.json", "generation_config.json"):
-        if path.is_dir():
-            f = path / fname
-        else:
-            from huggingface_hub import try_to_load_from_cache
-
-            hit = try_to_load_from_cache(str(name_or_path), fname)
-            f = Path(hit) if isinstance(hit, str) else None
-        if f is None or not f.is_file():
-            continue
-        try:
-            eos = json.loads(f.read_text()).get("eos_token_id")
-        except (ValueError, AttributeError) as e:
-            raise WeightsError(f"{f}: cannot read eos_token_id: {e}") from None
-        ids += [int(i) for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int)]
-    return list(dict.fromkeys(ids))
-
-
-def is_local_path(name: str) -> bool:
-    """True if ``name`` can only mean a local path, never a hub id ("org/name"): it starts with
-    ``.``, ``/`` or ``~``, or has more than one ``/``."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1
-
-
-def missing_folder(name: str) -> str:
-    """The one-line error for a local path that does not exist, naming what its parent holds."""
-    parent = Path(name).expanduser().parent
-    try:
-        have = sorted(p.name for p in parent.iterdir() if not p.name.startswith(".")) if str(parent) != "." else None
-    except OSError:  # no such parent, or not listable
-        have = None
-    if have is None:
-        return f"{name}: no such folder"
-    return f"{name}: no such folder (in {parent}/: {', '.join(have[:8]) + (', ...' if len(have) > 8 else '') or 'nothing'})"
-
-
-def resolve(name_or_path: str | os.PathLike) -> Path:
-    """A local folder, or a hub id downloaded into the HF cache (config, weights, tokenizer)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise WeightsError(f"{path}: expected a folder holding config.json and weights, got a file")
-    name = str(name_or_path)
-    if is_local_path(name):
-        raise WeightsError(missing_folder(name))
-    from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RemoteEntryNotFoundError
-
-    aux = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-           "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
-           "chat_template.jinja", "chat_template.json"]  # transformers 5 keeps the template in its own file
-    try:
-        for fname in WEIGHT_FILES:
-            try:
-                hf_hub_download(name, fname)
-            except RemoteEntryNotFoundError:  # the repo exists but lacks this file
-                continue
-            patterns = aux + [fname] + (["model-*.safetensors"] if fname.endswith("index.json") else [])
-            return Path(snapshot_download(name, allow_patterns=patterns))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        if Path(name.split("/")[0]).is_dir():  # runs/gpt2-chta: most likely a mistyped local folder
-            raise WeightsError(f"{missing_folder(name)}, and the Hugging Face Hub could not provide it either "
-                               f"({type(e).__name__})") from None
-        raise WeightsError(
-            f"{name}: not a local folder, and the Hugging Face Hub could not provide it "
-            f"(offline or unknown repo?): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from None
-    raise WeightsError(f"{name}: the hub repo has none of {', '.join(WEIGHT_FILES)}")
-
-
 # ----------------------------------------------------------------------------- load / save
 
 def tensors_to_state(cfg: GPT2Config, tensors: dict[str, np.ndarray], source: str = "checkpoint") -> dict[str, np.ndarray]:
@@ -363,39 +274,41 @@ def from_hf_tensors(cfg: GPT2Config, tensors: dict[str, np.ndarray], *, source: 
     return nnx.merge(graphdef, params_from_hf(cfg, tensors, abstract, source=source, place=place), rest)
 
 
+def grown_embedding(wte, vocab_size: int, new_size: int, padded_size: int | None = None):
+    """The first ``vocab_size`` rows of ``wte`` (numpy or jax) and ``new_size - vocab_size`` more at
+    their mean, then zero rows up to ``padded_size``: ``resize_token_embeddings``' rule, so the added
+    (chat) tokens' logits start at the average, not at random."""
+    if new_size < vocab_size:
+        raise ValueError(f"cannot shrink the vocabulary from {vocab_size} to {new_size}")
+    xp = jnp if isinstance(wte, jax.Array) else np
+    real = wte[:vocab_size]
+    rows = [real, xp.repeat(real.mean(0, keepdims=True), new_size - vocab_size, 0)]
+    if padded_size is not None:
+        rows.append(xp.zeros((padded_size - new_size, wte.shape[1]), wte.dtype))
+    return xp.concatenate(rows)
+
+
 def grow_vocab(cfg: GPT2Config, tensors: dict[str, np.ndarray], vocab_size: int, source: str = "checkpoint"
                ) -> tuple[dict[str, np.ndarray], GPT2Config]:
-    """(tensors, config) with ``vocab_size`` token rows, the added ones (chat tokens) at the mean of the
-    existing rows: ``resize_token_embeddings``' rule, applied to the host arrays before
+    """(tensors, config) with ``vocab_size`` token rows (``grown_embedding``), on the host arrays before
     any model is built. The tensors are checked against ``cfg`` (the checkpoint's own) first."""
-    if vocab_size < cfg.vocab_size:
-        raise ValueError(f"cannot shrink the vocabulary from {cfg.vocab_size} to {vocab_size}")
     tensors_to_state(cfg, tensors, source)
-    wte = tensors["wte.weight"].astype(np.float32, copy=False)
-    mean = wte.mean(0, keepdims=True)
     grown = {k: v for k, v in tensors.items() if k != "lm_head.weight"}  # tied to wte: checked equal above
-    grown["wte.weight"] = np.concatenate([wte, np.repeat(mean, vocab_size - cfg.vocab_size, 0)])
+    grown["wte.weight"] = grown_embedding(tensors["wte.weight"].astype(np.float32, copy=False), cfg.vocab_size,
+                                          vocab_size)
     return grown, cfg.replace(vocab_size=vocab_size)
 
 
 def resize_token_embeddings(model: GPT2, vocab_size: int) -> GPT2:
-    """A copy of ``model`` with ``vocab_size`` real token rows (added chat tokens), the new rows at
-    the mean of the existing ones (their logits start at the average, not at random)."""
+    """A copy of ``model`` with ``vocab_size`` real token rows (``grown_embedding``), padded as its config pads."""
     cfg = model.config
-    if vocab_size < cfg.vocab_size:
-        raise ValueError(f"cannot shrink the vocabulary from {cfg.vocab_size} to {vocab_size}")
     new_cfg = cfg.replace(vocab_size=vocab_size)
-    graphdef = abstract_model(new_cfg)[0]
     old = nnx.state(model)
-    wte = old["wte"][...]
-    real = wte[: cfg.vocab_size]
-    mean = real.mean(0, keepdims=True)
-    n_new, n_pad = vocab_size - cfg.vocab_size, new_cfg.padded_vocab_size - vocab_size
-    new_wte = jnp.concatenate([real, jnp.repeat(mean, n_new, 0), jnp.zeros((n_pad, cfg.n_embd), wte.dtype)])
+    new_wte = grown_embedding(old["wte"][...], cfg.vocab_size, vocab_size, new_cfg.padded_vocab_size)
     # Left where jax puts it (on a mesh: replicated). Placing it is the caller's job: the old layout
     # may not divide the new row count (jaxgpt.train.build_model places it by the sharding rules).
     old["wte"] = old["wte"].replace(new_wte)
-    return nnx.merge(graphdef, old)
+    return nnx.merge(abstract_model(new_cfg)[0], old)
 
 
 def params_from_hf(cfg: GPT2Config, tensors: dict[str, np.ndarray], abstract: nnx.State, *,

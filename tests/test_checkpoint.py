@@ -370,8 +370,10 @@ def test_load_for_inference_from_output_dir_and_step_dir(tmp_path, state, tokeni
         load_for_inference(tmp_path / "empty")
     assert "Hugging Face" not in str(e.value)
     (tmp_path / "empty" / "config.json").write_text("{}")  # an HF folder without its weights file
+    from jaxgpt.loader import load_model  # which says why the folder is neither
+
     with pytest.raises(CheckpointError, match="nor a Hugging Face model folder .config.json, but none of model.safetensors"):
-        load_for_inference(tmp_path / "empty")
+        load_model(tmp_path / "empty")
 
 
 def test_preemption_guard_turns_sigterm_into_a_flag():

@@ -12,6 +12,7 @@ from flax import nnx
 
 from conftest import shared_path
 from jaxgpt.decoding import DECODING_DTYPES, few_rows_product, for_decoding, int8_matmul, quantize_int8
+from jaxgpt.loader import LoadError
 from jaxgpt.model import GPT2, GPT2Config
 from jaxgpt.sample import (SampleError, bucket, decode, decode_no_hoisting, generate, load_model, prefill,
                            sample_logits, split_for_inference, stream)
@@ -406,7 +407,7 @@ def test_load_model_gives_the_decoding_layout(model, tmp_path):
     plain, _ = load_model(str(folder))  # float32: the same weights, stored [out, in] on a CPU
     assert plain.decoding_layout == ("float32" if jax.default_backend() == "cpu" else None)
     assert plain.config.param_dtype == "float32"
-    with pytest.raises(SampleError, match="param_dtype 'int4'"):
+    with pytest.raises(LoadError, match="param_dtype 'int4'"):  # jaxgpt.loader's check
         load_model(str(folder), param_dtype="int4")
 
 

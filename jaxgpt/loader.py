@@ -1,0 +1,145 @@
+"""One way in for a model to use: ``load_model(path_or_hub_id)`` -> ``Loaded``.
+
+What a name means is decided here, and only here:
+
+- a folder with ``config.json`` and weights (``jaxgpt.paths.is_hf_folder``): a Hugging Face folder;
+- any other folder: a jaxgpt training run, its output_dir (the latest complete step) or one step
+  dir, read by ``jaxgpt.checkpoint.load_for_inference``;
+- anything else: a hub id, fetched into the Hugging Face cache (``jaxgpt.paths.resolve``, which
+  names a file or a mistyped local folder instead), unless ``hub=False``.
+
+sample, chat, export and serve load through it (``jaxgpt.sample.load_model`` gives the same, as a pair).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from jaxgpt.decoding import DECODING_LAYOUTS, INT8_DECODING, for_decoding
+from jaxgpt.model import GPT2
+from jaxgpt.paths import WEIGHT_FILES, WeightsError, is_hf_folder, resolve
+from jaxgpt.tokenizer import has_tokenizer, load_tokenizer, stop_token_ids
+from jaxgpt.weights import load_pretrained
+
+log = logging.getLogger("jaxgpt.loader")
+
+MAX_STOP_IDS = 8  # jaxgpt.sample pads stop ids to this count, so the set never changes the compiled shape
+
+
+class LoadError(ValueError):
+    """A model cannot be loaded as asked (the path's own problems raise the checkpoint's or weights' error)."""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    model: GPT2
+    tokenizer: PreTrainedTokenizerBase  # the source's own, else the vendored GPT-2 one
+    kind: str  # "hf" (a local folder or a hub id) or "checkpoint" (a jaxgpt training run)
+    folder: Path  # the HF folder (a hub id's cached snapshot) or the run / step folder read
+    stop_ids: list[int]  # where generation ends (stop_ids_for)
+
+
+def locate(path_or_hub_id: str | os.PathLike, *, hub: bool = True) -> tuple[str, Path]:
+    """(kind, folder) of a source; nothing is read but folder listings (and the hub for a hub id)."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():  # a training run's output_dir has its own config.json, but no weights
+        return ("hf" if is_hf_folder(path) else "checkpoint"), path
+    if hub:
+        return "hf", resolve(path_or_hub_id)
+    return "checkpoint", path  # load_for_inference names a missing path or a file
+
+
+def load_model(path_or_hub_id: str | os.PathLike, *, dtype: str = "float32", param_dtype: str = "float32",
+               decoding: bool = True, hub: bool = True) -> Loaded:
+    """The model and its tokenizer from an HF folder, a hub id or a jaxgpt training checkpoint.
+
+    ``decoding`` (for sampling): ``param_dtype`` "bfloat16", "int8" or "w8a8" gives the model in that
+    decoding layout (``jaxgpt.decoding.for_decoding``; int8 and w8a8 quantised from the float32
+    weights), and float32 on a CPU the float32 one (the same numbers, kernels stored [out, in],
+    faster products). Such models sample and evaluate; they cannot be trained, saved or exported.
+    ``decoding=False`` keeps the training layout (export). ``hub=False``: local sources only.
+    """
+    if param_dtype not in DECODING_LAYOUTS or (not decoding and param_dtype in INT8_DECODING):
+        choices = DECODING_LAYOUTS if decoding else ("float32", "bfloat16")
+        raise LoadError(f"param_dtype {param_dtype!r}: choose from {', '.join(choices)}")
+    layout = None
+    if decoding:
+        layout = param_dtype if param_dtype != "float32" else "float32" if dtype == "float32" and _on_cpu() else None
+    if layout in INT8_DECODING:
+        param_dtype = "float32"  # quantised from the float32 weights
+    kind, folder = locate(path_or_hub_id, hub=hub)
+    if kind == "hf":
+        model, _ = load_pretrained(folder, dtype=dtype, param_dtype=param_dtype)
+        # The folder's own tokenizer (it may carry a chat template), else the vendored GPT-2 one.
+        tokenizer = load_tokenizer(folder if has_tokenizer(folder) else None)
+    else:
+        model, tokenizer = _from_checkpoint(folder, dtype, param_dtype)
+    # An adapter (adapter=PEFT_DIR: LoRA weights) goes on here, onto the full-precision model,
+    # before it is stored in a decoding layout.
+    if layout:
+        model = for_decoding(model, layout)
+    return Loaded(model, tokenizer, kind, folder, stop_ids_for(tokenizer, model, folder))
+
+
+def _on_cpu() -> bool:
+    import jax
+
+    return jax.default_backend() == "cpu"
+
+
+def _from_checkpoint(folder: Path, dtype: str, param_dtype: str):
+    from jaxgpt.checkpoint import NoCheckpointError, load_for_inference  # orbax: imported for checkpoints only
+
+    try:
+        return load_for_inference(folder, dtype=dtype, param_dtype=param_dtype)
+    except NoCheckpointError as e:
+        if (folder / "config.json").is_file():  # the commands take an HF folder too: say why this is none
+            raise NoCheckpointError(f"{e}; nor a Hugging Face model folder (config.json, but none of "
+                                    f"{', '.join(WEIGHT_FILES)})") from None
+        raise
+
+
+def folder_eos_ids(name_or_path: str | os.PathLike) -> list[int]:
+    """Every ``eos_token_id`` an HF folder's ``config.json`` and ``generation_config.json`` list (a hub id's
+    from the local cache only; a training run's folder has none)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and not is_hf_folder(path):
+        return []
+    ids: list[int] = []
+    for fname in ("config.json", "generation_config.json"):
+        if path.is_dir():
+            f = path / fname
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(str(name_or_path), fname)
+            f = Path(hit) if isinstance(hit, str) else None
+        if f is None or not f.is_file():
+            continue
+        try:
+            eos = json.loads(f.read_text()).get("eos_token_id")
+        except (ValueError, AttributeError) as e:
+            raise WeightsError(f"{f}: cannot read eos_token_id: {e}") from None
+        ids += [int(i) for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int)]
+    return list(dict.fromkeys(ids))
+
+
+def stop_ids_for(tokenizer, model: GPT2, source: str | os.PathLike | None = None) -> list[int]:
+    """End-of-text and end-of-turn ids (EOS, ``<|im_end|>`` with ChatML) that the model can produce;
+    with ``source`` (what was loaded) also every EOS id its ``config.json`` and
+    ``generation_config.json`` list, where transformers' ``generate`` stops too."""
+    ids = set(stop_token_ids(tokenizer)) | {model.config.eos_token_id}
+    ids = sorted(i for i in ids if i is not None and 0 <= i < model.config.vocab_size)
+    if source is not None:  # the folder's own, after these, up to what the decode loop takes
+        extra = [i for i in folder_eos_ids(source) if i not in ids and 0 <= i < model.config.vocab_size]
+        if len(ids) + len(extra) > MAX_STOP_IDS:
+            log.warning("%s lists %d end-of-sequence ids; generation stops at the first %d: %s", source,
+                        len(ids) + len(extra), MAX_STOP_IDS, (ids + extra)[:MAX_STOP_IDS])
+        ids = sorted((ids + extra)[:MAX_STOP_IDS])
+    return ids
