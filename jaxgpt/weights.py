@@ -393,7 +393,7 @@ def resize_token_embeddings(model: GPT2, vocab_size: int) -> GPT2:
     n_new, n_pad = vocab_size - cfg.vocab_size, new_cfg.padded_vocab_size - vocab_size
     new_wte = jnp.concatenate([real, jnp.repeat(mean, n_new, 0), jnp.zeros((n_pad, cfg.n_embd), wte.dtype)])
     # Left where jax puts it (on a mesh: replicated). Placing it is the caller's job: the old layout
-    # may not divide the new row count (jaxgpt.train.build_model places it by the sharding rules).
+    # may not divide the new row count (jaxgpt.setup.build_model places it by the sharding rules).
     old["wte"] = old["wte"].replace(new_wte)
     return nnx.merge(graphdef, old)
 
