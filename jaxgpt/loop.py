@@ -18,7 +18,7 @@ from flax import nnx
 
 from jaxgpt import metrics, step as steps
 from jaxgpt.data import eval_batches
-from jaxgpt.model import GPT2, GPT2Config, num_params
+from jaxgpt.model import GPT2, GPT2Config
 from jaxgpt.setup import Setup
 
 
@@ -77,9 +77,8 @@ def run(s: Setup, out: Path, logger: metrics.MetricsLog, hooks: list[Hook], guar
                                     dropout=s.model_config.dropout > 0, state_shardings=s.state_shardings)
     evaluate_at = eval_due(s)
     eval_fn = steps.make_eval_step(s.graphdef, s.rest, objective=s.objective, mesh=s.mesh)
-    n_params = num_params(nnx.merge(s.graphdef, s.state["params"], s.rest))
     tokens_per_step = t.batch_size * cfg.data.seq_len
-    fpt = metrics.flops_per_token(s.model_config, n_params, cfg.data.seq_len)
+    fpt = metrics.flops_per_token(s.model_config, s.n_params, cfg.data.seq_len)
     peak = metrics.peak_flops(cfg)
     result = TrainResult(s.graphdef, s.state["params"], s.rest, s.model_config, s.tokenizer, s.start,
                          output_dir=out)

@@ -23,7 +23,7 @@ from jaxgpt.model import SETTINGS, GPT2, GPT2Config, abstract_model
 from jaxgpt.objectives import SFT, Objective
 from jaxgpt.step import make_optimizer
 
-log = logging.getLogger("jaxgpt.train")
+log = logging.getLogger("jaxgpt.train")  # warnings under the command that trains
 
 
 def init_distributed(dc) -> None:
@@ -185,6 +185,10 @@ class Setup:
     eval_set: Any  # a held-out dataset, or None
     rng: np.ndarray  # the run's key data: each step folds its number in
     start: int = 0  # optimizer steps already done (a resumed run)
+
+    @property
+    def n_params(self) -> int:
+        return sum(x.size for x in jax.tree.leaves(self.state["params"]))
 
     def abstract_state(self) -> dict:
         """``state`` as shapes, dtypes and shardings: what a checkpoint restores onto."""

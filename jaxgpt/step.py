@@ -123,7 +123,7 @@ def make_train_step(graphdef, rest, tx, *, objective: Objective | None = None, m
         first = jax.tree.map(lambda a: a[0], batch)
         zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), jnp.float32(0),
                  {k: jnp.float32(0) for k in objective.metrics})
-        n_micro = batch["input_ids"].shape[0]
+        n_micro = jax.tree.leaves(batch)[0].shape[0]
         if n_micro == 1:  # no accumulation loop for one micro-batch (XLA folds the zero accumulator away)
             (g_sum, l_sum, m_sum), _ = micro(zeros, (first, 0))
         else:

@@ -78,8 +78,9 @@ def _train(cfg: Config, out: Path, mesh, cache_dir) -> TrainResult:
     if bad is not None:
         source = (f"checkpoint step {s.start} in {checkpoint_dir(out)}" if s.start else
                   f"model.name_or_path={cfg.model.name_or_path}" if cfg.model.name_or_path else "the initialisation")
+        hint = " (move that step folder away to resume from an earlier one)" if s.start else ""
         raise TrainingError(f"{source}: parameter {bad} holds NaN or infinity; training from it would only save "
-                            f"more of it" + (" (move that step folder away to resume from an earlier one)" if s.start else ""))
+                            f"more of it{hint}")
     if cfg.schedule.warmup_steps >= t.steps:
         log.warning("schedule.warmup_steps=%d is not shorter than train.steps=%d: the learning rate rises by "
                     "lr / warmup_steps a step and does not reach optimizer.lr=%g in this run",
@@ -102,16 +103,15 @@ def _train(cfg: Config, out: Path, mesh, cache_dir) -> TrainResult:
     if jax.process_index() == 0 and cfg.logging.plot and result.losses:
         # the whole run across resumes: earlier runs' logged steps, then every step of this one
         before, before_evals = metrics.logged_losses(out)
-        metrics.plot_losses(out, dict(sorted({**before, **result.losses}.items())),
-                            dict(sorted({**before_evals, **{k: e["eval_loss"] for k, e in result.evals.items()}}.items())))
+        evals = {**before_evals, **{k: e["eval_loss"] for k, e in result.evals.items()}}
+        metrics.plot_losses(out, dict(sorted({**before, **result.losses}.items())), dict(sorted(evals.items())))
     return result
 
 
 def _announce(s: Setup, out: Path, logger: metrics.MetricsLog, cache_dir) -> None:
     """The start-up lines: what trains where, the model's numerics and the data; config.json."""
     cfg, t, gcfg = s.cfg, s.cfg.train, s.model_config
-    n_params = sum(x.size for x in jax.tree.leaves(s.state["params"]))
-    logger.print(f"jaxgpt: {n_params / 1e6:.2f}M params, mesh {dict(s.mesh.shape)}, {jax.process_count()} process(es), "
+    logger.print(f"jaxgpt: {s.n_params / 1e6:.2f}M params, mesh {dict(s.mesh.shape)}, {jax.process_count()} process(es), "
                  f"global batch {t.batch_size} x {cfg.data.seq_len} tokens ({t.grad_accum} micro-batches), "
                  f"steps {s.start}->{t.steps}, output {out}, compilation cache {cache_dir or 'off'}")
     rows = t.batch_size // t.grad_accum * cfg.data.seq_len  # one micro-batch's positions (what the model sees)
