@@ -4,14 +4,15 @@ the eval know nothing else of it.
 An objective returns *sums* over its units (trained tokens for SFT, preference pairs for DPO) and
 names the metric that counts them (``weight``): the step adds micro-batches' sums and divides once,
 so gradient accumulation equals one large batch exactly, and eval weighs every batch by its units.
-Reference log-probs (DPO) come in the batch (``batch_keys``) or from the same model with its
-adapters off; the step passes only the trained parameters.
+An objective is a pytree and an argument of the jitted steps: arrays it holds (say a frozen
+reference model's parameters, for DPO) are inputs of the step, not constants compiled into it;
+its other fields are static.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import jax
@@ -39,7 +40,7 @@ def constrainer(mesh):
     return None if mesh is None else (lambda x, *axes: sharding.constrain(x, mesh, *axes))
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SFT:
     """Next-token cross-entropy over the trained tokens (``loss_mask``), in float32; with
     ``model.loss_chunks`` > 1 the head runs one sequence chunk at a time (jaxgpt.loss)."""
@@ -71,3 +72,6 @@ class SFT:
         count = sums[self.weight]
         loss = loss_sum / count if count else float("nan")  # no trained token held out: no number to report
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
+jax.tree_util.register_dataclass(SFT, data_fields=[], meta_fields=[f.name for f in dataclasses.fields(SFT)])

@@ -108,7 +108,7 @@ def make_train_step(graphdef, rest, tx, *, objective: Objective | None = None, m
     """
     objective = objective or SFT(mesh)
 
-    def step(state, batch, rng):
+    def step(state, batch, rng, objective):
         params, opt_state = state["params"], state["opt_state"]
         grad_fn = jax.value_and_grad(
             lambda p, mb, k: loss_terms(graphdef, p, rest, mb, objective=objective, mesh=mesh, rng=k), has_aux=True)
@@ -150,16 +150,18 @@ def make_train_step(graphdef, rest, tx, *, objective: Objective | None = None, m
         return new_state, metrics
 
     out_shardings = None if state_shardings is None else (state_shardings, None)
-    return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
+    jitted = jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
+    return lambda state, batch, rng: jitted(state, batch, rng, objective)
 
 
 def make_eval_step(graphdef, rest, *, objective: Objective | None = None, mesh=None) -> Callable:
     """``eval_step(params, batch) -> (loss sum, metric sums)`` for one [B, T] batch, dropout off."""
 
-    def eval_step(params, batch):
+    def eval_step(params, batch, objective):
         return loss_terms(graphdef, params, rest, batch, objective=objective, mesh=mesh, train=False)
 
-    return jax.jit(eval_step)
+    jitted = jax.jit(eval_step)
+    return lambda params, batch: jitted(params, batch, objective or SFT(mesh))
 
 
 def place_batch(local: list[dict[str, np.ndarray]], mesh, micro: int) -> dict[str, jax.Array]:
