@@ -26,7 +26,7 @@ class TrainingError(RuntimeError):
     """The run cannot continue (e.g. too many non-finite steps); the message says why."""
 
 
-@dataclass
+@dataclass(eq=False)  # hooks compare by identity
 class Hook:
     """``fn(step, state, final)`` after the steps ``due`` picks (``final``: the last step, or a stop
     was asked for); the loop reads that step's metrics back first, so a hook never acts on an
