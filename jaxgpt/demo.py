@@ -121,7 +121,8 @@ def run(args) -> int:
     from jaxgpt.config import load_config, validate
     from jaxgpt.export import export
     from jaxgpt.tokenizer import add_chat_template
-    from jaxgpt.train import build_model, load_tokenizer_for, train
+    from jaxgpt.setup import build_model, load_tokenizer_for
+    from jaxgpt.train import train
 
     compile_cache.enable()  # before the first compilation: a second `make demo` compiles nothing
     cfg = load_config(args.config, args.overrides)

@@ -89,7 +89,7 @@ _MESH = contextvars.ContextVar("jaxgpt_kernels_mesh", default=None)
 def on_mesh(mesh):
     """Within it, on a mesh of several devices, the kernels run on each device's shard
     (``jax.shard_map``: rows split as the batch, the MLP's columns as its hidden units; the scale
-    and bias gradients summed over the shards). jaxgpt.train traces its step inside it. Without
+    and bias gradients summed over the shards). jaxgpt.step traces its step inside it. Without
     it, several devices run the jax.numpy references: the kernels have no sharding rule of their
     own, and XLA would run each whole on every device."""
     token = _MESH.set(mesh)

@@ -175,11 +175,17 @@ def process_batch_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
     return start, stop
 
 
-def global_batch(local: dict[str, np.ndarray], mesh: Mesh, global_rows: int) -> dict[str, jax.Array]:
-    """Process-local numpy rows -> global arrays sharded on (data, fsdp)."""
-    sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v), (global_rows,) + v.shape[1:])
-            for k, v in local.items()}
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh, global_rows: int, rows_axis: int = 0
+                 ) -> dict[str, jax.Array]:
+    """Process-local numpy arrays -> global arrays, their rows (axis ``rows_axis``; one before it
+    counts micro-batches) sharded on (data, fsdp), every other axis whole."""
+    out = {}
+    for k, v in local.items():
+        v = np.asarray(v)
+        spec = P(*[None] * rows_axis, RULES["batch"], *[None] * (v.ndim - rows_axis - 1))
+        shape = v.shape[:rows_axis] + (global_rows,) + v.shape[rows_axis + 1:]
+        out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), v, shape)
+    return out
 
 
 def constrain(x: jax.Array, mesh: Mesh, *logical_axes) -> jax.Array:

@@ -306,7 +306,7 @@ def resize_token_embeddings(model: GPT2, vocab_size: int) -> GPT2:
     old = nnx.state(model)
     new_wte = grown_embedding(old["wte"][...], cfg.vocab_size, vocab_size, new_cfg.padded_vocab_size)
     # Left where jax puts it (on a mesh: replicated). Placing it is the caller's job: the old layout
-    # may not divide the new row count (jaxgpt.train.build_model places it by the sharding rules).
+    # may not divide the new row count (jaxgpt.setup.build_model places it by the sharding rules).
     old["wte"] = old["wte"].replace(new_wte)
     return nnx.merge(abstract_model(new_cfg)[0], old)
 

@@ -246,7 +246,7 @@ def test_the_defaults_fit_together(tmp_path):
     """A config naming only its data trains from scratch: data.seq_len's default fits model.n_positions'."""
     from jaxgpt.config import from_dict
 
-    from jaxgpt.train import model_config
+    from jaxgpt.setup import model_config
 
     cfg = from_dict({"data": {"sources": ["x.jsonl"]}, "train": {"steps": 1}})
     assert cfg.data.seq_len <= model_config(cfg, 50257).n_positions == 1024
@@ -254,7 +254,7 @@ def test_the_defaults_fit_together(tmp_path):
 
 def test_architecture_keys_ignored_when_fine_tuning_are_named(shared_data, caplog):
     from jaxgpt.config import from_dict
-    from jaxgpt.train import model_config
+    from jaxgpt.setup import model_config
 
     folder = str(shared_data / "models" / "tiny-random-gpt2")
     cfg = from_dict({"model": {"name_or_path": folder, "n_layer": 6, "n_embd": 128}})

@@ -108,7 +108,7 @@ def test_update_that_makes_parameters_nonfinite_is_not_applied():
     from flax import nnx
 
     from jaxgpt.model import GPT2, GPT2Config
-    from jaxgpt.train import applied_steps, make_train_step
+    from jaxgpt.step import applied_steps, make_train_step
 
     model = GPT2(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=4), rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -135,7 +135,7 @@ def poison(out: Path, cfg, tensor: str = "wte") -> Path:
     from flax import nnx
 
     from jaxgpt.checkpoint import Checkpointer, load_for_inference
-    from jaxgpt.train import make_optimizer
+    from jaxgpt.step import make_optimizer
 
     params = nnx.state(load_for_inference(out)[0], nnx.Param)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

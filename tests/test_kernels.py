@@ -115,28 +115,28 @@ def interpret_kernels(monkeypatch, fused):
 
 
 def kernels_against_xla(monkeypatch, out_dir, mesh_shape, rows: int, model: dict):
-    """jaxgpt.train.loss_terms on a packed batch of ``rows`` rows on a mesh, the model built without
+    """jaxgpt.step.loss_terms on a packed batch of ``rows`` rows on a mesh, the model built without
     the kernels and with them (in the interpreter), the same weights: (both losses, each gradient's
     largest difference relative to its largest value, by path, the kernels' gradient's jaxpr).
     The loss runs in 2 chunks, so its log-sum-exp kernel runs too."""
     from flax import nnx
 
-    from jaxgpt import sharding, train
+    from jaxgpt import setup, sharding, step
     from jaxgpt.data import build_datasets
 
     fused = {"on": False}
     interpret_kernels(monkeypatch, fused)
     mesh = sharding.make_mesh(mesh_shape)
     cfg = tiny_config(out_dir, model={"loss_chunks": 2, "vocab_multiple": 64, **model})
-    tok = train.load_tokenizer_for(cfg)
+    tok = setup.load_tokenizer_for(cfg)
     data, _ = build_datasets(cfg.data, tok)
     batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in data.batch(range(rows)).items()}
     results = []
     for on in (False, True):
         fused["on"] = on
-        graphdef, params, rest, _ = train.build_model(cfg, len(tok), mesh)
+        graphdef, params, rest, _ = setup.build_model(cfg, len(tok), mesh)
         assert nnx.merge(graphdef, params, rest).h[0].ln_1.fused is on
-        grad_fn = jax.value_and_grad(lambda p: (lambda s, n: s / n)(*train.loss_terms(graphdef, p, rest, batch, mesh=mesh)))
+        grad_fn = jax.value_and_grad(lambda p: (lambda s, m: s / m["trained_tokens"])(*step.loss_terms(graphdef, p, rest, batch, mesh=mesh)))
         loss, grads = jax.jit(grad_fn)(params)
         results.append((float(loss), nnx.to_flat_state(grads)))
     (l0, g0), (l1, g1) = results

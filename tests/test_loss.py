@@ -85,13 +85,14 @@ def test_bfloat16_inputs():
 
 
 def test_train_loss_with_loss_chunks_matches(tmp_path):
-    """jaxgpt.train.loss_terms with model.loss_chunks=4 (hidden states -> chunked head) gives the plain
+    """jaxgpt.step.loss_terms with model.loss_chunks=4 (hidden states -> chunked head) gives the plain
     head's loss and parameter gradients, on a real packed batch, for training and evaluation."""
     from flax import nnx
 
     from jaxgpt import sharding
     from jaxgpt.data import build_datasets
-    from jaxgpt.train import build_model, load_tokenizer_for, loss_terms
+    from jaxgpt.setup import build_model, load_tokenizer_for
+    from jaxgpt.step import loss_terms
 
     mesh = sharding.make_mesh((1, 1, 1))
     cfg = tiny_config(tmp_path, model={"loss_chunks": 4})
@@ -106,10 +107,10 @@ def test_train_loss_with_loss_chunks_matches(tmp_path):
     results = []
     for graphdef in (graphdef1, graphdef4):
         grad_fn = jax.jit(jax.value_and_grad(
-            lambda p: (lambda s, n: s / n)(*loss_terms(graphdef, p, rest, batch, mesh=mesh))))
+            lambda p: (lambda s, m: s / m["trained_tokens"])(*loss_terms(graphdef, p, rest, batch, mesh=mesh))))
         loss, grads = grad_fn(params)
-        eval_sum, n = jax.jit(lambda p: loss_terms(graphdef, p, rest, batch, mesh=mesh, train=False))(params)
-        results.append((float(loss), float(eval_sum / n), nnx.to_flat_state(grads)))
+        eval_sum, sums = jax.jit(lambda p: loss_terms(graphdef, p, rest, batch, mesh=mesh, train=False))(params)
+        results.append((float(loss), float(eval_sum / sums["trained_tokens"]), nnx.to_flat_state(grads)))
     (l1, e1, g1), (l4, e4, g4) = results
     assert 0 < float(jnp.sum(batch["loss_mask"])) < batch["loss_mask"].size  # assistant-only: a real mask
     np.testing.assert_allclose(l4, l1, rtol=1e-6)

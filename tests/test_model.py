@@ -26,7 +26,7 @@ from flax import nnx
 
 from jaxgpt.backend import Policy
 from jaxgpt.model import GPT2, GPT2Config
-from jaxgpt.train import reseeded
+from jaxgpt.step import reseeded
 
 
 @functools.lru_cache(maxsize=None)  # the dropout tests share their scanned no-remat run
@@ -77,7 +77,7 @@ def test_remat_policies_keep_what_they_say(scan):
 
     def residual_shapes(remat):
         graphdef, params, rest = nnx.split(GPT2(GPT2Config(**base, remat=remat), rngs=nnx.Rngs(0)), nnx.Param, ...)
-        f = lambda p: jnp.sum(nnx.merge(graphdef, p, reseeded(rest))(ids))  # as jaxgpt.train's loss
+        f = lambda p: jnp.sum(nnx.merge(graphdef, p, reseeded(rest))(ids))  # as jaxgpt.step's loss
         out = io.StringIO()
         with contextlib.redirect_stdout(out):  # one line per residual: "f32[2,4,16,16] from ..."
             jax.ad_checkpoint.print_saved_residuals(f, params)

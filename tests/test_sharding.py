@@ -143,7 +143,7 @@ def test_tensor_axis_that_does_not_divide_is_reported(caplog):
     import logging
 
     from jaxgpt.model import GPT2Config
-    from jaxgpt.train import _warn_unsplit
+    from jaxgpt.setup import _warn_unsplit
 
     with caplog.at_level(logging.WARNING, logger="jaxgpt.train"):
         _warn_unsplit(GPT2Config(vocab_size=50259, n_positions=16, n_embd=1600, n_layer=1, n_head=25), MESH_8)

@@ -32,9 +32,9 @@ def test_training_and_sampling_do_not_import_torch(tmp_path):
     # torch (installed here as the tests' reference) costs ~1.3 s of every command's start-up when
     # transformers' AutoTokenizer or tensorboardX drags it in; only the export's check needs it.
     add_chat_template(load_tokenizer()).save_pretrained(tmp_path)
-    code = ("import sys, jaxgpt.train, jaxgpt.sample, jaxgpt.chat, jaxgpt.tokenizer as t; t.load_tokenizer(); "
+    code = ("import sys, jaxgpt.train, jaxgpt.metrics, jaxgpt.sample, jaxgpt.chat, jaxgpt.tokenizer as t; t.load_tokenizer(); "
             f"assert len(t.load_tokenizer({str(tmp_path)!r})) == 50259; "
-            f"w = jaxgpt.train._summary_writer()({str(tmp_path / 'tb')!r}); w.add_scalar('loss', 2.5, 1); w.close(); "
+            f"w = jaxgpt.metrics._summary_writer()({str(tmp_path / 'tb')!r}); w.add_scalar('loss', 2.5, 1); w.close(); "
             "print(sorted(m for m in ('torch', 'transformers.models.auto') if m in sys.modules)); "
             "import torch; print(torch.ones(2).sum().item())")  # torch hidden only while tensorboardX loads
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -244,7 +244,7 @@ def test_model_settings_reach_the_model(tmp_path):
 
     from jaxgpt import sharding
     from jaxgpt.model import GPT2, GPT2Config
-    from jaxgpt.train import build_model
+    from jaxgpt.setup import build_model
     from jaxgpt.weights import save_pretrained
 
     mesh = sharding.make_mesh((1, len(jax.devices()), 1))
@@ -271,7 +271,7 @@ def test_pretrained_vocabulary_grows_as_resize_token_embeddings_grows_it(tmp_pat
     from jaxgpt import sharding
     from jaxgpt.model import GPT2, GPT2Config
     from jaxgpt.weights import resize_token_embeddings
-    from jaxgpt.train import build_model
+    from jaxgpt.setup import build_model
     from jaxgpt.weights import WeightsError, load_pretrained, save_pretrained
 
     mesh = sharding.make_mesh((1, len(jax.devices()), 1))
@@ -369,7 +369,7 @@ def test_schedule_matches_transformers(name, warmup, steps):
     import torch
     import transformers
 
-    from jaxgpt.train import make_schedule
+    from jaxgpt.step import make_schedule
 
     lr, ratio = 3e-4, (0.1 if name == "cosine" else 0.0)
     cfg = from_dict({"optimizer": {"lr": lr}, "train": {"steps": steps},
@@ -410,7 +410,7 @@ def test_loss_plot_reads_every_run_of_the_output_dir(tmp_path):
     logged twice), not only the steps of the last run."""
     import json
 
-    from jaxgpt.train import logged_losses
+    from jaxgpt.metrics import logged_losses
 
     records = [{"step": s, "loss": 10.0 - s} for s in (1, 2, 3, 4)] + [{"step": 4, "eval_loss": 7.0}] + \
               [{"step": s, "loss": 5.0 - s} for s in (3, 4, 5)]  # a resume from step 2 logged 3 and 4 again

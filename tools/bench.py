@@ -114,7 +114,8 @@ def train_setup(a: dict):
 
     from jaxgpt import sharding
     from jaxgpt.config import Config
-    from jaxgpt.train import build_model, make_optimizer, make_train_step
+    from jaxgpt.setup import build_model
+    from jaxgpt.step import make_optimizer, make_train_step
 
     cfg = Config()
     cfg.model.name_or_path = a["model"]
@@ -157,7 +158,7 @@ def worker_train_jax(a: dict) -> dict:
         compile_cache.enable()
     import jax
 
-    from jaxgpt.train import flops_per_token
+    from jaxgpt.metrics import flops_per_token
 
     dry_run = None
     if a.get("attention") == "cudnn" and jax.default_backend() != "gpu":
