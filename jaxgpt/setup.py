@@ -61,7 +61,7 @@ def _env_int(name: str) -> int | None:
 def load_tokenizer_for(cfg: Config):
     """The tokenizer named by the config (the data adds its chat template later)."""
     from jaxgpt.tokenizer import has_tokenizer, load_tokenizer
-    from jaxgpt.weights import is_local_path, missing_folder
+    from jaxgpt.paths import is_local_path, missing_folder
 
     for key in ("name_or_path", "tokenizer"):  # a mistyped folder: one line naming the key, before any hub lookup
         value = getattr(cfg.model, key)
@@ -69,7 +69,7 @@ def load_tokenizer_for(cfg: Config):
             raise ConfigError(f"model.{key}={missing_folder(str(value))}")
     name = cfg.model.tokenizer
     if name is None and cfg.model.name_or_path:
-        from jaxgpt.weights import WeightsError, resolve
+        from jaxgpt.paths import WeightsError, resolve
 
         try:  # the model's folder (downloaded for a hub id): its tokenizer, if it has one
             folder = resolve(cfg.model.name_or_path)

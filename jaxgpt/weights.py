@@ -26,7 +26,6 @@ from flax import nnx
 
 from jaxgpt.model import DTYPES, GPT2, GPT2Config, abstract_model
 from jaxgpt.paths import WEIGHT_FILES, WeightsError, resolve
-from jaxgpt.paths import is_local_path, missing_folder  # noqa: F401 (jaxgpt.train imports them from here)
 
 
 # HF name (without the "transformer." prefix) -> jaxgpt parameter path. "{i}" is the layer.

@@ -183,7 +183,7 @@ def worker_train_jax(a: dict) -> dict:
     pipelined = None
     if a.get("pipelined"):  # the GPU section: also time the steps as jaxgpt.train runs them
         # (The times above wait for every step, so each one also holds the host's dispatch of the
-        # next: 2-3 ms of a 65-70 ms step on an H200.)
+        # next; docs/benchmarks.md.)
         def dispatch(i):
             nonlocal state
             state, metrics = step(state, batches[i], rng)
