@@ -8,9 +8,12 @@ per fact never appear in training and form the held-out set the demo samples
 before and after fine-tuning (so "after" shows the model answering questions
 it was not trained on word for word). Both files mix single questions with
 conversations of 2-4 questions on different facts in random order (some
-opened by a system message), so that the model learns to answer the latest
-question of a chat, not to repeat an earlier answer. Deterministic for the
-seed; written for this project, licensed with it (Apache-2.0).
+opened by a system message, later questions opened as follow-ups), so that
+the model learns to answer the latest question of a chat, not to repeat an
+earlier answer. Most training chats are conversations: each puts its
+questions at new places in a context. The held-out set is drawn from its own
+random stream, so changing the training mix leaves it as it is. Deterministic
+for the seed; written for this project, licensed with it (Apache-2.0).
 """
 
 from __future__ import annotations
@@ -103,12 +106,14 @@ FACTS: dict[str, tuple[str, list[str], list[str]]] = {
 }
 
 OPENERS = ["", "", "", "Hey, ", "Hi! ", "Quick question: ", "Please tell me, ", "I wonder, ", "So, ", "OK, "]
+# A later question of a chat opens as people follow up, not with a second "Hi!".
+FOLLOW_UPS = ["", "", "", "And ", "Also, ", "Thanks. ", "OK, ", "So, ", "One more thing: ", "Next question: "]
 ENDINGS = ["?", "?", "?", "", "??", " ?"]
 GREETING_ENDINGS = ["!", ".", "", "!!", " :)", "!"]
 
 
-def render(core: str, rng: random.Random, fact: str) -> str:
-    opener = "" if fact == "greeting" else rng.choice(OPENERS)
+def render(core: str, rng: random.Random, fact: str, openers: list[str] = OPENERS) -> str:
+    opener = "" if fact == "greeting" else rng.choice(openers)
     ending = rng.choice(GREETING_ENDINGS if fact == "greeting" else ENDINGS)
     text = core if opener else core[0].upper() + core[1:]
     if rng.random() < 0.15:
@@ -133,8 +138,9 @@ def conversation(rng: random.Random, cores: int, system_share: float) -> dict:
     if rng.random() < 0.15:
         facts[0] = "greeting"
     msgs = [{"role": "system", "content": rng.choice(SYSTEMS)}] if rng.random() < system_share else []
-    for fact in facts:
-        msgs += turn(render(rng.choice(FACTS[fact][cores]), rng, fact), FACTS[fact][0])
+    for i, fact in enumerate(facts):
+        q = render(rng.choice(FACTS[fact][cores]), rng, fact, FOLLOW_UPS if i else OPENERS)
+        msgs += turn(q, FACTS[fact][0])
     return {"fact": "+".join(facts), "messages": msgs}
 
 
@@ -154,6 +160,7 @@ def build(seed: int, per_core: int, multi_turn: int, heldout_multi_turn: int) ->
     # Multi-turn chats teach that each reply answers the latest question, whatever came before.
     train += [conversation(rng, 1, system_share=0.3) for _ in range(multi_turn)]
     rng.shuffle(train)
+    rng = random.Random(f"heldout-{seed}")  # its own stream: the held-out set stays put when the training mix changes
     heldout = []
     for fact, (answer, _, held) in FACTS.items():
         for core in held:
@@ -180,8 +187,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out-dir", type=Path, default=ASSETS)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--per-core", type=int, default=3, help="renderings of each question core")
-    p.add_argument("--multi-turn", type=int, default=200, help="training conversations of 2-4 user turns")
+    p.add_argument("--per-core", type=int, default=1, help="renderings of each question core")
+    p.add_argument("--multi-turn", type=int, default=1000, help="training conversations of 2-4 user turns")
     p.add_argument("--heldout-multi-turn", type=int, default=40, help="held-out conversations of 2-4 user turns")
     args = p.parse_args(argv)
     train, heldout = build(args.seed, args.per_core, args.multi_turn, args.heldout_multi_turn)
