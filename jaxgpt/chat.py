@@ -41,7 +41,7 @@ class ChatSession:
         if not tokenizer.chat_template:
             add_chat_template(tokenizer, "plain")
             self.template_note = "the tokenizer has no chat template: using jaxgpt's plain 'User:/Assistant:' format"
-        # At most half the context: the default 128 would leave a 128-position model (the demo's)
+        # At most half the context: the default 128 would leave a 128-position model
         # no room for the message.
         self.max_new_tokens = min(max_new_tokens, model.config.n_positions // 2)
         self.reply_note = f"--max-new-tokens={max_new_tokens}" + (

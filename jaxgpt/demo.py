@@ -4,17 +4,19 @@
 
 What it does, on a laptop CPU in a few minutes, with nothing downloaded:
   1. builds the model of ``jaxgpt/configs/demo.yaml`` and asks it held-out questions
-     (``jaxgpt/assets/demo_chat_heldout.jsonl``: paraphrases that are not in the
-     training set) -- before training the replies are noise;
+     (``jaxgpt/assets/demo_chat_heldout.jsonl``: single questions and conversations
+     of 2-4 questions, paraphrases that are not in the training set), each after
+     its conversation so far with the reference replies; first and later
+     questions are scored apart -- before training the replies are noise;
   2. trains it with ``jaxgpt.train.train`` on the bundled persona chats
      (``jaxgpt/assets/demo_chat.jsonl``, made by ``tools/make_demo_data.py``),
      saving orbax checkpoints, metrics, TensorBoard events and a loss plot;
   3. reloads the last checkpoint and asks the same questions again;
   4. exports it with ``jaxgpt.export`` to a Hugging Face PyTorch folder (the
      export checks its logits against transformers) and chats with that folder
-     through transformers' ``pipeline("text-generation")``. Without torch (a
-     plain ``pip install jaxgpt``) the export re-reads its own file instead and
-     the pipeline is skipped.
+     through transformers' ``pipeline("text-generation")`` (a second question
+     of a conversation). Without torch (a plain ``pip install jaxgpt``) the export
+     re-reads its own file instead and the pipeline is skipped.
 
 Honest scope: no pretrained GPT-2 can be downloaded offline, so the demo model
 is a small GPT-2-architecture network trained from scratch with GPT-2's real
@@ -40,59 +42,86 @@ MAX_NEW_TOKENS = 40
 
 
 def read_heldout(path: Path = HELDOUT) -> list[dict]:
-    """[{"question", "answer", "fact"}] from a messages-format JSONL whose last turn is the reference reply."""
+    """Every assistant turn of a messages-format JSONL as {"history", "question", "answer", "turn", "chat"}.
+
+    ``history`` is the conversation before the question, with the reference replies (the true
+    history), so each turn is scored on its own; ``turn`` counts the user turns from 1.
+    """
     rows = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            rec = json.loads(line)
-            msgs = rec["messages"]
-            rows.append({"question": msgs[-2]["content"], "answer": msgs[-1]["content"], "fact": rec.get("fact", "")})
+        if not line.strip():
+            continue
+        msgs = json.loads(line)["messages"]
+        turn = 0
+        for i, m in enumerate(msgs):
+            turn += m["role"] == "user"
+            if m["role"] == "assistant":
+                rows.append({"history": msgs[:i - 1], "question": msgs[i - 1]["content"], "answer": m["content"],
+                             "turn": turn, "chat": n})
     return rows
 
 
-def ask(model, tokenizer, questions: list[str]) -> list[str]:
-    """Greedy replies (jaxgpt.sample.generate, one batch) to single-turn questions."""
+def ask(model, tokenizer, turns: list[dict]) -> list[str]:
+    """Greedy replies (jaxgpt.sample.generate, one batch) to each turn's question after its history."""
     from jaxgpt.sample import generate, stop_ids_for
 
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=True)["input_ids"] for q in questions]
+    prompts = [tokenizer.apply_chat_template(t["history"] + [{"role": "user", "content": t["question"]}],
+                                             add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"] for t in turns]
     outs = generate(model, prompts, max_new_tokens=MAX_NEW_TOKENS, stop_ids=stop_ids_for(tokenizer, model))
     return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
 
 
-def score(replies: list[str], heldout: list[dict]) -> tuple[int, int]:
-    """(replies equal to the right answer, replies equal to any answer of the dataset)."""
-    answers = {h["answer"] for h in heldout}
-    right = sum(r == h["answer"] for r, h in zip(replies, heldout))
-    known = sum(r in answers for r in replies)
-    return right, known
+def score(replies: list[str], turns: list[dict]) -> dict[str, tuple[int, int]]:
+    """{"first" | "later": (replies equal to their reference answer, turns)}: whole-reply equality,
+    so a reply that repeats an earlier answer, or runs on past it, is wrong."""
+    counts = {"first": [0, 0], "later": [0, 0]}
+    for r, t in zip(replies, turns):
+        c = counts["first" if t["turn"] == 1 else "later"]
+        c[0] += r == t["answer"]
+        c[1] += 1
+    return {k: (right, n) for k, (right, n) in counts.items()}
 
 
-def show(title: str, heldout: list[dict], replies: list[str], shown: int) -> None:
-    right, known = score(replies, heldout)
-    print(f"\n{title}: {right}/{len(replies)} held-out questions answered correctly "
-          f"({known}/{len(replies)} replies are answers from the dataset)")
-    for h, r in list(zip(heldout, replies))[:shown]:
-        mark = "ok " if r == h["answer"] else "   "
-        print(f"  {mark} Q: {h['question']}\n       A: {r[:120]!r}")
+def summary(replies: list[str], turns: list[dict]) -> str:
+    s = score(replies, turns)
+    return (f"first turns {s['first'][0]}/{s['first'][1]}, "
+            f"later turns {s['later'][0]}/{s['later'][1]} (with the true history in context)")
 
 
-def pick(heldout: list[dict], n: int) -> list[int]:
-    """Indices of up to n questions, one per fact first (so the printout covers different facts)."""
+def show(title: str, turns: list[dict], replies: list[str], shown: int) -> None:
+    known = {t["answer"] for t in turns}
+    print(f"\n{title}: held-out questions answered correctly: {summary(replies, turns)}; "
+          f"{sum(r in known for r in replies)}/{len(replies)} replies are answers from the dataset")
+    for i in pick(turns, shown):
+        mark = "ok " if replies[i] == turns[i]["answer"] else "   "
+        print(f"  {mark} Q: {turns[i]['question']}\n       A: {replies[i][:120]!r}")
+    chat = next((t["chat"] for t in turns if t["turn"] == 3), None)
+    if chat is not None:  # one whole conversation: the later questions answered in context
+        print("  one held-out conversation:")
+        for t, r in zip(turns, replies):
+            if t["chat"] == chat:
+                mark = "ok " if r == t["answer"] else "   "
+                print(f"  {mark} Q{t['turn']}: {t['question']}\n        A: {r[:120]!r}")
+
+
+def pick(turns: list[dict], n: int) -> list[int]:
+    """Indices of up to n first questions, one per answer first (so the printout covers different facts)."""
     seen, first, rest = set(), [], []
-    for i, h in enumerate(heldout):
-        (rest if h["fact"] in seen else first).append(i)
-        seen.add(h["fact"])
+    for i, t in enumerate(turns):
+        if t["turn"] == 1:
+            (rest if t["answer"] in seen else first).append(i)
+            seen.add(t["answer"])
     return (first + rest)[:n]
 
 
-def pipeline_reply(hf_dir: Path, question: str) -> str:
+def pipeline_reply(hf_dir: Path, messages: list[dict]) -> str:
     from transformers import pipeline
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     pipe = pipeline("text-generation", model=str(hf_dir), device="cpu")
-    out = pipe([{"role": "user", "content": question}], max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    out = pipe(messages, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
     return out[0]["generated_text"][-1]["content"].strip()
 
 
@@ -100,7 +129,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxgpt.demo", description=__doc__.split("\n")[0])
     p.add_argument("--config", default="demo", help="YAML file or shipped config name (default: %(default)s)")
     p.add_argument("--fresh", action="store_true", help="move a previous run aside and train again")
-    p.add_argument("--show", type=int, default=5, help="held-out questions printed before/after")
+    p.add_argument("--show", type=int, default=5, help="held-out first questions printed before/after")
     p.add_argument("--no-pipeline", action="store_true", help="skip the transformers pipeline reply")
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     args = p.parse_args(argv)
@@ -139,9 +168,6 @@ def run(args) -> int:
           f"jax {jax.__version__} on {jax.default_backend()} ({jax.device_count()} device(s)).")
 
     heldout = read_heldout()
-    questions = [h["question"] for h in heldout]
-    order = pick(heldout, len(heldout))
-    heldout, questions = [heldout[i] for i in order], [questions[i] for i in order]
 
     # 1. Before: the exact initial weights training starts from (same config, same init seed).
     tok = load_tokenizer_for(cfg)
@@ -149,7 +175,7 @@ def run(args) -> int:
         add_chat_template(tok, cfg.data.template)
     mesh = sharding.make_mesh(validate(cfg, jax.device_count(), jax.process_count()))
     graphdef, params, rest, _ = build_model(cfg, len(tok), mesh)
-    before = ask(nnx.merge(graphdef, params, rest), tok, questions)
+    before = ask(nnx.merge(graphdef, params, rest), tok, heldout)
     show("BEFORE training", heldout, before, args.show)
     del graphdef, params, rest
 
@@ -167,7 +193,7 @@ def run(args) -> int:
 
     # 3. After: reload from the checkpoint on disk, as a user would.
     model, tok = load_for_inference(str(out.resolve()))
-    after = ask(model, tok, questions)
+    after = ask(model, tok, heldout)
     show("AFTER training (reloaded from the last checkpoint)", heldout, after, args.show)
 
     # 4. Export to PyTorch (verified against transformers) and chat through transformers.
@@ -178,13 +204,15 @@ def run(args) -> int:
     if not args.no_pipeline and importlib.util.find_spec("torch") is None:
         print("torch is not installed: skipped the transformers pipeline reply (pip install torch to see it)")
     elif not args.no_pipeline:
-        q = heldout[0]["question"]
-        pipe_text = pipeline_reply(hf_dir, q)
-        print(f"transformers pipeline('text-generation', '{hf_dir}'):\n  Q: {q}\n  A: {pipe_text!r}")
+        t = next(t for t in heldout if t["turn"] == 2)  # a second question, after the first exchange
+        pipe_text = pipeline_reply(hf_dir, t["history"] + [{"role": "user", "content": t["question"]}])
+        print(f"transformers pipeline('text-generation', '{hf_dir}'), a second question in a conversation:")
+        for m in t["history"]:
+            print(f"  {m['role']}: {m['content']}")
+        print(f"  user: {t['question']}\n  reply: {pipe_text!r}")
 
-    right, _ = score(after, heldout)
-    print(f"\ndone in {time.time() - t_start:.0f}s (training {train_s:.0f}s); "
-          f"{right}/{len(heldout)} held-out questions answered correctly after training.")
+    print(f"\ndone in {time.time() - t_start:.0f}s (training {train_s:.0f}s); held-out questions answered "
+          f"correctly after training: {summary(after, heldout)}.")
     print("Where everything is:\n"
           f"  checkpoints (orbax)   {checkpoint_dir(out)}\n"
           f"  metrics               {out}/metrics.jsonl, TensorBoard: tensorboard --logdir {out}\n"

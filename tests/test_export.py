@@ -151,11 +151,17 @@ def test_chat_template_renders_what_jaxgpt_trained_on(exported):
         # The whole conversation: same tokens as the training segment.
         full = hf_tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
         assert list(full) == ids.tolist()
-        # The prompt a user sends: the trained reply starts right where it ends.
-        prompt = hf_tok.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=False)
-        prompt_ids = hf_tok(prompt)["input_ids"]
-        assert ids[: len(prompt_ids)].tolist() == prompt_ids
-        assert mask[len(prompt_ids)] == 1 and not mask[: len(prompt_ids)].any()
+        # The prompt a user sends at each turn: the trained reply starts right where it ends, and only
+        # the replies are trained (the first one after an untrained prompt).
+        replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        for n, i in enumerate(replies):
+            prompt = hf_tok.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
+            prompt_ids = hf_tok(prompt)["input_ids"]
+            assert ids[: len(prompt_ids)].tolist() == prompt_ids
+            assert mask[len(prompt_ids)] == 1
+            if n == 0:
+                assert not mask[: len(prompt_ids)].any()
+        assert mask.sum() == sum(len(hf_tok(messages[i]["content"] + IM_END)["input_ids"]) for i in replies)
         checked += 1
     assert checked == data.num_segments >= 16
 
@@ -165,7 +171,8 @@ def test_generation_stops_at_end_of_turn(exported):
     model, tok = load_for_inference(str(run))
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(hf))
     torch_model = transformers.GPT2LMHeadModel.from_pretrained(str(hf), dtype=torch.float32).eval()
-    msgs = [{"role": "user", "content": json.loads(DEMO.read_text().splitlines()[0])["messages"][0]["content"]}]
+    first = json.loads(DEMO.read_text().splitlines()[0])["messages"]
+    msgs = [next(m for m in first if m["role"] == "user")]
     prompt = hf_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     im_end = hf_tok.convert_tokens_to_ids(IM_END)
 

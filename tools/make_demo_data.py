@@ -6,8 +6,14 @@ Each fact has one canonical answer and many paraphrased questions. The
 paraphrases are built from question cores x openers x punctuation; two cores
 per fact never appear in training and form the held-out set the demo samples
 before and after fine-tuning (so "after" shows the model answering questions
-it was not trained on word for word). Deterministic for the seed; written for
-this project, licensed with it (Apache-2.0).
+it was not trained on word for word). Both files mix single questions with
+conversations of 2-4 questions on different facts in random order (some
+opened by a system message, later questions opened as follow-ups), so that
+the model learns to answer the latest question of a chat, not to repeat an
+earlier answer. Most training chats are conversations: each puts its
+questions at new places in a context. The held-out set is drawn from its own
+random stream, so changing the training mix leaves it as it is. Deterministic
+for the seed; written for this project, licensed with it (Apache-2.0).
 """
 
 from __future__ import annotations
@@ -100,12 +106,14 @@ FACTS: dict[str, tuple[str, list[str], list[str]]] = {
 }
 
 OPENERS = ["", "", "", "Hey, ", "Hi! ", "Quick question: ", "Please tell me, ", "I wonder, ", "So, ", "OK, "]
+# A later question of a chat opens as people follow up, not with a second "Hi!".
+FOLLOW_UPS = ["", "", "", "And ", "Also, ", "Thanks. ", "OK, ", "So, ", "One more thing: ", "Next question: "]
 ENDINGS = ["?", "?", "?", "", "??", " ?"]
 GREETING_ENDINGS = ["!", ".", "", "!!", " :)", "!"]
 
 
-def render(core: str, rng: random.Random, fact: str) -> str:
-    opener = "" if fact == "greeting" else rng.choice(OPENERS)
+def render(core: str, rng: random.Random, fact: str, openers: list[str] = OPENERS) -> str:
+    opener = "" if fact == "greeting" else rng.choice(openers)
     ending = rng.choice(GREETING_ENDINGS if fact == "greeting" else ENDINGS)
     text = core if opener else core[0].upper() + core[1:]
     if rng.random() < 0.15:
@@ -113,11 +121,30 @@ def render(core: str, rng: random.Random, fact: str) -> str:
     return opener + text + ending
 
 
+SYSTEMS = ["You are jaxgpt assistant.", "You are a helpful assistant.", "Answer in one sentence.",
+           "You are a small demo chat model. Be brief."]
+
+
 def turn(question: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
 
 
-def build(seed: int, per_core: int, two_turn: int) -> tuple[list[dict], list[dict]]:
+def conversation(rng: random.Random, cores: int, system_share: float) -> dict:
+    """2-4 user turns, each on a different fact in random order (a greeting only opens a chat).
+
+    ``cores`` 1 asks the training question cores, 2 the held-out ones: every question a new paraphrase.
+    """
+    facts = rng.sample([f for f in FACTS if f != "greeting"], rng.randint(2, 4))
+    if rng.random() < 0.15:
+        facts[0] = "greeting"
+    msgs = [{"role": "system", "content": rng.choice(SYSTEMS)}] if rng.random() < system_share else []
+    for i, fact in enumerate(facts):
+        q = render(rng.choice(FACTS[fact][cores]), rng, fact, FOLLOW_UPS if i else OPENERS)
+        msgs += turn(q, FACTS[fact][0])
+    return {"fact": "+".join(facts), "messages": msgs}
+
+
+def build(seed: int, per_core: int, multi_turn: int, heldout_multi_turn: int) -> tuple[list[dict], list[dict]]:
     rng = random.Random(seed)
     train: list[dict] = []
     for fact, (answer, cores, _) in FACTS.items():
@@ -130,22 +157,25 @@ def build(seed: int, per_core: int, two_turn: int) -> tuple[list[dict], list[dic
                     train.append({"fact": fact, "messages": turn(q, answer)})
                 if len(seen) == per_core:
                     break
-    # Two-turn chats teach that each reply answers the latest question only.
-    names = list(FACTS)
-    for _ in range(two_turn):
-        a, b = rng.sample(names, 2)
-        msgs = turn(render(rng.choice(FACTS[a][1]), rng, a), FACTS[a][0])
-        msgs += turn(render(rng.choice(FACTS[b][1]), rng, b), FACTS[b][0])
-        train.append({"fact": f"{a}+{b}", "messages": msgs})
+    # Multi-turn chats teach that each reply answers the latest question, whatever came before.
+    train += [conversation(rng, 1, system_share=0.3) for _ in range(multi_turn)]
     rng.shuffle(train)
+    rng = random.Random(f"heldout-{seed}")  # its own stream: the held-out set stays put when the training mix changes
     heldout = []
     for fact, (answer, _, held) in FACTS.items():
         for core in held:
             q = core[0].upper() + core[1:] + ("!" if fact == "greeting" else "?")
             heldout.append({"fact": fact, "messages": turn(q, answer)})
-    train_questions = {m["content"].lower().strip("?!. :)") for ex in train for m in ex["messages"] if m["role"] == "user"}
-    clash = [ex for ex in heldout if ex["messages"][0]["content"].lower().strip("?!. :)") in train_questions]
-    assert not clash, f"held-out questions also in training: {clash}"
+    heldout += [conversation(rng, 2, system_share=0.3) for _ in range(heldout_multi_turn)]
+
+    def norm(q: str) -> str:
+        return q.lower().strip("?!. :)")
+
+    def questions(rows: list[dict]) -> set[str]:
+        return {norm(m["content"]) for ex in rows for m in ex["messages"] if m["role"] == "user"}
+
+    clash = questions(heldout) & questions(train)
+    assert not clash, f"held-out questions also in training: {sorted(clash)}"
     return train, heldout
 
 
@@ -157,14 +187,15 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out-dir", type=Path, default=ASSETS)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--per-core", type=int, default=4, help="renderings of each question core")
-    p.add_argument("--two-turn", type=int, default=60, help="number of two-turn conversations")
+    p.add_argument("--per-core", type=int, default=1, help="renderings of each question core")
+    p.add_argument("--multi-turn", type=int, default=1000, help="training conversations of 2-4 user turns")
+    p.add_argument("--heldout-multi-turn", type=int, default=40, help="held-out conversations of 2-4 user turns")
     args = p.parse_args(argv)
-    train, heldout = build(args.seed, args.per_core, args.two_turn)
+    train, heldout = build(args.seed, args.per_core, args.multi_turn, args.heldout_multi_turn)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(args.out_dir / "demo_chat.jsonl", train)
     write_jsonl(args.out_dir / "demo_chat_heldout.jsonl", heldout)
-    print(f"wrote {len(train)} training chats and {len(heldout)} held-out questions to {args.out_dir}")
+    print(f"wrote {len(train)} training chats and {len(heldout)} held-out chats to {args.out_dir}")
 
 
 if __name__ == "__main__":
