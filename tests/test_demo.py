@@ -86,7 +86,7 @@ def test_heldout_turns_are_scored_with_the_true_history():
 
 @pytest.mark.slow
 def test_trained_demo_answers_each_question_of_a_conversation(tmp_path, capsys):
-    """The shipped demo (full config): its report's two scores, and the chat of issue 32 through
+    """The shipped demo (full config): its report's two scores, and a two-question chat ("Who made you?" then "What can you do?") through
     `python -m jaxgpt.chat` as a user types it (default sampling, no /reset)."""
     out = tmp_path / "demo"
     assert demo.main(["--no-pipeline", "logging.progress_bar=false", f"train.output_dir={out}"]) == 0
