@@ -110,7 +110,7 @@ def test_remat_setting():
 
 def test_loss_chunks_must_divide_seq_len():
     with pytest.raises(ConfigError, match=r"model.loss_chunks=3: must be at least 1 and divide data.seq_len=128"):
-        validate(load_config(None, ["model.loss_chunks=3"]), num_devices=1)
+        validate(load_config(None, ["model.loss_chunks=3", "data.seq_len=128"]), num_devices=1)
     with pytest.raises(ConfigError, match=r"model.loss_chunks=0"):
         validate(load_config(None, ["model.loss_chunks=0"]), num_devices=1)
     validate(load_config(None, ["model.loss_chunks=4"]), num_devices=1)
