@@ -78,11 +78,11 @@ def mix(n: int, max_tokens: list[int], seed: int) -> list[tuple[list[dict], int]
              max_tokens[i % len(max_tokens)]) for i in range(n)]
 
 
-async def one_request(session, url: str, model: str, messages, max_tokens: int) -> dict:
+async def one_request(http, url: str, model: str, messages, max_tokens: int) -> dict:
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     sent = time.perf_counter()
     first, text = None, ""
-    async with session.post(url, json=body) as r:
+    async with http.post(url, json=body) as r:
         if r.status != 200:
             raise RuntimeError(f"{url}: {r.status} {await r.text()}")
         async for raw in r.content:
@@ -104,15 +104,15 @@ async def level(url: str, model: str, requests, concurrency: int) -> tuple[list[
     queue = list(requests)
     results = []
 
-    async def client(session):
+    async def client(http):
         while queue:
             messages, max_tokens = queue.pop(0)
-            results.append(await one_request(session, url, model, messages, max_tokens))
+            results.append(await one_request(http, url, model, messages, max_tokens))
 
     timeout = aiohttp.ClientTimeout(total=3600)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)) as http:
         start = time.perf_counter()
-        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
         return results, time.perf_counter() - start
 
 
