@@ -211,42 +211,51 @@ def test_jsonl_in_a_bucket_gives_the_same_batches(gcs):
     assert got_stats == want_stats
 
 
+# Each process trains the run to step 2, then the same run to step 3 (a resume from the bucket), in
+# one interpreter: the second run loads the compiled step from the persistent cache.
+TWO_RUNS = """
+import json, sys
+from jaxgpt.config import from_dict
+from jaxgpt.train import train
+from tests.train_worker import describe
+raw = json.loads(sys.argv[1])
+for steps in (2, 3):
+    raw["train"]["steps"] = steps
+    print("RESULT " + json.dumps(describe(train(from_dict(raw)))), flush=True)
+"""
+
+
 def test_two_processes_write_one_run_to_the_bucket_and_resume(gcs, tmp_path):
     """2 processes x 4 CPU devices (jax.distributed): a run written to the bucket, then resumed from it."""
     pytest.importorskip("torch")  # tests/train_worker.py's tiny HF model
     from tests.train_worker import mesh_config
 
-    out = f"{gcs}/multi"
+    out, port = f"{gcs}/multi", free_port()
     raw = mesh_config(tmp_path)
-    raw["checkpoint"] = {"enabled": True, "save_every": 2, "keep": 2}
-    raw["train"] = {**raw["train"], "output_dir": out}
-
-    def both(steps: int) -> list[dict]:
-        port = free_port()
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
-        procs = []
-        for pid in range(2):
-            cfg = {**raw, "train": {**raw["train"], "steps": steps},
-                   "distributed": {"coordinator_address": f"127.0.0.1:{port}", "num_processes": 2, "process_id": pid,
-                                   "cpu_devices_per_process": 4, "initialization_timeout": 120}}
-            cmd = ["timeout", "300", sys.executable, str(ROOT / "tests" / "train_worker.py"), json.dumps(cfg),
-                   json.dumps([[2, 2, 2]])]
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                          cwd=ROOT))
-        outs = [p.communicate(timeout=320) for p in procs]
-        for p, (_, err) in zip(procs, outs):
-            assert p.returncode == 0, err[-3000:]
-        return [json.loads(line[len("RESULT "):]) for o, _ in outs for line in o.splitlines()
-                if line.startswith("RESULT ")]
-
-    first = both(2)
-    assert committed(epath(out) / "checkpoints") == [2]
-    second = both(3)  # the same run, longer: resumes from the bucket's step 2
-    assert sorted(r["process"] for r in second) == [0, 1]
-    assert all(len(r["losses"]) == 1 for r in second), second  # only step 3 was trained
-    assert first[0]["losses"] == first[1]["losses"] and second[0]["losses"] == second[1]["losses"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jc"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    procs = []
+    for pid in range(2):
+        cfg = {**raw, "mesh": {"data": 2, "fsdp": 2, "tensor": 2},
+               "train": {**raw["train"], "output_dir": out},
+               "checkpoint": {"enabled": True, "save_every": 2, "keep": 2},
+               "distributed": {"coordinator_address": f"127.0.0.1:{port}", "num_processes": 2, "process_id": pid,
+                               "cpu_devices_per_process": 4, "initialization_timeout": 120}}
+        # `timeout`: a process whose peer died would otherwise wait for it until the coordinator gives up.
+        procs.append(subprocess.Popen(["timeout", "300", sys.executable, "-c", TWO_RUNS, json.dumps(cfg)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT))
+    outs = [p.communicate(timeout=320) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    results = [[json.loads(line[len("RESULT "):]) for line in o.splitlines() if line.startswith("RESULT ")]
+               for o, _ in outs]
+    assert [len(r) for r in results] == [2, 2]
+    (first0, second0), (first1, second1) = results
+    assert [len(first0["losses"]), len(second0["losses"])] == [2, 1]  # the second run trained step 3 only
+    assert first0["losses"] == first1["losses"] and second0["losses"] == second1["losses"]
+    assert second0["params"]["h.0.mlp.c_fc.kernel"]["devices"] == 8  # one array over both processes
     assert committed(epath(out) / "checkpoints") == [2, 3]
-    assert [s for s, _ in losses(epath(out))] == [1, 2, 3]
+    assert [s for s, _ in losses(epath(out))] == [1, 2, 3]  # process 0's metrics, both runs
     assert not (epath(out) / "train.lock").exists()
 
 
