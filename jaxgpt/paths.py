@@ -178,17 +178,15 @@ def create_exclusive(path, text: str) -> bool:
     import fsspec
 
     fs, key = fsspec.core.url_to_fs(os.fspath(path))
-    if fs.exists(key):
-        return False
     if "gs" not in fs.protocol:
+        if fs.exists(key):
+            return False
         fs.pipe_file(key, text.encode())
         return True
     try:
         fs.pipe_file(key, text.encode(), mode="create")
-    except Exception as e:  # 412 Precondition Failed: someone created it meanwhile
-        if "412" in str(e) or "recondition" in str(e):
-            return False
-        raise
+    except FileExistsError:  # gcsfs' name for 412 Precondition Failed: the object exists
+        return False
     return True
 
 

@@ -56,6 +56,8 @@ def _download(original):
 def _insert(original):
     def insert(request, response, storage, *args, **kwargs):
         match, name = _arg(request, "ifGenerationMatch"), _arg(request, "name")
+        if match is not None and name is None and isinstance(request.data, dict):  # multipart / resumable
+            name = (request.data.get("meta") or request.data).get("name")
         if match is not None and name is not None and int(match) != _generation(
                 storage, request.params["bucket_name"], name):
             return _failed(response, HTTPStatus.PRECONDITION_FAILED)

@@ -273,3 +273,45 @@ def test_bad_bucket_path_is_one_line_naming_it(gcs, case, capsys, monkeypatch):
     assert len(err.splitlines()) == 1 and out in err, err
     assert {"no bucket name": "no bucket name", "no such bucket": "no such bucket",
             "unreachable endpoint": "cannot reach"}[case] in err, err
+
+
+def test_run_lock_in_a_bucket(gcs, caplog):
+    """The lock is an object created only if absent (GCS' ifGenerationMatch=0): a second training is
+    refused; a lock whose heartbeat stopped (its VM is gone) is taken over."""
+    from jaxgpt.checkpoint import CheckpointError, RunLock
+    from jaxgpt.paths import create_exclusive
+
+    folder = epath(f"{gcs}/locked")
+    with RunLock(folder):
+        assert json.loads((folder / "train.lock").read_text())["pid"] == os.getpid()
+        assert not create_exclusive(folder / "train.lock", "{}")  # the atomic create refuses
+        with pytest.raises(CheckpointError, match="is in use by another training"):
+            RunLock(folder).__enter__()
+    assert not (folder / "train.lock").exists()
+    gone = {"host": "t1v-n-gone-w-0", "pid": 1, "since": "yesterday", "beat": time.time() - RunLock.STALE_S - 1}
+    (folder / "train.lock").write_text(json.dumps(gone))
+    with RunLock(folder):
+        assert json.loads((folder / "train.lock").read_text())["host"] == socket.gethostname()
+    assert "no heartbeat" in caplog.text
+    gone["beat"] = time.time()  # another host, beating: refused, naming the object to remove
+    (folder / "train.lock").write_text(json.dumps(gone))
+    with pytest.raises(CheckpointError, match=f"remove {folder / 'train.lock'}"):
+        RunLock(folder).__enter__()
+
+
+def test_no_builtin_file_access_outside_the_path_module():
+    """User paths may be URLs: jaxgpt reads and writes them through jaxgpt.paths (etils.epath), never
+    with the builtin open() or os.path, which know local files only."""
+    import ast
+
+    bad = []
+    for path in sorted((ROOT / "jaxgpt").rglob("*.py")):
+        if path.name == "paths.py" and path.parent.name == "jaxgpt":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "open":
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: open()")
+            if (isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
+                    and node.value.id == "os"):
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: os.path")
+    assert not bad, "\n".join(bad)
