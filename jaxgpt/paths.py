@@ -140,6 +140,11 @@ def check_remote(path: str | os.PathLike) -> None:
     bucket = upath(text).parts[2]
     if bucket in _checked:
         return
+    import re
+
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]", bucket):  # e.g. the presets' gs://BUCKET/...
+        raise PathError(f"{text}: {bucket!r} is not a bucket name (3-222 lowercase letters, digits, '-', '_', '.'): "
+                        f"name your bucket, e.g. gs://my-bucket/runs/x")
     import socket
     from urllib.parse import urlparse
 

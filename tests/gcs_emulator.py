@@ -34,7 +34,7 @@ def _arg(request, key: str) -> str | None:
 def _failed(response, status: HTTPStatus) -> None:
     response.status = status
     if status == HTTPStatus.PRECONDITION_FAILED:
-        response.json({"error": {"code": 412, "message": "At least one of the pre-conditions you specified did not hold."}})
+        response.json({"error": {"code": 412, "message": "At least one of the pre-conditions did not hold."}})
 
 
 def _download(original):

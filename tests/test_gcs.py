@@ -29,7 +29,8 @@ TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.n_positio
         "train.eval_every=0", f"checkpoint.save_every={SAVE_EVERY}", "checkpoint.keep=2", "logging.log_every=1",
         "logging.sample_prompts=[]", "logging.progress_bar=false"]
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("gcp_storage_emulator") is None, reason="gcp-storage-emulator is not installed (pip install 'jaxgpt[test]')")
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("gcp_storage_emulator") is None,
+                                reason="gcp-storage-emulator is not installed (pip install 'jaxgpt[test]')")
 
 
 def free_port() -> int:
@@ -39,7 +40,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def gcs():
+def gcs(tmp_path_factory):
     """An in-memory emulator with one bucket; this process and its subprocesses point at it."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "gcs_emulator.py"), str(port), BUCKET],
@@ -55,7 +56,8 @@ def gcs():
     url = f"http://127.0.0.1:{port}"
     env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
            # the emulator has no storage-layout API: gcsfs' probe of it would warn at every call
-           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+           "JAXGPT_CACHE": str(tmp_path_factory.mktemp("jaxgpt_cache"))}  # HF folders in the bucket are copied here
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     pytest.importorskip("gcsfs", reason="gcsfs (jaxgpt's gs:// client) is not installed")
@@ -188,6 +190,13 @@ def test_sample_and_export_from_the_bucket(runs, tmp_path):
     ours = np.asarray(local.model(np.asarray(prompt)))
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)  # float32 both sides
 
+    # --out in the bucket; that HF folder is a --model (copied into the local cache) that samples the same
+    bucket_hf = f"{runs['out']}-hf"
+    export(runs["out"], bucket_hf, verify_logits=False, log=lambda *_: None)
+    assert sorted(p.name for p in epath(bucket_hf).iterdir()) == sorted(p.name for p in hf.iterdir())
+    from_bucket = load_model(bucket_hf)
+    assert from_bucket.kind == "hf" and got == generate(from_bucket.model, prompt, max_new_tokens=6, stop_ids=[])
+
 
 def test_jsonl_in_a_bucket_gives_the_same_batches(gcs):
     from jaxgpt.data import DataConfig, DataIterator, build_datasets
@@ -259,20 +268,20 @@ def test_two_processes_write_one_run_to_the_bucket_and_resume(gcs, tmp_path):
     assert not (epath(out) / "train.lock").exists()
 
 
-@pytest.mark.parametrize("case", ["no bucket name", "no such bucket", "unreachable endpoint"])
+@pytest.mark.parametrize("case", ["no bucket name", "placeholder bucket", "no such bucket", "unreachable endpoint"])
 def test_bad_bucket_path_is_one_line_naming_it(gcs, case, capsys, monkeypatch):
     from jaxgpt.train import main
 
-    out = {"no bucket name": "gs:///run", "no such bucket": "gs://no-such-bucket/run",
-           "unreachable endpoint": "gs://elsewhere/run"}[case]
+    out = {"no bucket name": "gs:///run", "placeholder bucket": "gs://BUCKET/run",
+           "no such bucket": "gs://no-such-bucket/run", "unreachable endpoint": "gs://elsewhere/run"}[case]
     if case == "unreachable endpoint":
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")  # nothing listens there
         monkeypatch.setenv("JAXGPT_GCS_TIMEOUT", "2")
     assert main(["--config", "demo", *TINY, f"train.output_dir={out}"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and out in err, err
-    assert {"no bucket name": "no bucket name", "no such bucket": "no such bucket",
-            "unreachable endpoint": "cannot reach"}[case] in err, err
+    assert {"no bucket name": "no bucket name", "placeholder bucket": "is not a bucket name",
+            "no such bucket": "no such bucket", "unreachable endpoint": "cannot reach"}[case] in err, err
 
 
 def test_run_lock_in_a_bucket(gcs, caplog):
