@@ -744,8 +744,12 @@ def _check_fits(item_dir: Path, abstract, metadata, *, warn_dtypes: bool = False
 
 def saved_steps(root: Path) -> list[int]:
     """The step folders under a checkpoint root, ascending, read from the folder names alone (orbax
-    names a committed step by its number; a save in progress or a set-aside step has a suffix)."""
-    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
+    names a committed step by its number; a save in progress or a set-aside step has a suffix). In a
+    bucket orbax writes a step under its number and commits it with ``commit_success.txt``."""
+    if not root.is_dir():
+        return []
+    steps = [p for p in root.iterdir() if p.is_dir() and p.name.isdigit()]
+    return sorted(int(p.name) for p in steps if not is_url(root) or (p / "commit_success.txt").exists())
 
 
 def _candidates(path: Path) -> tuple[list[Path], bool]:
