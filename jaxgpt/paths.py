@@ -157,12 +157,10 @@ def check_remote(path: str | os.PathLike) -> None:
         raise PathError(f"{text}: cannot reach Cloud Storage at {endpoint} ({e.strerror or e}; no network?)") from None
     import fsspec
 
-    try:
-        fs = fsspec.filesystem("gs")
-        if not fs.exists(bucket):
-            raise PathError(f"{text}: no such bucket gs://{bucket} (or no access to it)")
-    except PathError:
-        raise
+    try:  # one object listing: what a role like storage.objectUser allows (a bucket's metadata may not be)
+        fsspec.filesystem("gs").call("GET", "b/{}/o", bucket, maxResults=1, json_out=True)
+    except FileNotFoundError:
+        raise PathError(f"{text}: no such bucket gs://{bucket}") from None
     except Exception as e:  # google.auth, aiohttp and gcsfs each raise their own types
         raise PathError(f"{text}: cannot use Cloud Storage ({type(e).__name__}: {str(e).splitlines()[0][:200]}; "
                         f"credentials: gcloud auth application-default login, or a VM service account)") from None

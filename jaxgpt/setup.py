@@ -9,7 +9,6 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax

@@ -13,13 +13,12 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from tests.conftest import ROOT, xla_flags
+from tests.test_multihost import free_port
 
 BUCKET = "jaxgpt-test"
 STEPS, SAVE_EVERY = 4, 2
@@ -31,12 +30,6 @@ TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.n_positio
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gcp_storage_emulator") is None,
                                 reason="gcp-storage-emulator is not installed (pip install 'jaxgpt[test]')")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
