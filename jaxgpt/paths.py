@@ -1,4 +1,6 @@
-"""Where a model's files are: a local folder, or a hub id fetched into the Hugging Face cache.
+"""Every path a user gives: a local path or a URL (``gs://bucket/folder``, through ``etils.epath``),
+and where a model's files are (a local folder, a folder in a bucket, or a hub id fetched into the
+Hugging Face cache). The one module that opens user files; see docs/tpu.md for what buckets change.
 
 jax-free, so that the tokenizer, the config checks and the loader can name a path without
 importing the model code.
