@@ -41,7 +41,7 @@ from jaxgpt import compile_cache
 from jaxgpt.inputs import Range
 from jaxgpt.model import GPT2
 from jaxgpt.loader import load_model
-from jaxgpt.paths import check_remote, is_hf_folder, is_url, upath, upload_folder
+from jaxgpt.paths import check_remote, descendants, is_hf_folder, is_url, upath, upload_folder
 from jaxgpt.tokenizer import end_of_turn_id
 from jaxgpt.weights import load_pretrained, save_pretrained
 
@@ -185,7 +185,7 @@ def _holds_run(folder: Path) -> Path | None:
     """The first checkpoint folder, step or metrics file under ``folder``: what --overwrite must never delete."""
     from jaxgpt.checkpoint import CHECKPOINT_SUBDIR, STEP_METADATA_FILE
 
-    for path in (folder, *folder.rglob("*")):
+    for path in (folder, *descendants(folder)):
         if path.name in (CHECKPOINT_SUBDIR, STEP_METADATA_FILE, "metrics.jsonl"):
             return path
     return None

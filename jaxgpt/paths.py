@@ -254,6 +254,18 @@ def cache_folder() -> Path:
     return Path(os.environ.get("JAXGPT_CACHE") or Path.home() / ".cache" / "jaxgpt")
 
 
+def descendants(folder) -> list:
+    """Everything under ``folder``, folders included (``rglob("*")``, which epath refuses on GCS)."""
+    if not is_url(folder):
+        return list(upath(folder).rglob("*"))
+    import fsspec
+
+    text = os.fspath(upath(folder))
+    fs, key = fsspec.core.url_to_fs(text)
+    scheme = text.split("://", 1)[0]
+    return [upath(f"{scheme}://{k}") for k in fs.find(key, withdirs=True) if k.rstrip("/") != key.rstrip("/")]
+
+
 def local_copy(url: str | os.PathLike) -> Path:
     """A folder in a bucket (an HF model folder: config, weights, tokenizer), copied into
     ``cache_folder()/remote/<protocol>/<bucket>/<folder>``; files already there at the same size are
@@ -264,7 +276,7 @@ def local_copy(url: str | os.PathLike) -> Path:
         raise WeightsError(f"{url}: no such folder")
     scheme, rest = os.fspath(src).split("://", 1)
     dst = cache_folder() / "remote" / scheme / rest.strip("/")
-    for f in src.rglob("*"):
+    for f in descendants(src):
         if f.is_dir():
             continue
         target = dst / os.fspath(f)[len(os.fspath(src)):].lstrip("/")
