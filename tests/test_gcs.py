@@ -213,6 +213,22 @@ def test_jsonl_in_a_bucket_gives_the_same_batches(gcs):
     assert got_stats == want_stats
 
 
+def test_parquet_in_a_bucket_gives_the_same_records(gcs, tmp_path):
+    """Parquet (and CSV / Arrow) objects are read through datasets and fsspec."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jaxgpt.config import DataSource
+    from jaxgpt.data import read_records
+
+    rows = [json.loads(line) for line in (ROOT / "jaxgpt" / "assets" / "demo_chat.jsonl").read_text().splitlines()[:8]]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "chats.parquet")
+    remote = f"{gcs}/data/chats.parquet"
+    epath(remote).write_bytes((tmp_path / "chats.parquet").read_bytes())
+    got = [rec for _, rec in read_records(DataSource(path=remote))]
+    assert got == [rec for _, rec in read_records(DataSource(path=str(tmp_path / "chats.parquet")))] == rows
+
+
 # Each process trains the run to step 2, then the same run to step 3 (a resume from the bucket), in
 # one interpreter: the second run loads the compiled step from the persistent cache.
 TWO_RUNS = """
