@@ -246,10 +246,11 @@ for steps in (2, 3):
 def test_two_processes_write_one_run_to_the_bucket_and_resume(gcs, tmp_path):
     """2 processes x 4 CPU devices (jax.distributed): a run written to the bucket, then resumed from it."""
     pytest.importorskip("torch")  # tests/train_worker.py's tiny HF model
-    from tests.train_worker import mesh_config
+    from tests.train_worker import mesh_config, tiny_hf_gpt2
 
     out, port = f"{gcs}/multi", free_port()
     raw = mesh_config(tmp_path)
+    raw["model"]["name_or_path"] = str(tiny_hf_gpt2(tmp_path / "hf", n_embd=32, n_layer=1, n_head=2))  # the tiniest
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jc"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
     procs = []
