@@ -57,6 +57,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxgpt.model import GPT2Config, abstract_model
+from jaxgpt.paths import absolute, append_text, create_exclusive, is_url, upath
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class NoCheckpointError(CheckpointError):
 
 def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
     """Where a training run keeps its checkpoints."""
-    return Path(output_dir) / CHECKPOINT_SUBDIR
+    return upath(output_dir) / CHECKPOINT_SUBDIR
 
 
 # ----------------------------------------------------------------------------- pytree helpers
@@ -190,12 +191,20 @@ class RunLock:
     A lock whose holder is gone (a dead pid on this host: SIGKILL, OOM, a reboot) is taken over with a
     warning; one from another host is not (its pid cannot be checked from here). With several
     processes only process 0 takes the lock, and every process learns whether it did.
+
+    In a bucket (gs://) the lock is an object created with GCS's one atomic create (an upload on
+    condition that no such object exists). Its pid cannot be checked from another host, and a TPU VM
+    that comes back after a preemption is a new host: so the holder rewrites it every
+    ``HEARTBEAT_S`` seconds, and a lock not rewritten for ``STALE_S`` is taken over with a warning.
     """
 
+    HEARTBEAT_S, STALE_S = 60.0, 600.0
+
     def __init__(self, folder: str | os.PathLike):
-        self.folder = Path(folder)
+        self.folder = upath(folder)
         self.path = self.folder / LOCK_FILE
         self.held = False
+        self._beat: threading.Event | None = None
 
     def __enter__(self):
         error = self._acquire() if jax.process_index() == 0 else None
@@ -209,6 +218,8 @@ class RunLock:
         return self
 
     def __exit__(self, *exc):
+        if self._beat is not None:
+            self._beat.set()
         if self.held and (self._holder() or {}).get("pid") == os.getpid():
             self.path.unlink(missing_ok=True)
         self.held = False
@@ -226,30 +237,43 @@ class RunLock:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             return CheckpointError(f"{self.folder}: cannot create the run folder ({e.strerror or e})")
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "beat": time.time()}
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
+                created = create_exclusive(self.path, json.dumps(me))
+            except OSError as e:  # a read-only folder: one line, before anything is built
+                return CheckpointError(f"{self.folder}: the run folder is not writable ({e.strerror or e})")
+            if not created:
                 holder = self._holder()
-                if holder is None or holder.get("host") != me["host"] or _alive(holder.get("pid")):
+                stale = (is_url(self.path) and holder is not None
+                         and time.time() - float(holder.get("beat") or 0) > self.STALE_S)
+                if not stale and (holder is None or holder.get("host") != me["host"] or _alive(holder.get("pid"))):
                     who = (f"host {holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since')}"
                            if holder else "unreadable lock")
                     gone = "" if holder and holder.get("host") == me["host"] else (
                         f"; if no training runs there any more, remove {self.path}")
                     return CheckpointError(f"{self.folder} is in use by another training ({who}): wait for it to "
                                            f"finish, or set train.output_dir to another folder{gone}")
-                log.warning("taking over %s: its training (pid %s, since %s) is no longer running",
-                            self.path, holder.get("pid"), holder.get("since"))
+                log.warning("taking over %s: its training (pid %s, since %s) is no longer running%s",
+                            self.path, holder.get("pid"), holder.get("since"),
+                            f" (no heartbeat for {self.STALE_S:.0f} s)" if stale else "")
                 self.path.unlink(missing_ok=True)
                 continue
-            except OSError as e:  # a read-only folder: one line, before anything is built
-                return CheckpointError(f"{self.folder}: the run folder is not writable ({e.strerror or e})")
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
             self.held = True
+            if is_url(self.path):
+                self._beat = threading.Event()
+                threading.Thread(target=self._heartbeat, args=(me,), daemon=True, name="jaxgpt-lock").start()
             return None
         return CheckpointError(f"{self.folder}: another training took {self.path} meanwhile")
+
+
+    def _heartbeat(self, me: dict):
+        while not self._beat.wait(self.HEARTBEAT_S):
+            try:
+                self.path.write_text(json.dumps({**me, "beat": time.time()}))
+            except Exception as e:  # a missed beat is retried; only a long outage lets another run take over
+                log.warning("cannot refresh %s: %s", self.path, e)
 
 
 def _alive(pid) -> bool:
@@ -371,10 +395,10 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint.save_every must be >= 1, got {save_every}")
         if keep < 1:
             raise CheckpointError(f"checkpoint.keep must be >= 1, got {keep}")
-        self.directory = Path(directory).absolute()
+        self.directory = absolute(directory)
         self.save_every, self.keep, self.read_only = save_every, keep, read_only
         # Where a corrupt step's full error (tensorstore's specs, the traceback) goes; the log says one line.
-        self.log_file = None if log_file is None else Path(log_file).absolute()
+        self.log_file = None if log_file is None else absolute(log_file)
         self._pending_step: int | None = None
         self._tok_cache: tuple[int, dict] | None = None
         if not read_only:
@@ -561,8 +585,7 @@ class Checkpointer:
         if error is not None:  # the whole error, tensorstore's spec included
             lines += traceback.format_exception(type(error), error, error.__traceback__)
         try:
-            with open(self.log_file, "a") as f:
-                f.write("\n".join(line.rstrip("\n") for line in lines) + "\n\n")
+            append_text(self.log_file, "\n".join(line.rstrip("\n") for line in lines) + "\n\n")
         except OSError as e:
             log.warning("cannot write %s: %s", self.log_file, e.strerror or e)
 
@@ -721,8 +744,12 @@ def _check_fits(item_dir: Path, abstract, metadata, *, warn_dtypes: bool = False
 
 def saved_steps(root: Path) -> list[int]:
     """The step folders under a checkpoint root, ascending, read from the folder names alone (orbax
-    names a committed step by its number; a save in progress or a set-aside step has a suffix)."""
-    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
+    names a committed step by its number; a save in progress or a set-aside step has a suffix). In a
+    bucket orbax writes a step under its number and commits it with ``commit_success.txt``."""
+    if not root.is_dir():
+        return []
+    steps = [p for p in root.iterdir() if p.is_dir() and p.name.isdigit()]
+    return sorted(int(p.name) for p in steps if not is_url(root) or (p / "commit_success.txt").exists())
 
 
 def _candidates(path: Path) -> tuple[list[Path], bool]:
@@ -784,7 +811,7 @@ def load_for_inference(path: str | os.PathLike, *, dtype: str = "float32", param
     output_dir, an incomplete or corrupt latest step is reported and the
     previous one used.
     """
-    step_dirs, explicit = _candidates(Path(path).absolute())  # orbax needs absolute paths
+    step_dirs, explicit = _candidates(absolute(path))  # orbax needs absolute paths
     for step_dir in step_dirs:
         try:
             return _load_step(step_dir, dtype, param_dtype or dtype)

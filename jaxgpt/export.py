@@ -28,6 +28,7 @@ import argparse
 import importlib.util
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from jaxgpt import compile_cache
 from jaxgpt.inputs import Range
 from jaxgpt.model import GPT2
 from jaxgpt.loader import load_model
-from jaxgpt.paths import is_hf_folder
+from jaxgpt.paths import check_remote, descendants, is_hf_folder, is_url, upath, upload_folder
 from jaxgpt.tokenizer import end_of_turn_id
 from jaxgpt.weights import load_pretrained, save_pretrained
 
@@ -184,7 +185,7 @@ def _holds_run(folder: Path) -> Path | None:
     """The first checkpoint folder, step or metrics file under ``folder``: what --overwrite must never delete."""
     from jaxgpt.checkpoint import CHECKPOINT_SUBDIR, STEP_METADATA_FILE
 
-    for path in (folder, *folder.rglob("*")):
+    for path in (folder, *descendants(folder)):
         if path.name in (CHECKPOINT_SUBDIR, STEP_METADATA_FILE, "metrics.jsonl"):
             return path
     return None
@@ -212,12 +213,16 @@ def check_out(checkpoint: str | Path, out: str | Path, overwrite: bool) -> tuple
     from jaxgpt.checkpoint import CHECKPOINT_SUBDIR
 
     given = out
-    out = Path(out).expanduser().resolve()
-    if out == Path.cwd() or out in Path.cwd().parents:  # `--out .` would replace the folder the user is in
+    for path in (checkpoint, out):
+        check_remote(path)
+    # A folder in a bucket is written locally first (a temporary staging folder) and uploaded when verified.
+    out = upath(out) if is_url(out) else Path(out).expanduser().resolve()
+    if not is_url(out) and (out == Path.cwd() or out in Path.cwd().parents):  # `--out .` would replace the folder the user is in
         raise ExportError(f"--out {given}: is the current folder{'' if out == Path.cwd() else ' or holds it'}; "
                           "export writes a new folder and moves it into place: name one, e.g. --out hf")
-    staging = out.with_name(out.name + ".partial")
-    source = Path(checkpoint).expanduser().resolve()
+    staging = (Path(tempfile.mkdtemp(prefix="jaxgpt-export-")) / out.name if is_url(out)
+               else out.with_name(out.name + ".partial"))
+    source = upath(checkpoint) if is_url(checkpoint) else Path(checkpoint).expanduser().resolve()
     run = source_run(source)
     inside = {run / CHECKPOINT_SUBDIR, source} - {run}
     for folder in (out, staging):
@@ -265,6 +270,15 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", v
         log(str(check))
         if not check.ok:
             raise ExportError(f"{staging}: exported logits differ from jaxgpt's ({check}); folder left for inspection")
+    if is_url(out):
+        if out.exists():
+            out.rmtree()
+        upload_folder(staging, out)
+        log(f"exported {checkpoint} -> {out}")
+        if push_to_hub:
+            push(staging, push_to_hub, log=log)
+        shutil.rmtree(staging.parent)
+        return out
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)

@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from jaxgpt.decoding import DECODING_LAYOUTS, INT8_DECODING, for_decoding
 from jaxgpt.model import GPT2
-from jaxgpt.paths import WEIGHT_FILES, WeightsError, is_hf_folder, resolve
+from jaxgpt.paths import WEIGHT_FILES, WeightsError, check_remote, is_hf_folder, resolve, upath
 from jaxgpt.tokenizer import has_tokenizer, load_tokenizer, stop_token_ids
 from jaxgpt.weights import load_pretrained
 
@@ -47,9 +47,12 @@ class Loaded:
 
 def locate(path_or_hub_id: str | os.PathLike, *, hub: bool = True) -> tuple[str, Path]:
     """(kind, folder) of a source; nothing is read but folder listings (and the hub for a hub id)."""
-    path = Path(path_or_hub_id).expanduser()
+    check_remote(path_or_hub_id)
+    path = upath(path_or_hub_id)
     if path.is_dir():  # a training run's output_dir has its own config.json, but no weights
-        return ("hf" if is_hf_folder(path) else "checkpoint"), path
+        if is_hf_folder(path):
+            return "hf", resolve(path)  # a folder in a bucket: its local copy
+        return "checkpoint", path
     if hub:
         return "hf", resolve(path_or_hub_id)
     return "checkpoint", path  # load_for_inference names a missing path or a file
@@ -108,7 +111,7 @@ def _from_checkpoint(folder: Path, dtype: str, param_dtype: str):
 def folder_eos_ids(name_or_path: str | os.PathLike) -> list[int]:
     """Every ``eos_token_id`` an HF folder's ``config.json`` and ``generation_config.json`` list (a hub id's
     from the local cache only; a training run's folder has none)."""
-    path = Path(name_or_path).expanduser()
+    path = upath(name_or_path)
     if path.is_dir() and not is_hf_folder(path):
         return []
     ids: list[int] = []

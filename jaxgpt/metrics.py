@@ -11,6 +11,7 @@ import jax
 
 from jaxgpt.config import Config, ConfigError
 from jaxgpt.model import GPT2Config
+from jaxgpt.paths import Appender, is_url
 
 PEAK_BF16_FLOPS = {  # per chip, dense bf16
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
@@ -53,6 +54,28 @@ def _summary_writer():
     return SummaryWriter
 
 
+class _BucketEvents:
+    """tensorboardX's writer factory for a run folder in a bucket (any epath / fsspec URL): an event
+    file is an ``Appender``, rewritten whole at each of SummaryWriter's flushes (every 2 minutes and at
+    close; event files of scalars stay small), where tensorboardX's own gs:// writer would need
+    google-cloud-storage's client and its credentials besides gcsfs'."""
+
+    def open(self, path):
+        return Appender(path, interval=0.0, keep=False)
+
+    def directory_check(self, path):
+        pass  # buckets have no folders to create
+
+
+def _tensorboard(logdir: Path):
+    writer = _summary_writer()
+    if is_url(logdir):
+        from tensorboardX import record_writer
+
+        record_writer.register_writer_factory(str(logdir).split("://")[0], _BucketEvents())
+    return writer(str(logdir))
+
+
 class MetricsLog:
     """metrics.jsonl + TensorBoard + the progress bar, on process 0 only."""
 
@@ -63,9 +86,9 @@ class MetricsLog:
         if not self.main:
             return
         out.mkdir(parents=True, exist_ok=True)
-        self.file = open(out / "metrics.jsonl", "a")
+        self.file = Appender(out / "metrics.jsonl")
         if cfg.logging.tensorboard:
-            self.tb = _summary_writer()(str(out / "tensorboard"))
+            self.tb = _tensorboard(out / "tensorboard")
         if cfg.logging.progress_bar:
             from tqdm.auto import tqdm
 
@@ -82,6 +105,14 @@ class MetricsLog:
                     self.tb.add_scalar(k, v, record["step"])
         if line:
             self.print(line)
+
+    def flush(self):
+        """Everything logged so far into the run folder now (a run folder in a bucket is otherwise
+        rewritten every half minute): called with each checkpoint, so a resumed run's log has no gap."""
+        if self.file is not None:
+            self.file.flush(force=True)
+        if self.tb is not None:
+            self.tb.flush()
 
     def text(self, tag: str, text: str, step: int):
         if self.tb is not None:
@@ -141,7 +172,8 @@ def plot_losses(out: Path, losses: dict[int, float], evals: dict[int, float]) ->
     ax.legend()
     fig.tight_layout()
     path = out / "loss.png"
-    fig.savefig(path, dpi=100)
+    with path.open("wb") as f:  # a file object: matplotlib writes local paths only
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return path
 

@@ -9,7 +9,6 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -61,11 +60,15 @@ def _env_int(name: str) -> int | None:
 def load_tokenizer_for(cfg: Config):
     """The tokenizer named by the config (the data adds its chat template later)."""
     from jaxgpt.tokenizer import has_tokenizer, load_tokenizer
-    from jaxgpt.paths import is_local_path, missing_folder
+    from jaxgpt.paths import PathError, check_remote, is_local_path, missing_folder, upath
 
     for key in ("name_or_path", "tokenizer"):  # a mistyped folder: one line naming the key, before any hub lookup
         value = getattr(cfg.model, key)
-        if value is not None and is_local_path(str(value)) and not Path(value).expanduser().exists():
+        try:
+            check_remote(value or "")
+        except PathError as e:
+            raise ConfigError(f"model.{key}={e}") from None
+        if value is not None and is_local_path(str(value)) and not upath(value).exists():
             raise ConfigError(f"model.{key}={missing_folder(str(value))}")
     name = cfg.model.tokenizer
     if name is None and cfg.model.name_or_path:

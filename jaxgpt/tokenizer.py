@@ -68,7 +68,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 def has_tokenizer(folder: str | os.PathLike) -> bool:
     """Whether a model folder carries its own tokenizer (else jaxgpt uses the vendored GPT-2 one)."""
-    return any((Path(folder) / f).exists() for f in TOKENIZER_FILES)
+    from jaxgpt.paths import upath
+
+    return any((upath(folder) / f).exists() for f in TOKENIZER_FILES)
 
 
 class TokenizerError(ValueError):
@@ -101,9 +103,11 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> PreTrainedT
         # GPT2Tokenizer(vocab_file=, merges_file=) is silently empty in transformers 5; from_pretrained is not.
         tok = GPT2Tokenizer.from_pretrained(str(VENDORED_GPT2))
     else:
-        from jaxgpt.paths import is_local_path, missing_folder
+        from jaxgpt.paths import is_local_path, is_url, local_copy, missing_folder, upath
 
-        local = Path(name_or_path).expanduser()
+        local = upath(name_or_path)
+        if is_url(local) and local.is_dir():  # transformers reads local files: a bucket folder's copy
+            local = local_copy(local)
         if is_local_path(str(name_or_path)) and not local.exists():
             raise TokenizerError(missing_folder(str(name_or_path)))
         try:

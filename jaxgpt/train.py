@@ -36,6 +36,7 @@ from jaxgpt.checkpoint import (CheckpointError, Checkpointer, PreemptionGuard, R
                                nonfinite_tensor, saved_steps, set_aside_steps)
 from jaxgpt.config import Config, ConfigError, help_text, load_config, shipped_configs, validate
 from jaxgpt.loop import Hook, TrainingError, TrainResult, eval_due, run
+from jaxgpt.paths import check_remote, upath
 from jaxgpt.setup import Setup, init_distributed, prepare
 
 log = logging.getLogger("jaxgpt.train")
@@ -48,7 +49,8 @@ def train(cfg: Config) -> TrainResult:
     cache_dir = compile_cache.enable()  # before anything compiles: a rerun loads the compiled step
     init_distributed(cfg.distributed)
     mesh_shape = validate(cfg, jax.device_count(), jax.process_count())
-    out = Path(cfg.train.output_dir).expanduser()
+    out = upath(cfg.train.output_dir)  # a local folder, or gs://bucket/folder
+    check_remote(out)
     with RunLock(out):  # a second training into the same folder is refused, naming the first
         return _train(cfg, out, sharding.make_mesh(mesh_shape), cache_dir)
 
@@ -91,8 +93,9 @@ def _train(cfg: Config, out: Path, mesh, cache_dir) -> TrainResult:
     hooks = [Hook(lambda step, state, final: _samples(s, logger, state["params"], step), due=eval_due(s))]
     if ckpt is not None:
         def save(step, state, final):
-            ckpt.save(step, params=state["params"], opt_state=state["opt_state"], data_state=s.train_data.state(),
-                      rng=s.rng, config=s.run_config(), tokenizer=s.tokenizer, force=final)
+            if ckpt.save(step, params=state["params"], opt_state=state["opt_state"], data_state=s.train_data.state(),
+                         rng=s.rng, config=s.run_config(), tokenizer=s.tokenizer, force=final):
+                logger.flush()
         hooks.append(Hook(save, due=ckpt.should_save, every_step=True, close=ckpt.close))
 
     def saved() -> str:
@@ -251,7 +254,7 @@ def _committed(cfg: Config | None) -> str:
     """Which checkpoint a rerun resumes from, read from the folder."""
     if cfg is None or not cfg.checkpoint.enabled:
         return "nothing saved (checkpoint.enabled=false)" if cfg is not None else "nothing saved"
-    folder = checkpoint_dir(Path(cfg.train.output_dir).expanduser())
+    folder = checkpoint_dir(cfg.train.output_dir)
     steps = saved_steps(folder)
     return f"last checkpoint step {steps[-1]} in {folder}" if steps else f"no checkpoint in {folder}"
 

@@ -17,6 +17,7 @@ import numpy as np
 from jaxgpt.config import DataConfig, DataError, DataSource
 from jaxgpt.data.pack import DataStats, PackedDataset, pack_best_fit, tokenize_chats, tokenize_texts
 from jaxgpt.data.read import Example, detect_format, is_local, local_files, read_records, to_example
+from jaxgpt.paths import file_size
 from jaxgpt.tokenizer import add_chat_template, template_name
 
 
@@ -236,7 +237,7 @@ class StreamingDataset:
         self.pad_id, self.vocab_size = _pad_id(tok), len(tok)
         # The data itself is not read ahead: local sources are known by their files' sizes, hub datasets
         # by name only (a hub dataset that changes under the same name is not detected).
-        sizes = [[(f.name, f.stat().st_size) for f in local_files(src)] if is_local(src.path) else None
+        sizes = [[(f.name, file_size(f)) for f in local_files(src)] if is_local(src.path) else None
                  for src in cfg.sources]
         ident = json.dumps([cfg.to_dict(), len(tok), tok.chat_template, sizes], sort_keys=True, default=str)
         self.fingerprint = hashlib.sha256(ident.encode()).hexdigest()[:16]

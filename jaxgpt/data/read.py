@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from jaxgpt.config import DataError, DataSource
+from jaxgpt.paths import PathError, check_remote, is_url, upath
 from jaxgpt.tokenizer import ENDOFTEXT, IM_END, IM_START, ROLES
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -18,12 +19,19 @@ CONTROL_TOKENS = (IM_START, IM_END, ENDOFTEXT)
 
 
 def is_local(path: str) -> bool:
+    """A file or folder (local, or in a bucket: gs://...), not a hub dataset."""
+    if is_url(path):
+        return True
     p = Path(path).expanduser()
     return p.exists() or path.startswith((".", "/", "~")) or path.lower().endswith(LOCAL_SUFFIXES)
 
 
 def local_files(src: DataSource) -> list[Path]:
-    p = Path(src.path).expanduser()
+    try:
+        check_remote(src.path)
+        p = upath(src.path)
+    except PathError as e:
+        raise DataError(str(e)) from None
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in LOCAL_SUFFIXES)
         if not files:
@@ -49,7 +57,7 @@ def _read_jsonl(path: Path, skip: int = 0) -> Iterator[tuple[str, Any]]:
     Lazy, so it streams files larger than memory; ``skip`` passes over records without parsing them.
     """
     skipped = 0
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # a byte-order mark is not part of the record
                 raw = raw[len(codecs.BOM_UTF8):]
@@ -123,7 +131,7 @@ def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _read_txt(path: Path) -> Iterator[tuple[str, Any]]:
     """A .txt file is one document (continued pre-training), or several separated by ``<|endoftext|>``."""
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         lines = [_utf8(raw, f"{path}:{n}") for n, raw in enumerate(f, 1)]
     text = "".join(lines).removeprefix("\ufeff")
     docs = text.split(ENDOFTEXT)
