@@ -201,7 +201,10 @@ def _peft_logits(folder: Path, base_path: str, vocab_size: int):
     base = GPT2LMHeadModel.from_pretrained(base_path, dtype=torch.float32)
     if vocab_size > base.config.vocab_size:  # the chat tokens' rows come from the adapter
         base.resize_token_embeddings(vocab_size, mean_resizing=False)
-    peft_model = PeftModel.from_pretrained(base, str(folder)).eval()
+    try:
+        peft_model = PeftModel.from_pretrained(base, str(folder)).eval()
+    except Exception as e:  # noqa: BLE001 - whatever PEFT raises, the folder is not what PEFT loads
+        raise ExportError(f"{folder}: PEFT cannot load it ({type(e).__name__}: {e}); nothing exported") from e
     loaded = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
     for key, value in load_file(str(folder / WEIGHTS_FILE)).items():
         if key not in loaded or not np.array_equal(loaded[key].numpy(), value):

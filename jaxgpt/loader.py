@@ -103,9 +103,10 @@ def with_adapter(model: GPT2, adapter: str | os.PathLike, base_name: str, base_f
         raise LoadError(f"--adapter {adapter}: no such folder")
     if getattr(model, "lora", None):
         raise LoadError(f"--adapter {adapter}: the model already carries LoRA adapters (a LoRA run's checkpoint)")
-    if has_tokenizer(adapter):
+    own = has_tokenizer(adapter)  # its tokenizer sets the vocabulary (chat tokens); else the token rows it holds
+    if own:
         tokenizer = load_tokenizer(adapter)
-    model = load_adapter(model, adapter, len(tokenizer))
+    model = load_adapter(model, adapter, len(tokenizer) if own else None)
     model.lora = dataclasses.replace(model.lora, base_name=base_name, base_path=str(base_folder))
     return model, tokenizer
 
@@ -116,8 +117,7 @@ def load_pretrained(name_or_path: str | os.PathLike, *, adapter: str | os.PathLi
     model, cfg = weights.load_pretrained(name_or_path, **kwargs)
     if adapter is None:
         return model, cfg
-    tokenizer = load_tokenizer(adapter if has_tokenizer(adapter) else None)
-    model, _ = with_adapter(model, adapter, str(name_or_path), resolve(name_or_path), tokenizer)
+    model, _ = with_adapter(model, adapter, str(name_or_path), resolve(name_or_path), None)
     return model, model.config
 
 

@@ -169,10 +169,6 @@ def load_adapter(model: GPT2, folder: str | os.PathLike, vocab_size: int | None 
     grow = max([vocab_size or 0, *(i + 1 for i in rows)])
     if grow > cfg.vocab_size:
         model = resize_token_embeddings(model, grow)
-    if rows:
-        wte = model.wte[...]
-        model.wte = nnx.Param(wte.at[jnp.asarray(list(rows))].set(jnp.asarray(np.stack(list(rows.values())), wte.dtype)),
-                              **model.wte.get_metadata())
     apply(model, spec)
     where = Path(folder) / WEIGHTS_FILE
     for i, block in enumerate(model.h):
@@ -189,5 +185,11 @@ def load_adapter(model: GPT2, folder: str | os.PathLike, vocab_size: int | None 
                                 f"another model size)")
             lin.lora_a[...] = jnp.asarray(a.T.reshape(lin.lora_a.shape), lin.lora_a.dtype)
             lin.lora_b[...] = jnp.asarray(b.T.reshape(lin.lora_b.shape), lin.lora_b.dtype)
+    if rows:
+        table = np.stack(list(rows.values()))
+        if table.shape[1] != cfg.n_embd:
+            raise LoRAError(f"{where}: {TOKENS_KEY} has rows of width {table.shape[1]}, but this base's is {cfg.n_embd}")
+        wte = model.wte[...]
+        model.wte[...] = wte.at[jnp.asarray(list(rows))].set(jnp.asarray(table, wte.dtype))
     return model
 
