@@ -2,13 +2,14 @@
 
 One ``Config`` holds every knob of a training run, grouped in sections
 (``model``, ``data``, ``optimizer``, ``schedule``, ``mesh``, ``train``,
-``checkpoint``, ``logging``, ``distributed``). A run is described by a YAML
+``checkpoint``, ``logging``, ``distributed``, ``lora``). A run is described by a YAML
 file holding only what differs from the defaults, plus dotted overrides::
 
     python -m jaxgpt.train --config gpt2-chat optimizer.lr=3e-5 train.steps=200
 
 ``--config`` takes a YAML path or the name of a config shipped in the package
-(``jaxgpt/configs/``: ``demo``, ``gpt2-chat``, ``gpt2-{medium,large,xl}-pod``).
+(``jaxgpt/configs/``: ``demo``, ``gpt2-chat``, ``gpt2-{medium,large,xl}-pod``, and LoRA's
+``demo-lora``, ``gpt2-chat-lora``, ``gpt2-xl-lora-pod``).
 
 Everything is checked before JAX compiles anything; each problem is one line
 naming the file and key (``ConfigError``; ``DataError`` for the data section, which
