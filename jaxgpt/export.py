@@ -313,6 +313,8 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", v
     shutil.rmtree(staging, ignore_errors=True)
     cfg = model.config
     if spec and not merge:  # the adapter alone, float32 (PEFT's own default), for the public base
+        if dtype != "float32":
+            log(f"note: --dtype {dtype} applies to full exports (--merge); the adapter is written in float32")
         save_adapter(model, staging, tok, spec.base_name)
         log(f"wrote {staging} (PEFT LoRA adapter of {spec.base_name}: r={spec.rank}, alpha={spec.alpha:g}, "
             f"{', '.join(spec.targets)}; load it on GPT2LMHeadModel resized to {cfg.vocab_size} tokens)")

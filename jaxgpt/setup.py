@@ -189,6 +189,14 @@ class Setup:
 
     @property
     def n_params(self) -> int:
+        """The model's parameters, a LoRA run's frozen base included (``n_trainable``: what trains)."""
+        from jaxgpt.lora import Frozen
+
+        frozen = sum(v.size for _, v in nnx.to_flat_state(self.rest) if isinstance(v, Frozen))
+        return self.n_trainable + frozen
+
+    @property
+    def n_trainable(self) -> int:
         return sum(x.size for x in jax.tree.leaves(self.state["params"]))
 
     def abstract_state(self) -> dict:
