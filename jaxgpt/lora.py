@@ -119,7 +119,7 @@ class GrownEmbedding(nnx.Module):
 
     def __init__(self, wte, base_rows: int, param_dtype):
         table = wte[...]
-        self.base = Frozen(table[:base_rows], axes=("vocab", "embed"))
+        self.base = nnx.Param(table[:base_rows], axes=("vocab", "embed"))  # frozen with the rest by apply
         self.added = nnx.Param(table[base_rows:].astype(param_dtype), axes=(None, "embed"))
 
     def __getitem__(self, index):
@@ -131,20 +131,23 @@ class GrownEmbedding(nnx.Module):
         return self.base.shape[0]
 
 
-def _retype(model, old: type, new: type, dtype=None) -> None:
-    """Every ``old`` variable of ``model`` (adapters and added rows aside) becomes a ``new`` one, in place."""
+def _retype(model, old: type, new: type, dtype=None, weights_only: bool = False) -> None:
+    """Every ``old`` variable of ``model`` (adapters and added rows aside) becomes a ``new`` one, in place;
+    the floating ones (``weights_only``: the kernels and embeddings) cast to ``dtype``."""
     for _, module in list(nnx.iter_modules(model)):
         for name, var in list(vars(module).items()):
             if type(var) is old and not (isinstance(module, LoRALinear) or isinstance(module, GrownEmbedding)
                                         and name == "added"):
                 value = var[...]
-                if dtype is not None and jnp.issubdtype(value.dtype, jnp.floating):
+                weight = name in ("kernel", "wte", "wpe") or isinstance(module, GrownEmbedding)
+                if dtype is not None and (weight or not weights_only) and jnp.issubdtype(value.dtype, jnp.floating):
                     value = value.astype(dtype)
                 setattr(module, name, new(value, **var.get_metadata()))
 
 
 def apply(model: GPT2, spec: LoRASpec, *, base_vocab: int | None = None, seed: int = 0) -> GPT2:
-    """``model`` with adapters on ``spec.targets`` and everything else frozen (in place; returned).
+    """``model`` with adapters on ``spec.targets`` and everything else frozen (in place; returned), its
+    matrices in ``spec.base_dtype``.
 
     ``base_vocab``: the base model's vocabulary before chat tokens were added; the rows from there
     on train. ``lora_a`` is drawn per projection from ``seed``.
@@ -154,20 +157,16 @@ def apply(model: GPT2, spec: LoRASpec, *, base_vocab: int | None = None, seed: i
     pd = DTYPES[model.config.param_dtype]
     key = jax.random.key(seed)
     for i, block in enumerate(model.h):
-        for j, target in enumerate(spec.targets):
+        for target in spec.targets:
             owner, name = target.split(".")
             module = getattr(block, owner)
             setattr(module, name, LoRALinear(getattr(module, name), spec,
                                              jax.random.fold_in(key, i * len(PROJECTIONS) + PROJECTIONS.index(target)), pd))
     if base_vocab is not None and base_vocab < model.config.vocab_size:
         model.wte = GrownEmbedding(model.wte, base_vocab, pd)
-    _retype(model, nnx.Param, Frozen, DTYPES[spec.base_dtype])
+    _retype(model, nnx.Param, Frozen, DTYPES[spec.base_dtype], weights_only=True)  # biases and LayerNorms stay
     model.lora = spec  # static: what export and merging read
     return model
-
-
-def spec_of(model) -> LoRASpec | None:
-    return getattr(model, "lora", None)
 
 
 def merged(model: GPT2) -> GPT2:

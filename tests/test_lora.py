@@ -400,5 +400,6 @@ def test_adapters_carry_the_axes_of_their_weights_and_a_bf16_base():
     assert attn.c_proj.lora_b.get_metadata()["axes"] == (None, "embed")
     assert isinstance(attn.c_attn.base.kernel, Frozen) and attn.c_attn.base.kernel.dtype == jnp.bfloat16
     assert isinstance(model.wte, Frozen) and type(model.h[0].mlp.c_fc.kernel) is Frozen
+    assert model.wte.dtype == jnp.bfloat16 and model.ln_f.scale.dtype == attn.c_attn.base.bias.dtype == jnp.float32
     after = model.h[0].attn.c_attn.product(x)  # B = 0: the base's product, its weights rounded to bfloat16
     np.testing.assert_allclose(np.asarray(after).reshape(before.shape), before, rtol=0.02, atol=0.02)
