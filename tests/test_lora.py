@@ -403,3 +403,16 @@ def test_adapters_carry_the_axes_of_their_weights_and_a_bf16_base():
     assert model.wte.dtype == jnp.bfloat16 and model.ln_f.scale.dtype == attn.c_attn.base.bias.dtype == jnp.float32
     after = model.h[0].attn.c_attn.product(x)  # B = 0: the base's product, its weights rounded to bfloat16
     np.testing.assert_allclose(np.asarray(after).reshape(before.shape), before, rtol=0.02, atol=0.02)
+
+
+def test_resume_onto_another_base_is_refused():
+    from types import SimpleNamespace
+
+    from jaxgpt.setup import Setup
+
+    here = {"name": "gpt2", "path": "/models/gpt2", "fingerprint": "a" * 64}
+    s = SimpleNamespace(lora_base=here, cfg=SimpleNamespace(model=SimpleNamespace(name_or_path="gpt2")))
+    for saved, why in (({**here, "fingerprint": "b" * 64}, "changed since the checkpoint was saved"),
+                       ({**here, "path": "/models/other"}, r"is not the base the checkpoint's adapter was trained on")):
+        with pytest.raises(ConfigError, match=f"model.name_or_path=gpt2: {why}"):
+            Setup.resume(s, {"config": {"lora_base": saved}})
