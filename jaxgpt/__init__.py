@@ -6,12 +6,13 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time the names load on first use (below)
     from jaxgpt.model import GPT2, GPT2Config, init_cache
-    from jaxgpt.weights import WeightsError, load_pretrained, save_pretrained
+    from jaxgpt.loader import load_pretrained
+    from jaxgpt.weights import WeightsError, save_pretrained
 
 # Loaded on first use, so that ``python -m jaxgpt.train`` starts without jax (jaxgpt.host_memory
 # may restart that process first).
 _EXPORTS = {"GPT2": "jaxgpt.model", "GPT2Config": "jaxgpt.model", "init_cache": "jaxgpt.model",
-            "load_pretrained": "jaxgpt.weights", "save_pretrained": "jaxgpt.weights", "WeightsError": "jaxgpt.weights"}
+            "load_pretrained": "jaxgpt.loader", "save_pretrained": "jaxgpt.weights", "WeightsError": "jaxgpt.weights"}
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"
 

@@ -26,7 +26,7 @@ from jaxgpt import compile_cache
 from jaxgpt.decoding import DECODING_LAYOUTS
 from jaxgpt.inputs import readable
 from jaxgpt.loader import load_model, stop_ids_for
-from jaxgpt.sample import PARAM_DTYPE_HELP, SampleError, check_sampling, stream
+from jaxgpt.sample import ADAPTER_HELP, PARAM_DTYPE_HELP, SampleError, check_sampling, stream
 from jaxgpt.tokenizer import add_chat_template
 
 
@@ -116,6 +116,7 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=8, help="tokens decoded between screen updates (default %(default)s)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (default %(default)s)")
     ap.add_argument("--param-dtype", default="float32", choices=DECODING_LAYOUTS, help=PARAM_DTYPE_HELP)
+    ap.add_argument("--adapter", metavar="PEFT_DIR", help=ADAPTER_HELP)
     args = ap.parse_args(argv)
     if args.chunk < 1:
         ap.error(f"--chunk must be at least 1, got {args.chunk}")
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
         sys.stdin.reconfigure(errors="replace")
     try:
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, flags=True)  # before loading
-        loaded = load_model(args.model, dtype=args.dtype, param_dtype=args.param_dtype)
+        loaded = load_model(args.model, dtype=args.dtype, param_dtype=args.param_dtype, adapter=args.adapter)
         session = ChatSession(loaded.model, loaded.tokenizer, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, system=args.system,
                               chunk=args.chunk, source=loaded.folder)

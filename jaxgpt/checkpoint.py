@@ -837,7 +837,12 @@ def _load_step(step_dir: Path, dtype: str, param_dtype: str):
     cfg = model_config_from(config, str(step_dir / "config"))
     cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype, dropout=0.0, remat="auto", attention="auto", kernels="auto")
     # The rest (dropout RNG streams) as a fresh init makes it; the parameters as shapes, to restore into.
-    graphdef, abs_params, rest = abstract_model(cfg)
+    if (config.get("lora") or {}).get("rank"):  # a LoRA run saved its adapter: restored onto its base
+        from jaxgpt.lora import restore_target
+
+        graphdef, abs_params, rest = nnx.split(restore_target(config, cfg, str(step_dir)), nnx.Param, ...)
+    else:
+        graphdef, abs_params, rest = abstract_model(cfg)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abs_pure = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                             nnx.to_pure_dict(abs_params))

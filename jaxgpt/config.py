@@ -2,13 +2,14 @@
 
 One ``Config`` holds every knob of a training run, grouped in sections
 (``model``, ``data``, ``optimizer``, ``schedule``, ``mesh``, ``train``,
-``checkpoint``, ``logging``, ``distributed``). A run is described by a YAML
+``checkpoint``, ``logging``, ``distributed``, ``lora``). A run is described by a YAML
 file holding only what differs from the defaults, plus dotted overrides::
 
     python -m jaxgpt.train --config gpt2-chat optimizer.lr=3e-5 train.steps=200
 
 ``--config`` takes a YAML path or the name of a config shipped in the package
-(``jaxgpt/configs/``: ``demo``, ``gpt2-chat``, ``gpt2-{medium,large,xl}-pod``).
+(``jaxgpt/configs/``: ``demo``, ``gpt2-chat``, ``gpt2-{medium,large,xl}-pod``, and LoRA's
+``demo-lora``, ``gpt2-chat-lora``, ``gpt2-xl-lora-pod``).
 
 Everything is checked before JAX compiles anything; each problem is one line
 naming the file and key (``ConfigError``; ``DataError`` for the data section, which
@@ -66,6 +67,8 @@ FLOAT_RANGES = {
     "schedule.min_lr_ratio": Range(0, 1),
     "data.eval_fraction": Range(0, 1, high_open=True),
     "logging.peak_flops_per_device": Range(0, low_open=True, note="null = known TPUs/GPUs only"),
+    "lora.alpha": Range(0, low_open=True, note="null = lora.rank"),
+    "lora.dropout": Range(0, 1, high_open=True),
 }
 FORMATS = ("auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text")
 # The string keys that take one of a few values.
@@ -79,6 +82,7 @@ CHOICES = {
     "data.template": ("chatml", "plain", "tokenizer"),
     "data.loss_on": ("assistant", "all", "completion"),
     "data.truncation": ("truncate", "drop"),
+    "lora.base_dtype": ("float32", "bfloat16"),
 }
 # The integer keys with a lower bound: (bound, what the edge means).
 MINIMUMS = {
@@ -86,6 +90,7 @@ MINIMUMS = {
     "train.eval_every": (0, " (0 = never)"), "train.eval_batches": (1, " (null = the whole held-out set)"),
     "schedule.warmup_steps": (0, ""), "schedule.decay_steps": (1, " (null = train.steps)"),
     "checkpoint.save_every": (1, ""), "checkpoint.keep": (1, ""), "logging.log_every": (1, ""),
+    "lora.rank": (0, " (0 = off)"),
 }
 
 
@@ -281,6 +286,31 @@ class DistributedConfig:
     cpu_devices_per_process: int | None = _f(None, "CPU only: simulated devices per process (jax_num_cpu_devices)")
 
 
+# lora.targets: HF module names -> the projections they select (c_proj: attention's and the MLP's, as in PEFT).
+LORA_PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+LORA_TARGETS = {"c_attn": ("attn.c_attn",), "c_proj": ("attn.c_proj", "mlp.c_proj"), "c_fc": ("mlp.c_fc",),
+                **{p: (p,) for p in LORA_PROJECTIONS}}
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = _f(0, "LoRA rank: train low-rank adapters on a frozen base (model.name_or_path); 0 = off (full fine-tuning)")
+    alpha: float | None = _f(None, "LoRA alpha: the adapters' output is scaled by alpha / rank; null = rank (scale 1)")
+    dropout: float = _f(0.0, "dropout on the adapters' input")
+    targets: list[str] | None = _f(None, "HF module names to adapt: c_attn, c_proj (attention's and the MLP's, as in PEFT), c_fc, or attn.c_proj / mlp.c_proj; null = all")
+    rslora: bool = _f(False, "scale by alpha / sqrt(rank) (rank-stabilised LoRA, PEFT's use_rslora)")
+    base_dtype: str = _f("float32", "dtype of the frozen base weights: float32 | bfloat16 (half the memory)")
+
+    def __post_init__(self):
+        if self.targets is not None and self.rank <= 0:
+            raise ValueError(f"lora.targets={self.targets} with lora.rank={self.rank}: set lora.rank > 0")
+        if self.targets is not None and not self.targets:
+            raise ValueError("lora.targets=[]: name at least one module (or null = all)")
+        unknown = [t for t in self.targets or () if t not in LORA_TARGETS]
+        if unknown:
+            raise ValueError(f"lora.targets: unknown target {unknown[0]!r}; choose from {', '.join(LORA_TARGETS)}")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -292,6 +322,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,7 +1,11 @@
 """Export a jaxgpt checkpoint to a Hugging Face PyTorch folder, and prove it.
 
     python -m jaxgpt.export --checkpoint OUTPUT_DIR[/STEP] --out HF_DIR \
-        [--dtype float32|bfloat16] [--push-to-hub USER/REPO]
+        [--dtype float32|bfloat16] [--merge] [--adapter PEFT_DIR] [--push-to-hub USER/REPO]
+
+A LoRA run (``lora.rank`` > 0) exports as a PEFT adapter folder (``jaxgpt.peft_io``; checked
+by ``PeftModel`` on the base), or with ``--merge`` as the full merged model; ``--adapter`` puts
+a PEFT adapter on an HF source first.
 
 The folder holds ``model.safetensors`` (padded vocab rows stripped, added chat
 tokens kept), ``config.json``, ``generation_config.json`` (end-of-turn
@@ -37,11 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgpt import compile_cache
+from jaxgpt import compile_cache, lora
 from jaxgpt.inputs import Range
 from jaxgpt.model import GPT2
 from jaxgpt.loader import load_model
 from jaxgpt.paths import check_remote, descendants, is_hf_folder, is_url, upath, upload_folder
+from jaxgpt.peft_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
 from jaxgpt.tokenizer import end_of_turn_id
 from jaxgpt.weights import load_pretrained, save_pretrained
 
@@ -78,9 +83,10 @@ class Check:
 
 # ----------------------------------------------------------------------------- loading
 
-def load_source(path: str | Path):
-    """(model in float32, training layout; tokenizer) from an HF folder or a jaxgpt checkpoint."""
-    loaded = load_model(path, decoding=False, hub=False)
+def load_source(path: str | Path, adapter: str | Path | None = None):
+    """(model in float32, training layout; tokenizer) from an HF folder or a jaxgpt checkpoint; a LoRA
+    run's model (or the HF model with ``adapter`` on it) keeps its adapters unmerged."""
+    loaded = load_model(path, decoding=False, hub=False, adapter=adapter, merge=False)
     if loaded.kind == "hf":  # a checkpoint's are checked as it is read; not a "logits mismatch" later: name the tensor
         from jaxgpt.checkpoint import nonfinite_tensor
 
@@ -136,7 +142,25 @@ def verify(model: GPT2, hf_dir: Path, tok, *, dtype: str = "float32", atol: floa
     else:
         reference = "the written safetensors re-read by jaxgpt (no torch)"
         exported = _jax_logits(load_pretrained(hf_dir)[0])  # float32, unpadded vocab, as transformers holds it
-    jaxgpt_logits = _jax_logits(rounded(model, dtype))
+    return _compare(model, _jax_logits(rounded(model, dtype)), exported, reference, tok, atol, rtol, k)
+
+
+def verify_adapter(model: GPT2, folder: Path, tok, *, atol: float = 1e-3, rtol: float = 1e-5, k: int = 5) -> Check:
+    """Logits of PEFT's ``PeftModel`` with the adapter folder on the base (resized to the tokenizer)
+    vs jaxgpt's LoRA ``model``, after checking that PEFT loaded every saved tensor as written (a key it
+    skips leaves that adapter at zero). Without torch and peft, jaxgpt reads the folder back onto the
+    base instead: its reader refuses any key PEFT would skip."""
+    spec = model.lora
+    if torch_installed() and importlib.util.find_spec("peft") is not None:
+        reference, exported = "peft PeftModel on GPT2LMHeadModel", _peft_logits(folder, spec.base_path, model.config.vocab_size)
+    else:
+        reference = "the written adapter re-read by jaxgpt onto its base (no torch / peft)"
+        base = load_pretrained(spec.base_path)[0]
+        exported = _jax_logits(load_adapter(base, folder, model.config.vocab_size))
+    return _compare(model, _jax_logits(model), exported, reference, tok, atol, rtol, k)
+
+
+def _compare(model, jaxgpt_logits, exported, reference, tok, atol, rtol, k) -> Check:
     diffs, scale, top1, overlap = [], 0.0, [], []
     for ids in check_prompts(tok, model.config.n_positions):
         ours, theirs = jaxgpt_logits(ids), exported(ids)
@@ -164,6 +188,32 @@ def _torch_logits(hf_dir: Path):
     def logits(ids: list[int]) -> np.ndarray:
         with torch.no_grad():
             return torch_model(torch.tensor([ids])).logits[0].numpy()
+    return logits
+
+
+def _peft_logits(folder: Path, base_path: str, vocab_size: int):
+    import torch
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.numpy import load_file
+    from transformers import GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    base = GPT2LMHeadModel.from_pretrained(base_path, dtype=torch.float32)
+    if vocab_size > base.config.vocab_size:  # the chat tokens' rows come from the adapter
+        base.resize_token_embeddings(vocab_size, mean_resizing=False)
+    try:
+        peft_model = PeftModel.from_pretrained(base, str(folder)).eval()
+    except Exception as e:  # noqa: BLE001 - whatever PEFT raises, the folder is not what PEFT loads
+        raise ExportError(f"{folder}: PEFT cannot load it ({type(e).__name__}: {e}); nothing exported") from e
+    loaded = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    for key, value in load_file(str(folder / WEIGHTS_FILE)).items():
+        if key not in loaded or not np.array_equal(loaded[key].numpy(), value):
+            raise ExportError(f"{folder / WEIGHTS_FILE}: PEFT did not load tensor {key} as written; nothing exported")
+
+    def logits(ids: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            return peft_model(torch.tensor([ids])).logits[0].numpy()
     return logits
 
 
@@ -237,8 +287,8 @@ def check_out(checkpoint: str | Path, out: str | Path, overwrite: bool) -> tuple
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ExportError(f"{given}: already exists and is not empty (pass --overwrite to replace it)")
-        if not is_hf_folder(out):
-            raise ExportError(f"{given}: is not a Hugging Face model folder (config.json and weights); --overwrite "
+        if not is_hf_folder(out) and not (out / CONFIG_FILE).is_file():
+            raise ExportError(f"{given}: is not a Hugging Face model or PEFT adapter folder; --overwrite "
                               "replaces only an earlier export: choose a new or empty --out")
         held = _holds_run(out)
         if held is not None:
@@ -251,22 +301,34 @@ def check_out(checkpoint: str | Path, out: str | Path, overwrite: bool) -> tuple
 
 def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", verify_logits: bool = True,
            overwrite: bool = False, push_to_hub: str | None = None, atol: float = 1e-3, rtol: float = 1e-5,
-           log=print) -> Path:
-    """Write ``out`` as an HF GPT-2 folder; returns its path. Raises ExportError on any mismatch."""
+           merge: bool = False, adapter: str | Path | None = None, log=print) -> Path:
+    """Write ``out`` as an HF GPT-2 folder, or for a LoRA model (a LoRA run, or ``adapter`` on an HF
+    model) as a PEFT adapter folder unless ``merge``; returns its path. Raises ExportError on any mismatch."""
     if dtype not in ("float32", "bfloat16"):
         raise ExportError(f"--dtype {dtype!r}: choose float32 or bfloat16")
     for name, value in (("--atol", atol), ("--rtol", rtol)):
         Range(0).check(name, value, ExportError)  # an infinite or NaN tolerance passes or fails any export
     out, staging = check_out(checkpoint, out, overwrite)
-    model, tok = load_source(checkpoint)
+    model, tok = load_source(checkpoint, adapter)
+    spec = getattr(model, "lora", None)
+    if spec and merge:
+        model = lora.merged(model)
     if not getattr(tok, "chat_template", None):
         log(f"note: {checkpoint} has no chat template; exporting the tokenizer as is")
     shutil.rmtree(staging, ignore_errors=True)
-    save_pretrained(model, staging, tokenizer=tok, dtype=dtype, generation_config=generation_config(tok))
     cfg = model.config
-    log(f"wrote {staging} ({cfg.n_layer} layers, width {cfg.n_embd}, vocab {cfg.vocab_size}, {dtype})")
+    if spec and not merge:  # the adapter alone, float32 (PEFT's own default), for the public base
+        if dtype != "float32":
+            log(f"note: --dtype {dtype} applies to full exports (--merge); the adapter is written in float32")
+        save_adapter(model, staging, tok, spec.base_name)
+        log(f"wrote {staging} (PEFT LoRA adapter of {spec.base_name}: r={spec.rank}, alpha={spec.alpha:g}, "
+            f"{', '.join(spec.targets)}; load it on GPT2LMHeadModel resized to {cfg.vocab_size} tokens)")
+    else:
+        save_pretrained(model, staging, tokenizer=tok, dtype=dtype, generation_config=generation_config(tok))
+        log(f"wrote {staging} ({cfg.n_layer} layers, width {cfg.n_embd}, vocab {cfg.vocab_size}, {dtype})")
     if verify_logits:
-        check = verify(model, staging, tok, dtype=dtype, atol=atol, rtol=rtol)
+        check = (verify_adapter(model, staging, tok, atol=atol, rtol=rtol) if spec and not merge
+                 else verify(model, staging, tok, dtype=dtype, atol=atol, rtol=rtol))
         log(str(check))
         if not check.ok:
             raise ExportError(f"{staging}: exported logits differ from jaxgpt's ({check}); folder left for inspection")
@@ -316,6 +378,9 @@ def main(argv=None, *, prog: str = "python -m jaxgpt.export", positional: bool =
         p.add_argument("--checkpoint", required=True, help=where)
         p.add_argument("--out", required=True, help="HF folder to write")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the saved weights")
+    p.add_argument("--merge", action="store_true",
+                   help="a LoRA model: write the full merged GPT2LMHeadModel folder instead of the PEFT adapter")
+    p.add_argument("--adapter", metavar="PEFT_DIR", help="a PEFT LoRA adapter folder to put on the source model")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the verified folder to this hub repo")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-verify", action="store_true",
@@ -326,7 +391,7 @@ def main(argv=None, *, prog: str = "python -m jaxgpt.export", positional: bool =
     compile_cache.enable()
     try:
         export(args.checkpoint, args.out, dtype=args.dtype, verify_logits=not args.no_verify, overwrite=args.overwrite,
-               push_to_hub=args.push_to_hub, atol=args.atol, rtol=args.rtol)
+               push_to_hub=args.push_to_hub, atol=args.atol, rtol=args.rtol, merge=args.merge, adapter=args.adapter)
     except ValueError as e:  # ExportError, WeightsError and the checkpoint's errors: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -13,6 +13,7 @@ sample, chat, export and serve load through it (``jaxgpt.sample.load_model`` giv
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,7 +26,8 @@ from jaxgpt.decoding import DECODING_LAYOUTS, INT8_DECODING, for_decoding
 from jaxgpt.model import GPT2
 from jaxgpt.paths import WEIGHT_FILES, WeightsError, check_remote, is_hf_folder, resolve, upath
 from jaxgpt.tokenizer import has_tokenizer, load_tokenizer, stop_token_ids
-from jaxgpt.weights import load_pretrained
+from jaxgpt import lora, weights
+from jaxgpt.peft_io import load_adapter
 
 log = logging.getLogger("jaxgpt.loader")
 
@@ -59,7 +61,8 @@ def locate(path_or_hub_id: str | os.PathLike, *, hub: bool = True) -> tuple[str,
 
 
 def load_model(path_or_hub_id: str | os.PathLike, *, dtype: str = "float32", param_dtype: str = "float32",
-               decoding: bool = True, hub: bool = True) -> Loaded:
+               decoding: bool = True, hub: bool = True, adapter: str | os.PathLike | None = None,
+               merge: bool = True) -> Loaded:
     """The model and its tokenizer from an HF folder, a hub id or a jaxgpt training checkpoint.
 
     ``decoding`` (for sampling): ``param_dtype`` "bfloat16", "int8" or "w8a8" gives the model in that
@@ -67,6 +70,9 @@ def load_model(path_or_hub_id: str | os.PathLike, *, dtype: str = "float32", par
     weights), and float32 on a CPU the float32 one (the same numbers, kernels stored [out, in],
     faster products). Such models sample and evaluate; they cannot be trained, saved or exported.
     ``decoding=False`` keeps the training layout (export). ``hub=False``: local sources only.
+    ``adapter``: a PEFT LoRA folder to put on the model (its tokenizer, if it has one, replaces the
+    model's). A LoRA model (an adapter, or a LoRA run's checkpoint) is merged into plain weights
+    unless ``merge=False`` (export writes its adapter).
     """
     if param_dtype not in DECODING_LAYOUTS or (not decoding and param_dtype in INT8_DECODING):
         choices = DECODING_LAYOUTS if decoding else ("float32", "bfloat16")
@@ -78,16 +84,44 @@ def load_model(path_or_hub_id: str | os.PathLike, *, dtype: str = "float32", par
         param_dtype = "float32"  # quantised from the float32 weights
     kind, folder = locate(path_or_hub_id, hub=hub)
     if kind == "hf":
-        model, _ = load_pretrained(folder, dtype=dtype, param_dtype=param_dtype)
+        model, _ = weights.load_pretrained(folder, dtype=dtype, param_dtype=param_dtype)
         # The folder's own tokenizer (it may carry a chat template), else the vendored GPT-2 one.
         tokenizer = load_tokenizer(folder if has_tokenizer(folder) else None)
     else:
         model, tokenizer = _from_checkpoint(folder, dtype, param_dtype)
-    # An adapter (adapter=PEFT_DIR: LoRA weights) goes on here, onto the full-precision model,
-    # before it is stored in a decoding layout.
+    if adapter is not None:  # onto the full-precision model, before any decoding layout
+        model, tokenizer = with_adapter(model, adapter, str(path_or_hub_id), folder, tokenizer)
+    if merge and getattr(model, "lora", None):
+        model = lora.merged(model)
+    elif layout and getattr(model, "lora", None):
+        raise LoadError("a LoRA model (merge=False) has no decoding layout")
     if layout:
         model = for_decoding(model, layout)
     return Loaded(model, tokenizer, kind, folder, stop_ids_for(tokenizer, model, folder))
+
+
+def with_adapter(model: GPT2, adapter: str | os.PathLike, base_name: str, base_folder: Path, tokenizer):
+    """(``model`` with the PEFT LoRA adapter folder on it, the adapter's tokenizer if it has one)."""
+    if not Path(adapter).is_dir():
+        raise LoadError(f"--adapter {adapter}: no such folder")
+    if getattr(model, "lora", None):
+        raise LoadError(f"--adapter {adapter}: the model already carries LoRA adapters (a LoRA run's checkpoint)")
+    own = has_tokenizer(adapter)  # its tokenizer sets the vocabulary (chat tokens); else the token rows it holds
+    if own:
+        tokenizer = load_tokenizer(adapter)
+    model = load_adapter(model, adapter, len(tokenizer) if own else None)
+    model.lora = dataclasses.replace(model.lora, base_name=base_name, base_path=str(base_folder))
+    return model, tokenizer
+
+
+def load_pretrained(name_or_path: str | os.PathLike, *, adapter: str | os.PathLike | None = None, **kwargs):
+    """``jaxgpt.weights.load_pretrained``: (model, config) of an HF folder or hub id; with ``adapter``
+    (a PEFT LoRA folder) the model carries it, unmerged (``jaxgpt.lora.merged`` folds it in)."""
+    model, cfg = weights.load_pretrained(name_or_path, **kwargs)
+    if adapter is None:
+        return model, cfg
+    model, _ = with_adapter(model, adapter, str(name_or_path), resolve(name_or_path), None)
+    return model, model.config
 
 
 def _on_cpu() -> bool:

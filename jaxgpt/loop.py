@@ -73,8 +73,9 @@ def run(s: Setup, out: Path, logger: metrics.MetricsLog, hooks: list[Hook], guar
     context (``should_stop(step)``, ``received``); ``saved``: where the last save is, for errors."""
     cfg, t = s.cfg, s.cfg.train
     micro = t.batch_size // t.grad_accum
+    dropout = s.model_config.dropout > 0 or s.cfg.lora.dropout > 0
     step_fn = steps.make_train_step(s.graphdef, s.rest, s.tx, objective=s.objective, mesh=s.mesh,
-                                    dropout=s.model_config.dropout > 0, state_shardings=s.state_shardings)
+                                    dropout=dropout, state_shardings=s.state_shardings)
     evaluate_at = eval_due(s)
     eval_fn = steps.make_eval_step(s.graphdef, s.rest, objective=s.objective, mesh=s.mesh)
     tokens_per_step = t.batch_size * cfg.data.seq_len

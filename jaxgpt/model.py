@@ -364,7 +364,7 @@ class GPT2(nnx.Module):
         def body(y, state):
             block = nnx.merge(graphdef, state)
             y, _ = block(y, mask, constrain=constrain)
-            return y, nnx.state(block, nnx.Not(nnx.Param))
+            return y, nnx.state(block, nnx.RngState)  # not the (maybe frozen) weights
 
         if remat != "none":
             body = jax.checkpoint(body, prevent_cse=False, policy=REMAT_POLICIES[remat])

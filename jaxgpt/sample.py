@@ -256,6 +256,9 @@ PARAM_DTYPE_HELP = ("weights dtype. bfloat16 and int8 store them in the decoding
                     "fastest on a CPU at batch 8. Check a model's outputs with tools/decode_quality.py")
 
 
+ADAPTER_HELP = "a PEFT LoRA adapter folder to put on --model (merged into it before sampling)"
+
+
 def load_model(path_or_hub_id: str, *, dtype: str = "float32", param_dtype: str = "float32"):
     """(model, tokenizer) of ``jaxgpt.loader.load_model``, in the decoding layout."""
     loaded = loader.load_model(path_or_hub_id, dtype=dtype, param_dtype=param_dtype)
@@ -278,13 +281,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--num-samples", type=int, default=1, help="samples drawn in one batch (default %(default)s)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (default %(default)s)")
     ap.add_argument("--param-dtype", default="float32", choices=DECODING_LAYOUTS, help=PARAM_DTYPE_HELP)
+    ap.add_argument("--adapter", metavar="PEFT_DIR", help=ADAPTER_HELP)
     args = ap.parse_args(argv)
     compile_cache.enable()
     try:
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, flags=True)
         if args.num_samples < 1:
             raise SampleError(f"--num-samples must be >= 1, got {args.num_samples}")
-        loaded = loader.load_model(args.model, dtype=args.dtype, param_dtype=args.param_dtype)
+        loaded = loader.load_model(args.model, dtype=args.dtype, param_dtype=args.param_dtype, adapter=args.adapter)
         model, tokenizer = loaded.model, loaded.tokenizer
         ids = tokenizer.encode(args.prompt) if args.prompt else [model.config.bos_token_id]
         outs = generate(model, [ids] * args.num_samples, max_new_tokens=args.max_new_tokens,

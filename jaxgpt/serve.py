@@ -464,13 +464,13 @@ def prometheus(stats: dict[str, Any]) -> str:
 
 
 def build_engine(model_path: str, *, max_batch: int = 8, max_context: int | None = None, dtype: str = "float32",
-                 param_dtype: str = "float32", warmup: bool = True) -> Engine:
+                 param_dtype: str = "float32", warmup: bool = True, adapter: str | None = None) -> Engine:
     """Load ``model_path`` (``jaxgpt.loader.load_model``) into a started engine; ``warmup`` compiles
     the decode step for every cache length and a first prefill before any request comes."""
     from jaxgpt.loader import load_model, stop_ids_for
     from jaxgpt.tokenizer import add_chat_template
 
-    loaded = load_model(model_path, dtype=dtype, param_dtype=param_dtype)
+    loaded = load_model(model_path, dtype=dtype, param_dtype=param_dtype, adapter=adapter)
     model, tokenizer = loaded.model, loaded.tokenizer
     if not tokenizer.chat_template:
         add_chat_template(tokenizer, "plain")
@@ -490,7 +490,7 @@ def build_engine(model_path: str, *, max_batch: int = 8, max_context: int | None
 def main(argv: Sequence[str] | None = None) -> int:
     from jaxgpt import compile_cache
     from jaxgpt.decoding import DECODING_LAYOUTS
-    from jaxgpt.sample import PARAM_DTYPE_HELP
+    from jaxgpt.sample import ADAPTER_HELP, PARAM_DTYPE_HELP
 
     ap = argparse.ArgumentParser(prog="python -m jaxgpt.serve",
                                  description="Serve a GPT-2 over an OpenAI-compatible HTTP API, batching requests "
@@ -504,6 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="most tokens per request, prompt + completion (default: the model's n_positions)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (default %(default)s)")
     ap.add_argument("--param-dtype", default="float32", choices=DECODING_LAYOUTS, help=PARAM_DTYPE_HELP)
+    ap.add_argument("--adapter", metavar="PEFT_DIR", help=ADAPTER_HELP)
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = ap.parse_args(argv)
     if args.max_batch < 1:
@@ -514,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         engine = build_engine(args.model, max_batch=args.max_batch, max_context=args.max_context, dtype=args.dtype,
-                              param_dtype=args.param_dtype)
+                              param_dtype=args.param_dtype, adapter=args.adapter)
     except (ValueError, OSError) as e:  # the engine names --max-context's bound (the model's n_positions)
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -188,9 +188,18 @@ class Setup:
     eval_set: Any  # a held-out dataset, or None
     rng: np.ndarray  # the run's key data: each step folds its number in
     start: int = 0  # optimizer steps already done (a resumed run)
+    lora_base: dict | None = None  # a LoRA run's base (jaxgpt.lora.base_reference); params are the adapters
 
     @property
     def n_params(self) -> int:
+        """The model's parameters, a LoRA run's frozen base included (``n_trainable``: what trains)."""
+        from jaxgpt.lora import Frozen
+
+        frozen = sum(v.size for _, v in nnx.to_flat_state(self.rest) if isinstance(v, Frozen))
+        return self.n_trainable + frozen
+
+    @property
+    def n_trainable(self) -> int:
         return sum(x.size for x in jax.tree.leaves(self.state["params"]))
 
     def abstract_state(self) -> dict:
@@ -199,6 +208,11 @@ class Setup:
 
     def resume(self, restored: dict) -> None:
         """Continue from a restored checkpoint: its state, step, data position and rng."""
+        saved = restored["config"].get("lora_base") or {}
+        if self.lora_base is not None and saved != self.lora_base:  # the adapter belongs to the base it was trained on
+            why = ("changed since the checkpoint was saved (fingerprint differs)" if saved.get("path") == self.lora_base["path"]
+                   else f"is not the base the checkpoint's adapter was trained on ({saved.get('path')})")
+            raise ConfigError(f"model.name_or_path={self.cfg.model.name_or_path}: {why}")
         self.state = {"params": restored["params"], "opt_state": restored["opt_state"]}
         self.start = int(restored["step"])
         self.train_data.restore(restored["data_state"])
@@ -206,7 +220,8 @@ class Setup:
 
     def run_config(self) -> dict:
         """The saved config: the run's sections plus the final GPT2Config (after any vocab resize)."""
-        return {**self.cfg.to_dict(), "model_config": dataclasses.asdict(self.model_config)}
+        lora = {"lora_base": self.lora_base} if self.lora_base else {}
+        return {**self.cfg.to_dict(), "model_config": dataclasses.asdict(self.model_config), **lora}
 
 
 def prepare(cfg: Config, mesh) -> Setup:
@@ -217,12 +232,31 @@ def prepare(cfg: Config, mesh) -> Setup:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's n_positions={arch.n_positions}")
     train_data, eval_set = make_data(cfg, tokenizer, mesh)  # adds chat tokens to the tokenizer
     graphdef, params, rest, gcfg = build_model(cfg, len(tokenizer), mesh, arch)
+    lora_base = None
+    if cfg.lora.rank:
+        graphdef, params, rest, lora_base = with_adapters(cfg, graphdef, params, rest, arch.vocab_size, mesh)
     _warn_unsplit(gcfg, mesh)
     tx, schedule = make_optimizer(cfg, params)
     state, state_shardings = init_state(tx, params, mesh)
     rng = jax.random.key_data(jax.random.key(cfg.train.seed))
     return Setup(cfg, mesh, tokenizer, gcfg, graphdef, rest, state, state_shardings, tx, schedule, SFT(mesh),
-                 train_data, eval_set, rng)
+                 train_data, eval_set, rng, lora_base=lora_base)
+
+
+def with_adapters(cfg: Config, graphdef, params, rest, base_vocab: int, mesh):
+    """LoRA (``cfg.lora``): (graphdef, adapters, rest with the frozen base, base reference). The adapters
+    (and added tokens' rows) are the trainable params; every array is placed by its logical axes."""
+    from jaxgpt import lora
+    from jaxgpt.paths import resolve
+
+    if cfg.model.name_or_path is None:
+        raise ConfigError(f"lora.rank={cfg.lora.rank}: LoRA adapts a pretrained model; set model.name_or_path")
+    spec = dataclasses.replace(lora.LoRASpec.from_config(cfg.lora), base_name=str(cfg.model.name_or_path))
+    model = lora.apply(nnx.merge(graphdef, params, rest), spec, base_vocab=base_vocab, seed=cfg.train.seed)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = jax.device_put(params, sharding.param_shardings(jax.tree.map(lambda x: x, params), mesh))
+    rest = jax.device_put(rest, sharding.param_shardings(jax.tree.map(lambda x: x, rest), mesh))
+    return graphdef, params, rest, lora.base_reference(str(cfg.model.name_or_path), resolve(cfg.model.name_or_path))
 
 
 def init_state(tx: optax.GradientTransformation, params: nnx.State, mesh) -> tuple[dict, dict]:

@@ -51,7 +51,7 @@ def make_optimizer(cfg: Config, params: nnx.State) -> tuple[optax.GradientTransf
 
 
 def _decays(path, var, decay_embeddings: bool) -> bool:
-    name = str(path[-1])
+    name = str(path[0]) if str(path[0]) in ("wte", "wpe") else str(path[-1])  # a LoRA run's added rows: wte.added
     if name in ("wte", "wpe"):
         return decay_embeddings
     return len(var.shape) >= 2 and not name.endswith("bias")
@@ -108,7 +108,7 @@ def make_train_step(graphdef, rest, tx, *, objective: Objective | None = None, m
     """
     objective = objective or SFT(mesh)
 
-    def step(state, batch, rng, objective):
+    def step(state, batch, rng, objective, rest):
         params, opt_state = state["params"], state["opt_state"]
         grad_fn = jax.value_and_grad(
             lambda p, mb, k: loss_terms(graphdef, p, rest, mb, objective=objective, mesh=mesh, rng=k), has_aux=True)
@@ -151,17 +151,18 @@ def make_train_step(graphdef, rest, tx, *, objective: Objective | None = None, m
 
     out_shardings = None if state_shardings is None else (state_shardings, None)
     jitted = jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
-    return lambda state, batch, rng: jitted(state, batch, rng, objective)
+    # rest is an argument, not a constant compiled in: a LoRA run's frozen base weights live there
+    return lambda state, batch, rng: jitted(state, batch, rng, objective, rest)
 
 
 def make_eval_step(graphdef, rest, *, objective: Objective | None = None, mesh=None) -> Callable:
     """``eval_step(params, batch) -> (loss sum, metric sums)`` for one [B, T] batch, dropout off."""
 
-    def eval_step(params, batch, objective):
+    def eval_step(params, batch, objective, rest):
         return loss_terms(graphdef, params, rest, batch, objective=objective, mesh=mesh, train=False)
 
     jitted = jax.jit(eval_step)
-    return lambda params, batch: jitted(params, batch, objective or SFT(mesh))
+    return lambda params, batch: jitted(params, batch, objective or SFT(mesh), rest)
 
 
 def place_batch(local: list[dict[str, np.ndarray]], mesh, micro: int) -> dict[str, jax.Array]:

@@ -117,6 +117,9 @@ def _announce(s: Setup, out: Path, logger: metrics.MetricsLog, cache_dir) -> Non
     logger.print(f"jaxgpt: {s.n_params / 1e6:.2f}M params, mesh {dict(s.mesh.shape)}, {jax.process_count()} process(es), "
                  f"global batch {t.batch_size} x {cfg.data.seq_len} tokens ({t.grad_accum} micro-batches), "
                  f"steps {s.start}->{t.steps}, output {out}, compilation cache {cache_dir or 'off'}")
+    if cfg.lora.rank:
+        logger.print(f"lora: rank {cfg.lora.rank} on {s.model_config.n_layer} x {', '.join(cfg.lora.targets or ['all'])}, "
+                     f"{s.n_trainable / 1e6:.2f}M trainable parameters, the base frozen in {cfg.lora.base_dtype}")
     rows = t.batch_size // t.grad_accum * cfg.data.seq_len  # one micro-batch's positions (what the model sees)
     logger.print(f"model: {gcfg.dtype} compute, {gcfg.param_dtype} weights, "
                  f"{Policy.resolve(gcfg).describe(rows, cfg.data.seq_len)}"

@@ -26,13 +26,13 @@ def test_no_config_means_demo():
 
 def test_shipped_configs_by_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert shipped_configs() == [p.stem for p in CONFIGS]
+    assert shipped_configs() == sorted(p.stem for p in CONFIGS)
     assert {"demo", "gpt2-chat", "gpt2-xl-pod"} <= set(shipped_configs())
     for path in CONFIGS:
         assert load_config(path.stem).to_dict() == load_config(path).to_dict()
     assert load_config("gpt2-chat", ["train.steps=7"]).train.steps == 7
     with pytest.raises(ConfigError, match=r"^gpt2chat: config file not found \(did you mean 'gpt2-chat'\?\); "
-                                          r"shipped configs, by name: demo, gpt2-chat"):
+                                          r"shipped configs, by name: demo, demo-lora, gpt2-chat"):
         load_config("gpt2chat")
     with pytest.raises(ConfigError, match="demo.yaml: config file not found"):  # a path is only a path
         load_config("demo.yaml")

@@ -17,7 +17,7 @@ LAYERS: list[dict[str, set[str]]] = [
     {"config": {"config"}},
     {"mesh": {"sharding"}},
     {"data": {"data", "tokenizer"},
-     "model": {"model", "kernels", "decoding", "loss", "weights"}},
+     "model": {"model", "kernels", "decoding", "loss", "weights", "lora", "peft_io"}},
     {"objective + step": {"objectives", "step", "setup"}},
     {"loop": {"loop", "metrics"}},
     {"checkpoint": {"checkpoint"}},

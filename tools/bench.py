@@ -27,6 +27,8 @@ weights from one safetensors folder and the same batches from one seed):
             time, peak RSS, trained tokens, final losses.
   generate  tools/bench_generate.py (jaxgpt generate vs transformers generate, eager
             and with a static cache + torch.compile).
+  lora      LoRA r=16 on every projection, GPT-2 124M, 4x256: jaxgpt vs jaxgpt's full
+            fine-tuning vs PEFT + PyTorch eager; tokens/s, peak RSS, optimizer-state bytes.
   serve     tools/bench_serve.py (python -m jaxgpt.serve vs transformers serve
             --continuous-batching: output tokens/s and time to first token at
             concurrency 1, 8 and 32); only when named: --sections serve.
@@ -132,6 +134,11 @@ def train_setup(a: dict):
         setattr(cfg.optimizer, k, v)
     mesh = sharding.make_mesh((1, len(jax.devices()), 1))
     graphdef, params, rest, gcfg = build_model(cfg, 0, mesh)
+    if a.get("lora_rank"):  # the lora section: adapters on every projection, the base frozen
+        from jaxgpt.setup import with_adapters
+
+        cfg.lora.rank, cfg.lora.alpha = a["lora_rank"], 2.0 * a["lora_rank"]
+        graphdef, params, rest, _ = with_adapters(cfg, graphdef, params, rest, gcfg.vocab_size, mesh)
     tx, _ = make_optimizer(cfg, params)
     # Placed exactly as jaxgpt.train.train places it: the step's outputs then match its inputs,
     # so the second step reuses the first step's compiled program (no recompile).
@@ -209,7 +216,9 @@ def worker_train_jax(a: dict) -> dict:
     out = {**step_stats(times, b * t), "first_loss": losses[0], "last_loss": losses[-1], "losses": losses,
            "time_to_first_step_s": t_first - a["t_spawn"], "peak_rss_mb": rss_mb(),
            "rss_after_load_mb": rss_loaded, "backend": jax.default_backend(), "n_devices": len(jax.devices()),
-           "device_kind": jax.devices()[0].device_kind}
+           "device_kind": jax.devices()[0].device_kind,
+           "opt_state_bytes": sum(x.nbytes for x in jax.tree.leaves(state["opt_state"])),
+           "trainable_params": sum(x.size for x in jax.tree.leaves(state["params"]))}
     # The model's own FLOPs: padding rows of the embedding (vocab_multiple) do not count.
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     n_params -= (gcfg.padded_vocab_size - gcfg.vocab_size) * gcfg.n_embd
@@ -279,6 +288,12 @@ def worker_train_torch(a: dict) -> dict:
     device = a.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     model = GPT2LMHeadModel.from_pretrained(a["model"], dtype=torch.float32, attn_implementation="sdpa").to(device)
     model.train()  # dropout is 0 in the exported config, as in jaxgpt
+    if a.get("lora_rank"):  # the lora section: PEFT's LoRA on every projection, the base frozen
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=a["lora_rank"], lora_alpha=2 * a["lora_rank"], target_modules=["c_attn", "c_proj", "c_fc"],
+            fan_in_fan_out=True, lora_dropout=0.0))
     h = optimizer_hparams()
     # Same decay rule as jaxgpt: matrices decay; biases, LayerNorm and embeddings do not.
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "wte" not in n and "wpe" not in n]
@@ -330,6 +345,9 @@ def worker_train_torch(a: dict) -> dict:
             "peak_rss_mb": rss_mb(), "rss_after_load_mb": rss_loaded, "torch_threads": torch.get_num_threads(),
             "attention": model.config._attn_implementation, "fused_adamw": bool(compiled), "compile": compile_info,
             "n_params": sum(p.numel() for p in model.parameters()),  # the tied head counted once, as jaxgpt's
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "opt_state_bytes": sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                                   if torch.is_tensor(t)),
             "device_kind": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "peak_device_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}
 
@@ -572,6 +590,31 @@ def median_ratios(rounds: list[dict], side: str, refs: dict[str, str], key: str)
     return out
 
 
+def section_lora(work: Path, quick: bool, steps: int, warmup: int, rank: int = 16) -> dict:
+    """LoRA (rank 16, alpha 32, every projection) in jaxgpt vs jaxgpt's full fine-tuning vs PEFT + PyTorch
+    (eager), GPT-2 124M, float32, 4x256: tokens/s, peak RSS and optimizer-state bytes, each in its own process."""
+    arch = TINY if quick else GPT2_124M
+    folder = write_init_model(work / ("init-tiny" if quick else "init-124m"), arch, chat=False)
+    args = {"model": str(folder), "batch": 4, "seq": 64 if quick else 256, "steps": steps, "warmup": warmup,
+            "segments": False}
+    res = {"jax_lora": run_cpu_worker("train_jax", {**args, "lora_rank": rank}),
+           "jax_full": run_cpu_worker("train_jax", args),
+           "peft": run_cpu_worker("train_torch", {**args, "lora_rank": rank}), "rank": rank}
+    if not any("error" in res[k] for k in ("jax_lora", "jax_full", "peft")):
+        lora, full, peft = res["jax_lora"], res["jax_full"], res["peft"]
+        res["tokens_per_s_vs_peft"] = lora["tokens_per_s"] / peft["tokens_per_s"]
+        res["rss_vs_full"] = lora["peak_rss_mb"] / full["peak_rss_mb"]
+        for name in ("jax_lora", "jax_full", "peft"):
+            r = res[name]
+            print(f"  lora {name:9s} {r['tokens_per_s']:8,.0f} tok/s  peak RSS {r['peak_rss_mb']:7,.0f} MB  "
+                  f"optimizer state {r['opt_state_bytes'] / 2**20:8.1f} MiB  trainable {r['trainable_params']:,}")
+        print(f"  lora: jaxgpt LoRA = {res['tokens_per_s_vs_peft']:.2f}x PEFT's tokens/s, "
+              f"{res['rss_vs_full']:.2f}x jaxgpt full fine-tuning's peak RSS")
+    else:
+        print(f"  lora: failed: {res}")
+    return res
+
+
 def section_finetune(work: Path, quick: bool, threads: int, seq: int, batch: int, rounds: int = 1) -> dict:
     if not OASST.exists():
         return {"error": f"skipped: {OASST} not found (the ../shared checkout)"}
@@ -807,9 +850,9 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"--gpu-torch: unknown {', '.join(unknown)} (choose from {', '.join(GPU_TORCH)})")
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = sorted(set(sections) - {"train", "finetune", "generate", "serve"})
+    unknown = sorted(set(sections) - {"train", "finetune", "generate", "serve", "lora"})
     if unknown:
-        p.error(f"--sections: unknown {', '.join(unknown)} (choose from train, finetune, generate, serve)")
+        p.error(f"--sections: unknown {', '.join(unknown)} (choose from train, finetune, generate, serve, lora)")
     steps = args.steps or 5
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="jaxgpt-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -826,6 +869,7 @@ def main(argv=None) -> int:
                                                  seq=128 if args.quick else 512, batch=args.batch or 8,
                                                  rounds=args.rounds),
             "generate": lambda: section_generate(work, args.quick),
+            "lora": lambda: section_lora(work, args.quick, steps, args.warmup),
             "serve": lambda: section_serve(work, args.quick)}
     for name in sections:
         try:
