@@ -41,3 +41,14 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared data file missing: {path}")
     return path
+
+
+# The files that take longest run first: with two workers and `--dist loadfile` a long file
+# collected last (test_packaging.py, alphabetically late) ran alone at the end, the other worker idle.
+LONG_FIRST = ["test_packaging.py", "test_train.py", "test_export.py", "test_resume.py", "test_faults.py",
+              "test_kernels.py", "test_model.py", "test_sharding.py", "test_demo.py", "test_multihost.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))  # stable: the rest keep their order
