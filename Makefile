@@ -25,8 +25,9 @@ demo: $(STAMP)
 
 # Two pytest workers, one test file each at a time (--dist loadfile keeps a file's fixtures in one
 # process): most tests are bound by single-threaded XLA compilation (tests/conftest.py compiles at
-# LLVM -O0 for that reason), so on 2 cores the tests take 5-10 min, depending on the host (plus 1-3 min
-# building .venv). A third worker was no faster. TEST_WORKERS=0 runs them in this process.
+# LLVM -O0 for that reason, but for the few tests that run dozens of steps), so on 2 cores the tests
+# take 10-13 min on a clean clone (CI: .venv, the wheel's venv, the tests), the longest files
+# handed out first. A third worker was no faster. TEST_WORKERS=0 runs them in this process.
 # --durations=15: the slowest tests, printed in every CI log (the budget is 15 min in all).
 # tests/test_packaging.py installs the built wheel into a venv of its own under .whl/ (no torch, no
 # extras; dependencies from pip's cache at .venv's versions), built on its first run and reused.

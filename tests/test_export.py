@@ -28,6 +28,7 @@ from jaxgpt.export import ExportError, export, main as export_main  # noqa: E402
 from jaxgpt.sample import generate, stop_ids_for  # noqa: E402
 from jaxgpt.tokenizer import IM_END, add_chat_template, load_tokenizer  # noqa: E402
 from jaxgpt.train import train  # noqa: E402
+from tests.conftest import optimized_xla  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "jaxgpt" / "assets" / "demo_chat.jsonl"
 SEQ = 64
@@ -50,7 +51,8 @@ def tiny_run(out: Path, steps: int) -> dict:
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     run = root / "run"
-    train(from_dict(tiny_run(run, steps=40)))
+    with optimized_xla():  # 40 steps: running them, not compiling, is most of the time
+        train(from_dict(tiny_run(run, steps=40)))
     hf = export(run, root / "hf", log=lambda *_: None)
     return run, hf
 

@@ -4,6 +4,8 @@ How fast they are is measured on a GPU (tools/probe_kernels_gpu.py), not here.""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +23,7 @@ def rel_err(got, want) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
+@functools.partial(jax.jit, static_argnums=0)  # one program: the interpreter primitive by primitive took seconds
 def value_and_grads(fn, args, cotangent):
     out, vjp = jax.vjp(fn, *args)
     return out, vjp(cotangent.astype(out.dtype))
@@ -57,6 +60,7 @@ def test_add_layer_norm_kernels_match_float32_math(dtype):
     ds, dy = (jax.random.normal(k[i], x.shape).astype(dtype) for i in (4, 5))
     f32 = lambda *a: [v.astype(jnp.float32) for v in a]
 
+    @functools.partial(jax.jit, static_argnums=(0, 1))
     def run(fn, cast):
         (s, y), vjp = jax.vjp(fn, x, delta, scale, bias)
         return (s, y), vjp(tuple(cast(ds, dy)))
@@ -90,7 +94,7 @@ def test_bias_gelu_kernels_match_float32_math(dtype):
 def test_logsumexp_kernel_skips_the_padding_columns():
     x = jax.random.normal(jax.random.key(2), (3, 7, 2500)) * 6
     x = x.at[..., 2400:].set(1e4)  # padding columns: they would dominate if they were read
-    kernels_lse = kernels.logsumexp(x, 2400, interpret=True)
+    kernels_lse = jax.jit(lambda x: kernels.logsumexp(x, 2400, interpret=True))(x)
     assert kernels_lse.shape == (3, 7) and kernels_lse.dtype == jnp.float32
     np.testing.assert_allclose(kernels_lse, jax.nn.logsumexp(x[..., :2400], axis=-1), rtol=1e-6)
     np.testing.assert_allclose(kernels.logsumexp(x[0], interpret=True), jax.nn.logsumexp(x[0], axis=-1), rtol=1e-6)

@@ -195,7 +195,8 @@ def test_chunked_attention_matches_whole(monkeypatch):
         monkeypatch.setattr(model_lib, "CHUNKED_FROM", chunk)
         monkeypatch.setattr(model_lib, "QUERY_CHUNK", 16)
         jaxpr = str(jax.make_jaxpr(lambda m: m(ids, segment_ids=seg, positions=pos))(model))
-        runs[chunk] = (nnx.value_and_grad(loss, has_aux=True)(model), "f32[3,4,100,100]" in jaxpr)
+        # one compiled program per setting (op by op, every primitive compiled on its own cost a minute)
+        runs[chunk] = (nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model), "f32[3,4,100,100]" in jaxpr)
     ((_, whole), grads_whole), whole_scores = runs[10**6]
     ((_, chunked), grads_chunked), chunked_scores = runs[16]
     assert whole_scores and not chunked_scores
@@ -211,7 +212,8 @@ def test_library_attention_keeps_segments_apart():
     seg = jnp.array([[1] * 10 + [2] * 6])
     ids = (jnp.arange(16)[None] * 7) % cfg.vocab_size
     other = ids.at[0, :10].set(5)
-    a, b = model(ids, segment_ids=seg), model(other, segment_ids=seg)
+    forward = nnx.jit(lambda m, x: m(x, segment_ids=seg))  # one program, not one per primitive
+    a, b = forward(model, ids), forward(model, other)
     np.testing.assert_allclose(a[0, 10:], b[0, 10:], rtol=1e-5, atol=1e-5)
     assert not np.allclose(a[0, :10], b[0, :10], atol=1e-3)
 

@@ -44,9 +44,18 @@ def run_worker(raw: dict, meshes, devices: int = 8, timeout: int = 600) -> list[
     return [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
 
 
-def test_meshes_give_same_losses_and_shard_params(tmp_path):
+LOSS_CHUNKS = {"mesh": [2, 2, 2], "model": {"loss_chunks": 4}}
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(tmp_path_factory) -> list[dict]:
+    """The mesh runs of both tests below in one 8-device process (one jax start-up, one model load)."""
     pytest.importorskip("torch")
-    runs = [single_device_run()] + run_worker(mesh_config(tmp_path), [[8, 1, 1], [1, 8, 1], [2, 2, 2]])
+    return run_worker(mesh_config(tmp_path_factory.mktemp("meshes")), [[8, 1, 1], [1, 8, 1], [2, 2, 2], LOSS_CHUNKS])
+
+
+def test_meshes_give_same_losses_and_shard_params(mesh_runs):
+    runs = [single_device_run()] + [r for r in mesh_runs if not r["model"]]
     assert [r["mesh"] for r in runs] == [[1, 1, 1], [8, 1, 1], [1, 8, 1], [2, 2, 2]]
     base = np.array(runs[0]["losses"])
     assert len(base) == 3 and np.isfinite(base).all()
@@ -71,13 +80,10 @@ def test_meshes_give_same_losses_and_shard_params(tmp_path):
     assert mixed["wte"]["shard_shape"] == [25132, 32]
 
 
-def test_loss_chunks_on_a_mesh_give_the_same_losses(tmp_path):
+def test_loss_chunks_on_a_mesh_give_the_same_losses(mesh_runs):
     """model.loss_chunks on the 2x2x2 mesh (vocab split over the tensor axis, batch over data x fsdp)
     against the plain head on one device."""
-    pytest.importorskip("torch")
-    raw = mesh_config(tmp_path)
-    raw["model"]["loss_chunks"] = 4
-    (run,) = run_worker(raw, [[2, 2, 2]])
+    (run,) = [r for r in mesh_runs if r["model"] == LOSS_CHUNKS["model"]]
     base = np.array(single_device_run()["losses"])
     rel = np.abs(np.array(run["losses"]) - base) / base
     print(f"loss_chunks=4 on 2x2x2: max relative loss difference to 1x1x1 {rel.max():.2e}")

@@ -3,7 +3,8 @@ process (its own device count / jax.distributed) for test_sharding.py and test_m
 
     python tests/train_worker.py '<config dict as JSON>' '<list of [data, fsdp, tensor]>'
 
-prints one ``RESULT {json}`` line per mesh.
+prints one ``RESULT {json}`` line per mesh. A list entry may also be ``{"mesh": [...], "model": {...}}``:
+that mesh with those model settings on top of the config's (one process start for several runs).
 """
 
 from __future__ import annotations
@@ -84,9 +85,13 @@ def main():
     from jaxgpt.train import train
 
     for mesh in meshes:
-        raw["mesh"] = dict(zip(("data", "fsdp", "tensor"), mesh))
-        result = train(from_dict(raw))
-        print("RESULT " + json.dumps({"mesh": mesh, **describe(result)}), flush=True)
+        run, model = dict(raw), {}
+        if isinstance(mesh, dict):
+            mesh, model = mesh["mesh"], mesh["model"]
+        run["model"] = {**raw["model"], **model}
+        run["mesh"] = dict(zip(("data", "fsdp", "tensor"), mesh))
+        result = train(from_dict(run))
+        print("RESULT " + json.dumps({"mesh": mesh, "model": model, **describe(result)}), flush=True)
 
 
 if __name__ == "__main__":
