@@ -60,8 +60,8 @@ def shared_path(*parts: str) -> Path:
 
 # The files that take longest run first: with two workers and `--dist loadfile` a long file
 # collected last (test_packaging.py, alphabetically late) ran alone at the end, the other worker idle.
-LONG_FIRST = ["test_packaging.py", "test_train.py", "test_export.py", "test_resume.py", "test_faults.py",
-              "test_kernels.py", "test_model.py", "test_sharding.py", "test_demo.py", "test_multihost.py"]
+LONG_FIRST = ["test_packaging.py", "test_gcs.py", "test_train.py", "test_export.py", "test_resume.py", "test_faults.py",
+              "test_kernels.py", "test_model.py", "test_sharding.py", "test_lora.py", "test_demo.py", "test_multihost.py"]
 
 
 def pytest_collection_modifyitems(config, items):
