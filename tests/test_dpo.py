@@ -173,10 +173,27 @@ def test_loss_metrics_and_gradients_equal_trl(trl_loss, jax_loss, loss_type, bet
     assert max(np.abs(g).max() for g in t_grads.values()) > 1e-3  # gradients that could differ
 
 
+def _dpo_config(world, out, **sections):
+    from jaxgpt.config import from_dict
+
+    base = {
+        "model": {"name_or_path": str(world["policy"])},
+        "data": {"sources": [str(world["data"])], "seq_len": 256, "pack": False, "shuffle": False},
+        "objective": {"name": "dpo"},
+        "optimizer": {"lr": 1e-3, "weight_decay": 0.0, "grad_clip": 1.0},
+        "schedule": {"name": "linear", "warmup_steps": 0, "min_lr_ratio": 0.0},
+        "train": {"steps": 10, "batch_size": 2, "eval_every": 0, "output_dir": str(out)},
+        "checkpoint": {"enabled": False},
+        "logging": {"log_every": 1, "progress_bar": False, "tensorboard": False, "plot": False},
+    }
+    for name, keys in sections.items():
+        base[name] = {**base[name], **keys}
+    return from_dict(base)
+
+
 def test_training_matches_trl(world, tmp_path):
     """10 AdamW steps (lr 1e-3, linear decay, grad clip 1, no weight decay), 2 pairs a step in file
     order, the reference the starting weights, from the same tiny GPT-2."""
-    from jaxgpt.config import from_dict
     from jaxgpt.train import train
 
     trainer = _trainer(world, tmp_path / "trl", reference="policy", learning_rate=1e-3, lr_scheduler_type="linear",
@@ -184,18 +201,33 @@ def test_training_matches_trl(world, tmp_path):
                        max_steps=10)
     trainer.train()
     trl_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    cfg = from_dict({
-        "model": {"name_or_path": str(world["policy"])},
-        "data": {"sources": [str(world["data"])], "seq_len": 256, "pack": False, "shuffle": False},
-        "objective": {"name": "dpo"},
-        "optimizer": {"lr": 1e-3, "weight_decay": 0.0, "grad_clip": 1.0},
-        "schedule": {"name": "linear", "warmup_steps": 0, "min_lr_ratio": 0.0},
-        "train": {"steps": 10, "batch_size": 2, "eval_every": 0, "output_dir": str(tmp_path / "jax")},
-        "checkpoint": {"enabled": False},
-        "logging": {"log_every": 1, "progress_bar": False, "tensorboard": False, "plot": False},
-    })
-    result = train(cfg)
+    result = train(_dpo_config(world, tmp_path / "jax"))
     jax_losses = [result.losses[s] for s in range(1, 11)]
     assert len(trl_losses) == 10
     np.testing.assert_allclose(jax_losses, trl_losses, rtol=1e-3)
     assert jax_losses[-1] < jax_losses[0] - 0.01  # it learnt something both sides agree on
+
+
+def test_resume_is_bit_identical_with_stored_reference(world, tmp_path):
+    """4 steps straight, or 2 and a resume from the step-2 checkpoint: the same parameters, bit for
+    bit; the resumed run reads the reference log-probs stored with the run instead of recomputing."""
+    import shutil
+
+    from jaxgpt.checkpoint import checkpoint_dir
+    from jaxgpt.reference import REFERENCE_FILE
+    from jaxgpt.train import train
+
+    keys = dict(objective={"precompute_reference": True}, train={"steps": 4},
+                checkpoint={"enabled": True, "save_every": 2, "keep": 2, "async_save": False})
+    straight = train(_dpo_config(world, tmp_path / "a", **keys))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(checkpoint_dir(tmp_path / "b") / "4")
+    stored = np.load(tmp_path / "b" / REFERENCE_FILE)["train"]
+    before = (tmp_path / "b" / REFERENCE_FILE).stat().st_mtime_ns
+    resumed = train(_dpo_config(world, tmp_path / "b", **keys))
+    assert resumed.step == 4 and sorted(resumed.losses) == [3, 4]
+    assert (tmp_path / "b" / REFERENCE_FILE).stat().st_mtime_ns == before  # read back, not recomputed
+    assert np.array_equal(np.load(tmp_path / "b" / REFERENCE_FILE)["train"], stored)
+    assert [straight.losses[s] for s in (3, 4)] == [resumed.losses[s] for s in (3, 4)]
+    for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
