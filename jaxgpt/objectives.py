@@ -123,6 +123,7 @@ class DPO:
     batch_keys: tuple[str, ...] = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
     metrics: tuple[str, ...] = ("pairs", *DPO_METRICS)
     weight: str = "pairs"
+    progress: tuple[str, ...] = ("rewards/accuracies", "rewards/margins")  # beside the loss on the progress bar
 
     def reference_logps(self, model, batch) -> jax.Array:
         if self.reference is None:
