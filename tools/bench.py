@@ -344,35 +344,43 @@ def read_threads(path: str, n: int) -> list[dict]:
     return [{"messages": r["messages"]} for r in rows[:n]]
 
 
-def worker_finetune_jax(a: dict) -> dict:
-    """One epoch of ``jaxgpt.train.train`` over the packed threads; wall time of the call."""
-    import math
-
+def train_epoch(a: dict, data: dict, steps: int, sections: dict) -> tuple[float, list[dict], list[float]]:
+    """``jaxgpt.train.train`` for ``steps`` steps (lr ``a["lr"]``, linear decay, no checkpoints):
+    (wall time of the call, metrics.jsonl records, losses by step)."""
     from jaxgpt.config import from_dict
-    from jaxgpt.data import DataConfig, build_dataset
-    from jaxgpt.tokenizer import add_chat_template, load_tokenizer
     from jaxgpt.train import train
 
-    data = {"sources": [a["data"]], "seq_len": a["seq"], "pack": True}
-    rows = build_dataset(DataConfig(**data), add_chat_template(load_tokenizer(a["model"]))).num_rows
-    steps = math.ceil(rows / a["batch"])  # one epoch (the last batch wraps to the next epoch's first rows)
     out = Path(a["out"])
     shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl appends: start clean
     cfg = from_dict({
-        "model": {"name_or_path": a["model"], "remat": a.get("remat", "auto")},
         "data": data,
         "optimizer": {"lr": a["lr"], "weight_decay": 0.0, "grad_clip": 1.0},
         "schedule": {"name": "linear", "warmup_steps": 0, "min_lr_ratio": 0.0},
         "train": {"steps": steps, "batch_size": a["batch"], "eval_every": 0, "output_dir": str(out)},
         "checkpoint": {"enabled": False},
         "logging": {"log_every": 1, "progress_bar": False, "tensorboard": False, "plot": False},
+        **sections,
     })
     t0 = time.perf_counter()
     result = train(cfg)
     wall = time.perf_counter() - t0
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return wall, records, [result.losses[k] for k in sorted(result.losses)]
+
+
+def worker_finetune_jax(a: dict) -> dict:
+    """One epoch of ``jaxgpt.train.train`` over the packed threads; wall time of the call."""
+    import math
+
+    from jaxgpt.data import DataConfig, build_dataset
+    from jaxgpt.tokenizer import add_chat_template, load_tokenizer
+
+    data = {"sources": [a["data"]], "seq_len": a["seq"], "pack": True}
+    rows = build_dataset(DataConfig(**data), add_chat_template(load_tokenizer(a["model"]))).num_rows
+    steps = math.ceil(rows / a["batch"])  # one epoch (the last batch wraps to the next epoch's first rows)
+    wall, records, losses = train_epoch(a, data, steps, {"model": {"name_or_path": a["model"],
+                                                                   "remat": a.get("remat", "auto")}})
     trained = sum(r.get("trained_tokens", 0) for r in records if "loss" in r)
-    losses = [result.losses[k] for k in sorted(result.losses)]
     return {"train_wall_s": wall, "process_to_end_s": time.time() - a["t_spawn"], "steps": steps, "rows": rows,
             "trained_tokens": int(trained), "final_loss": losses[-1], "mean_loss": sum(losses) / len(losses),
             "losses": losses, "peak_rss_mb": rss_mb()}
@@ -411,30 +419,18 @@ def worker_dpo_jax(a: dict) -> dict:
     """One epoch of ``jaxgpt.train.train`` with objective dpo; a row holds a pair (two sequences)."""
     import math
 
-    from jaxgpt.config import from_dict
     from jaxgpt.data import DataConfig, build_preference_datasets
     from jaxgpt.tokenizer import load_tokenizer
-    from jaxgpt.train import train
 
     data = {"sources": [a["data"]], "seq_len": 2 * a["seq"], "pack": a["pack"]}
-    rows = build_preference_datasets(DataConfig(**data), load_tokenizer(a["model"]))[0].num_rows
+    ds = build_preference_datasets(DataConfig(**data), load_tokenizer(a["model"]))[0]
+    rows = ds.num_rows
     steps = math.ceil(rows / a["batch"])
-    out = Path(a["out"])
-    shutil.rmtree(out, ignore_errors=True)
-    cfg = from_dict({
-        "model": {"name_or_path": a["model"]}, "data": data, "objective": {"name": "dpo"},
-        "optimizer": {"lr": a["lr"], "weight_decay": 0.0, "grad_clip": 1.0},
-        "schedule": {"name": "linear", "warmup_steps": 0, "min_lr_ratio": 0.0},
-        "train": {"steps": steps, "batch_size": a["batch"], "eval_every": 0, "output_dir": str(out)},
-        "checkpoint": {"enabled": False},
-        "logging": {"log_every": 1, "progress_bar": False, "tensorboard": False, "plot": False},
-    })
-    t0 = time.perf_counter()
-    result = train(cfg)
-    wall = time.perf_counter() - t0
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    losses = [result.losses[k] for k in sorted(result.losses)]
-    return {"train_wall_s": wall, "steps": steps, "rows": rows, "pairs": int(sum(r.get("pairs", 0) for r in records)),
+    wall, records, losses = train_epoch(a, data, steps, {"model": {"name_or_path": a["model"]},
+                                                         "objective": {"name": "dpo"}})
+    # pairs: the epoch's; the last batch wraps to the next epoch's first rows, also computed (pairs_computed)
+    return {"train_wall_s": wall, "steps": steps, "rows": rows, "pairs": ds.num_pairs,
+            "pairs_computed": int(sum(r.get("pairs", 0) for r in records)),
             "mean_loss": sum(losses) / len(losses), "peak_rss_mb": rss_mb()}
 
 
