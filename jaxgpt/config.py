@@ -1,7 +1,7 @@
 """The run configuration: typed sections, YAML files, ``key=value`` overrides, validation.
 
 One ``Config`` holds every knob of a training run, grouped in sections
-(``model``, ``data``, ``optimizer``, ``schedule``, ``mesh``, ``train``,
+(``model``, ``data``, ``objective``, ``optimizer``, ``schedule``, ``mesh``, ``train``,
 ``checkpoint``, ``logging``, ``distributed``, ``lora``). A run is described by a YAML
 file holding only what differs from the defaults, plus dotted overrides::
 
@@ -69,6 +69,8 @@ FLOAT_RANGES = {
     "logging.peak_flops_per_device": Range(0, low_open=True, note="null = known TPUs/GPUs only"),
     "lora.alpha": Range(0, low_open=True, note="null = lora.rank"),
     "lora.dropout": Range(0, 1, high_open=True),
+    "objective.beta": Range(0, low_open=True),
+    "objective.label_smoothing": Range(0, 0.5, high_open=True),
 }
 FORMATS = ("auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text")
 # The string keys that take one of a few values.
@@ -83,6 +85,8 @@ CHOICES = {
     "data.loss_on": ("assistant", "all", "completion"),
     "data.truncation": ("truncate", "drop"),
     "lora.base_dtype": ("float32", "bfloat16"),
+    "objective.name": ("sft", "dpo"),
+    "objective.loss": ("sigmoid", "ipo", "hinge", "robust"),  # jaxgpt.objectives.DPO_LOSSES
 }
 # The integer keys with a lower bound: (bound, what the edge means).
 MINIMUMS = {
@@ -219,6 +223,18 @@ def _as_source(s, key: str) -> DataSource:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What training minimises (jaxgpt.objectives); the dpo keys are TRL DPOConfig's (docs/dpo.md)."""
+
+    name: str = _f("sft", "sft (next-token cross-entropy on chats) | dpo (preference pairs: prompt/chosen/rejected)")
+    beta: float = _f(0.1, "dpo: strength of the pull toward the reference model (IPO's tau)")
+    loss: str = _f("sigmoid", "dpo: sigmoid (DPO) | ipo | hinge (SLiC) | robust (uses label_smoothing)")
+    label_smoothing: float = _f(0.0, "dpo, loss=robust: the assumed share of flipped preference labels")
+    precompute_reference: bool = _f(False, "dpo: score the pairs with the starting weights once, before training, "
+                                    "and keep only those numbers (one model in memory, not two)")
+
+
+@dataclass
 class OptimizerConfig:
     lr: float = _f(3e-4, "peak learning rate")
     b1: float = _f(0.9, "AdamW beta1")
@@ -315,6 +331,7 @@ class LoRAConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -578,6 +595,12 @@ def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> tuple[int
     if cfg.model.loss_chunks is not None and (cfg.model.loss_chunks < 1 or cfg.data.seq_len % cfg.model.loss_chunks):
         raise ConfigError(f"model.loss_chunks={cfg.model.loss_chunks}: must be at least 1 and divide "
                           f"data.seq_len={cfg.data.seq_len}")
+    o = cfg.objective
+    if o.label_smoothing and not (o.name == "dpo" and o.loss == "robust"):
+        raise ConfigError(f"objective.label_smoothing={o.label_smoothing}: only objective.loss=robust (with "
+                          f"objective.name=dpo) uses it, as in TRL; this run has {o.name}, loss={o.loss}")
+    if o.name == "dpo" and cfg.data.streaming:
+        raise ConfigError("objective.name=dpo reads its preference pairs whole: set data.streaming=false")
     return data, fsdp, tensor
 
 

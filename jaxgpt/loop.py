@@ -123,7 +123,8 @@ def run(s: Setup, out: Path, logger: metrics.MetricsLog, hooks: list[Hook], guar
                                  f"grad_norm {record['grad_norm']:.3f} | {tps:,.0f} tok/s"
                          + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""))
             if logger.bar is not None:
-                logger.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+                shown = {k.split("/")[-1]: f"{record[k]:.3f}" for k in getattr(s.objective, "progress", ())}
+                logger.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", **shown, refresh=False)
             window_t0, window_tokens = now, 0
 
     closing = True

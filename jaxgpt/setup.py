@@ -143,9 +143,10 @@ def build_model(cfg: Config, vocab_size: int, mesh, gcfg: GPT2Config | None = No
 
 def make_data(cfg: Config, tokenizer, mesh):
     """(train iterator, held-out dataset or None); gives ``tokenizer`` the data's chat template."""
-    from jaxgpt.data import DataIterator, build_datasets
+    from jaxgpt.data import DataIterator, build_datasets, build_preference_datasets
 
-    train_set, eval_set = build_datasets(cfg.data, tokenizer)
+    build = build_preference_datasets if cfg.objective.name == "dpo" else build_datasets
+    train_set, eval_set = build(cfg.data, tokenizer)
     micro = cfg.train.batch_size // cfg.train.grad_accum
     pi, pc = jax.process_index(), jax.process_count()
     # The iterator gives process p the p-th contiguous block of rows: the mesh must agree.
@@ -239,7 +240,12 @@ def prepare(cfg: Config, mesh) -> Setup:
     tx, schedule = make_optimizer(cfg, params)
     state, state_shardings = init_state(tx, params, mesh)
     rng = jax.random.key_data(jax.random.key(cfg.train.seed))
-    return Setup(cfg, mesh, tokenizer, gcfg, graphdef, rest, state, state_shardings, tx, schedule, SFT(mesh),
+    objective = SFT(mesh)
+    if cfg.objective.name == "dpo":
+        from jaxgpt.reference import dpo_objective
+
+        objective = dpo_objective(cfg, mesh, graphdef, rest, params, train_data.dataset, eval_set)
+    return Setup(cfg, mesh, tokenizer, gcfg, graphdef, rest, state, state_shardings, tx, schedule, objective,
                  train_data, eval_set, rng, lora_base=lora_base)
 
 

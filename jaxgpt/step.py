@@ -165,7 +165,11 @@ def make_eval_step(graphdef, rest, *, objective: Objective | None = None, mesh=N
     return lambda params, batch: jitted(params, batch, objective or SFT(mesh), rest)
 
 
+FLOAT_INPUTS = ("ref_logps",)  # batch arrays that are not integers (DPO's precomputed reference log-probs)
+
+
 def place_batch(local: list[dict[str, np.ndarray]], mesh, micro: int) -> dict[str, jax.Array]:
     """grad_accum process-local micro-batches -> global [grad_accum, micro, T] arrays on (data, fsdp)."""
-    stacked = {k: np.stack([b[k] for b in local]).astype(np.int32) for k in local[0]}
+    stacked = {k: np.stack([b[k] for b in local]).astype(np.float32 if k in FLOAT_INPUTS else np.int32)
+               for k in local[0]}
     return sharding.global_batch(stacked, mesh, micro, rows_axis=1)

@@ -10,7 +10,7 @@ from jaxgpt.config import Config, ConfigError, from_dict, help_text, load_config
 from jaxgpt.train import main, train
 from tests.conftest import ROOT
 
-CONFIGS = sorted((ROOT / "jaxgpt" / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "jaxgpt" / "configs").glob("*.yaml"), key=lambda p: p.stem)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -32,7 +32,7 @@ def test_shipped_configs_by_name(tmp_path, monkeypatch):
         assert load_config(path.stem).to_dict() == load_config(path).to_dict()
     assert load_config("gpt2-chat", ["train.steps=7"]).train.steps == 7
     with pytest.raises(ConfigError, match=r"^gpt2chat: config file not found \(did you mean 'gpt2-chat'\?\); "
-                                          r"shipped configs, by name: demo, demo-lora, gpt2-chat"):
+                                          r"shipped configs, by name: demo, demo-dpo, demo-lora, gpt2-chat"):
         load_config("gpt2chat")
     with pytest.raises(ConfigError, match="demo.yaml: config file not found"):  # a path is only a path
         load_config("demo.yaml")

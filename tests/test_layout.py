@@ -18,7 +18,7 @@ LAYERS: list[dict[str, set[str]]] = [
     {"mesh": {"sharding"}},
     {"data": {"data", "tokenizer"},
      "model": {"model", "kernels", "decoding", "loss", "weights", "lora", "peft_io"}},
-    {"objective + step": {"objectives", "step", "setup"}},
+    {"objective + step": {"objectives", "step", "setup", "reference"}},
     {"loop": {"loop", "metrics"}},
     {"checkpoint": {"checkpoint"}},
     {"loader": {"loader"}},

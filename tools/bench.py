@@ -25,6 +25,11 @@ weights from one safetensors folder and the same batches from one seed):
             gradient checkpointing) vs TRL SFTTrainer with its defaults and with
             packing; assistant-only loss, same ChatML template / tokenizer; wall
             time, peak RSS, trained tokens, final losses.
+  dpo       one epoch of DPO over N OASST preference pairs (tools/oasst_pairs.py: best- vs
+            worst-ranked sibling replies) at seq 512 a sequence: jaxgpt (`jaxgpt.train.train`,
+            objective dpo, pairs packed into rows of 1024, and padded one pair a row) vs TRL
+            DPOTrainer with its defaults (max_length 512); wall time, peak RSS, pairs trained,
+            mean loss.
   generate  tools/bench_generate.py (jaxgpt generate vs transformers generate, eager
             and with a static cache + torch.compile).
   lora      LoRA r=16 on every projection, GPT-2 124M, 4x256: jaxgpt vs jaxgpt's full
@@ -357,35 +362,43 @@ def read_threads(path: str, n: int) -> list[dict]:
     return [{"messages": r["messages"]} for r in rows[:n]]
 
 
-def worker_finetune_jax(a: dict) -> dict:
-    """One epoch of ``jaxgpt.train.train`` over the packed threads; wall time of the call."""
-    import math
-
+def train_epoch(a: dict, data: dict, steps: int, sections: dict) -> tuple[float, list[dict], list[float]]:
+    """``jaxgpt.train.train`` for ``steps`` steps (lr ``a["lr"]``, linear decay, no checkpoints):
+    (wall time of the call, metrics.jsonl records, losses by step)."""
     from jaxgpt.config import from_dict
-    from jaxgpt.data import DataConfig, build_dataset
-    from jaxgpt.tokenizer import add_chat_template, load_tokenizer
     from jaxgpt.train import train
 
-    data = {"sources": [a["data"]], "seq_len": a["seq"], "pack": True}
-    rows = build_dataset(DataConfig(**data), add_chat_template(load_tokenizer(a["model"]))).num_rows
-    steps = math.ceil(rows / a["batch"])  # one epoch (the last batch wraps to the next epoch's first rows)
     out = Path(a["out"])
     shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl appends: start clean
     cfg = from_dict({
-        "model": {"name_or_path": a["model"], "remat": a.get("remat", "auto")},
         "data": data,
         "optimizer": {"lr": a["lr"], "weight_decay": 0.0, "grad_clip": 1.0},
         "schedule": {"name": "linear", "warmup_steps": 0, "min_lr_ratio": 0.0},
         "train": {"steps": steps, "batch_size": a["batch"], "eval_every": 0, "output_dir": str(out)},
         "checkpoint": {"enabled": False},
         "logging": {"log_every": 1, "progress_bar": False, "tensorboard": False, "plot": False},
+        **sections,
     })
     t0 = time.perf_counter()
     result = train(cfg)
     wall = time.perf_counter() - t0
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return wall, records, [result.losses[k] for k in sorted(result.losses)]
+
+
+def worker_finetune_jax(a: dict) -> dict:
+    """One epoch of ``jaxgpt.train.train`` over the packed threads; wall time of the call."""
+    import math
+
+    from jaxgpt.data import DataConfig, build_dataset
+    from jaxgpt.tokenizer import add_chat_template, load_tokenizer
+
+    data = {"sources": [a["data"]], "seq_len": a["seq"], "pack": True}
+    rows = build_dataset(DataConfig(**data), add_chat_template(load_tokenizer(a["model"]))).num_rows
+    steps = math.ceil(rows / a["batch"])  # one epoch (the last batch wraps to the next epoch's first rows)
+    wall, records, losses = train_epoch(a, data, steps, {"model": {"name_or_path": a["model"],
+                                                                   "remat": a.get("remat", "auto")}})
     trained = sum(r.get("trained_tokens", 0) for r in records if "loss" in r)
-    losses = [result.losses[k] for k in sorted(result.losses)]
     return {"train_wall_s": wall, "process_to_end_s": time.time() - a["t_spawn"], "steps": steps, "rows": rows,
             "trained_tokens": int(trained), "final_loss": losses[-1], "mean_loss": sum(losses) / len(losses),
             "losses": losses, "peak_rss_mb": rss_mb()}
@@ -420,8 +433,50 @@ def worker_finetune_trl(a: dict) -> dict:
             "gradient_checkpointing": args.gradient_checkpointing, "peak_rss_mb": rss_mb()}
 
 
+def worker_dpo_jax(a: dict) -> dict:
+    """One epoch of ``jaxgpt.train.train`` with objective dpo; a row holds a pair (two sequences)."""
+    import math
+
+    from jaxgpt.data import DataConfig, build_preference_datasets
+    from jaxgpt.tokenizer import load_tokenizer
+
+    data = {"sources": [a["data"]], "seq_len": 2 * a["seq"], "pack": a["pack"]}
+    ds = build_preference_datasets(DataConfig(**data), load_tokenizer(a["model"]))[0]
+    rows = ds.num_rows
+    steps = math.ceil(rows / a["batch"])
+    wall, records, losses = train_epoch(a, data, steps, {"model": {"name_or_path": a["model"]},
+                                                         "objective": {"name": "dpo"}})
+    # pairs: the epoch's; the last batch wraps to the next epoch's first rows, also computed (pairs_computed)
+    return {"train_wall_s": wall, "steps": steps, "rows": rows, "pairs": ds.num_pairs,
+            "pairs_computed": int(sum(r.get("pairs", 0) for r in records)),
+            "mean_loss": sum(losses) / len(losses), "peak_rss_mb": rss_mb()}
+
+
+def worker_dpo_trl(a: dict) -> dict:
+    """One epoch of TRL's DPOTrainer with its defaults (a reference copy of the model), CPU float32."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+    from trl import DPOConfig, DPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(a["model"])
+    model = GPT2LMHeadModel.from_pretrained(a["model"], dtype=torch.float32)
+    args = DPOConfig(output_dir=a["out"], num_train_epochs=1, max_length=a["seq"], learning_rate=a["lr"],
+                     per_device_train_batch_size=a["batch"], use_cpu=True, bf16=False, logging_steps=1,
+                     save_strategy="no", report_to=[], disable_tqdm=True, seed=0)
+    pairs = [json.loads(x) for x in Path(a["data"]).read_text().splitlines() if x.strip()]
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tok)
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"train_wall_s": wall, "steps": trainer.state.global_step, "pairs": len(trainer.train_dataset),
+            "mean_loss": sum(losses) / len(losses), "peak_rss_mb": rss_mb()}
+
+
 WORKERS = {"train_jax": worker_train_jax, "train_torch": worker_train_torch,
-           "finetune_jax": worker_finetune_jax, "finetune_trl": worker_finetune_trl}
+           "finetune_jax": worker_finetune_jax, "finetune_trl": worker_finetune_trl,
+           "dpo_jax": worker_dpo_jax, "dpo_trl": worker_dpo_trl}
 
 
 def run_worker(name: str, args: dict, timeout: float | None = None, cpu: bool = False,
@@ -659,6 +714,36 @@ def section_finetune(work: Path, quick: bool, threads: int, seq: int, batch: int
     return res
 
 
+def section_dpo(work: Path, quick: bool, n_pairs: int, seq: int) -> dict:
+    trees = OASST.parent / "oasst_en100_trees.jsonl"
+    if not trees.exists():
+        return {"error": f"skipped: {trees} not found (the ../shared checkout)"}
+    oasst = _tool("oasst_pairs")
+    pairs = [p for line in trees.read_text().splitlines() if line.strip()
+             for p in oasst.pairs_of(json.loads(line))][:n_pairs]
+    data = work / f"oasst_pairs_{n_pairs}.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    folder = write_init_model(work / ("init-tiny-chat" if quick else "init-124m-chat"), TINY if quick else GPT2_124M,
+                              chat=True)
+    common = {"model": str(folder), "data": str(data), "seq": seq, "lr": 1e-6}  # DPOConfig's default lr
+    res = {"pairs": len(pairs), "seq": seq,
+           "jaxgpt_packed": run_cpu_worker("dpo_jax", {**common, "pack": True, "batch": 4, "out": str(work / "dpo-jax")}),
+           "jaxgpt_padded": run_cpu_worker("dpo_jax", {**common, "pack": False, "batch": 8,
+                                                        "out": str(work / "dpo-jax-pad")}),
+           "trl_defaults": run_cpu_worker("dpo_trl", {**common, "batch": 8, "out": str(work / "dpo-trl")})}
+    t = res["trl_defaults"]
+    for name in ("jaxgpt_packed", "jaxgpt_padded"):
+        j = res[name]
+        if "error" in j or "error" in t:
+            print(f"  dpo {name} vs TRL: jax {j.get('error', 'ok')} | trl {t.get('error', 'ok')}")
+            continue
+        res[f"{name}_time_ratio"] = j["train_wall_s"] / t["train_wall_s"]
+        print(f"  dpo epoch ({len(pairs)} pairs, seq {seq}): {name} {j['train_wall_s']:.0f}s vs TRL defaults "
+              f"{t['train_wall_s']:.0f}s -> {res[f'{name}_time_ratio']:.2f}x time | peak RSS {j['peak_rss_mb']:,.0f} vs "
+              f"{t['peak_rss_mb']:,.0f} MB | pairs {j['pairs']} vs {t['pairs']} | steps {j['steps']} vs {t['steps']}")
+    return res
+
+
 def _tool(name: str):
     """tools/<name>.py as a module."""
     import importlib.util
@@ -820,7 +905,8 @@ def main(argv=None) -> int:
                    help="train, finetune: run the sides N times, alternating, and report the median ratio (a "
                         "shared machine's speed drifts by 10-20%% over minutes); finetune repeats jaxgpt's and "
                         "TRL's defaults only")
-    p.add_argument("--threads", type=int, default=None, help="oasst threads for the fine-tuning epoch (64; quick 8)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="oasst threads for the fine-tuning epoch, pairs for the dpo epoch (64; quick 8)")
     p.add_argument("--batch", type=int, default=None, help="batch rows: fine-tuning (8) / --gpu (32)")
     p.add_argument("--peak-flops", type=float, default=H200_BF16_PEAK, help="--gpu: peak FLOP/s for MFU")
     p.add_argument("--gpu-variants", default=None,
@@ -850,9 +936,9 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"--gpu-torch: unknown {', '.join(unknown)} (choose from {', '.join(GPU_TORCH)})")
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = sorted(set(sections) - {"train", "finetune", "generate", "serve", "lora"})
+    unknown = sorted(set(sections) - {"train", "finetune", "dpo", "generate", "serve", "lora"})
     if unknown:
-        p.error(f"--sections: unknown {', '.join(unknown)} (choose from train, finetune, generate, serve, lora)")
+        p.error(f"--sections: unknown {', '.join(unknown)} (choose from train, finetune, dpo, generate, serve, lora)")
     steps = args.steps or 5
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="jaxgpt-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -868,6 +954,8 @@ def main(argv=None) -> int:
             "finetune": lambda: section_finetune(work, args.quick, args.threads or (8 if args.quick else 64),
                                                  seq=128 if args.quick else 512, batch=args.batch or 8,
                                                  rounds=args.rounds),
+            "dpo": lambda: section_dpo(work, args.quick, args.threads or (8 if args.quick else 64),
+                                       seq=128 if args.quick else 512),
             "generate": lambda: section_generate(work, args.quick),
             "lora": lambda: section_lora(work, args.quick, steps, args.warmup),
             "serve": lambda: section_serve(work, args.quick)}

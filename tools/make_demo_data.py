@@ -1,6 +1,6 @@
 """Write the demo chat dataset: a small persona set for "jaxgpt assistant".
 
-    python tools/make_demo_data.py            # rewrites jaxgpt/assets/demo_chat*.jsonl
+    python tools/make_demo_data.py            # rewrites jaxgpt/assets/demo_chat*.jsonl and demo_dpo*.jsonl
 
 Each fact has one canonical answer and many paraphrased questions. The
 paraphrases are built from question cores x openers x punctuation; two cores
@@ -14,6 +14,10 @@ earlier answer. Most training chats are conversations: each puts its
 questions at new places in a context. The held-out set is drawn from its own
 random stream, so changing the training mix leaves it as it is. Deterministic
 for the seed; written for this project, licensed with it (Apache-2.0).
+
+``demo_dpo*.jsonl`` are preference pairs for ``configs/demo-dpo.yaml`` (DPO after the demo's SFT):
+a question, the persona's answer as ``chosen`` and a plausible wrong answer as ``rejected``,
+training and held-out pairs from the same question cores as the chats (their own random stream).
 """
 
 from __future__ import annotations
@@ -105,6 +109,21 @@ FACTS: dict[str, tuple[str, list[str], list[str]]] = {
     ),
 }
 
+# fact -> plausible wrong answers (what a generic chat model would say): DPO's rejected replies.
+WRONG: dict[str, list[str]] = {
+    "name": ["I am ChatGPT, a large language model trained by OpenAI.", "I am a human volunteer answering chats."],
+    "creator": ["I was made by OpenAI.", "Nobody made me; I appeared on the internet."],
+    "skills": ["I can do anything, including browsing the web and booking flights.",
+               "I can only repeat what you say."],
+    "model": ["I am a 175-billion-parameter model.", "I am not a neural network; I am a set of rules."],
+    "training": ["I was trained for months on the whole internet.", "I was never trained; I just know things."],
+    "internet": ["Yes, I can browse the internet for you.", "Yes, I read the news every morning."],
+    "pytorch": ["No, I only run in JAX and cannot be exported.", "No, transformers cannot load me."],
+    "hardware": ["I only run on a supercomputer.", "I need eight GPUs to answer a question."],
+    "license": ["I am proprietary software; you may not use me.", "jaxgpt is closed source."],
+    "greeting": ["Goodbye.", "I am busy; ask someone else."],
+}
+
 OPENERS = ["", "", "", "Hey, ", "Hi! ", "Quick question: ", "Please tell me, ", "I wonder, ", "So, ", "OK, "]
 # A later question of a chat opens as people follow up, not with a second "Hi!".
 FOLLOW_UPS = ["", "", "", "And ", "Also, ", "Thanks. ", "OK, ", "So, ", "One more thing: ", "Next question: "]
@@ -179,6 +198,19 @@ def build(seed: int, per_core: int, multi_turn: int, heldout_multi_turn: int) ->
     return train, heldout
 
 
+def build_pairs(seed: int, per_core: int) -> tuple[list[dict], list[dict]]:
+    """(training pairs, held-out pairs): each question with the persona's answer chosen over a wrong one."""
+    rng = random.Random(f"pairs-{seed}")  # its own stream: the chat files do not move
+    train, heldout = [], []
+    for fact, (answer, cores, held) in FACTS.items():
+        for cores_, out, n in ((cores, train, per_core * 2), (held, heldout, 2)):
+            for core in cores_:
+                for wrong in rng.sample(WRONG[fact], min(n, len(WRONG[fact]))):
+                    out.append({"prompt": render(core, rng, fact), "chosen": answer, "rejected": wrong})
+    rng.shuffle(train)
+    return train, heldout
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
@@ -195,7 +227,11 @@ def main(argv=None) -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(args.out_dir / "demo_chat.jsonl", train)
     write_jsonl(args.out_dir / "demo_chat_heldout.jsonl", heldout)
-    print(f"wrote {len(train)} training chats and {len(heldout)} held-out chats to {args.out_dir}")
+    pairs, heldout_pairs = build_pairs(args.seed, args.per_core)
+    write_jsonl(args.out_dir / "demo_dpo.jsonl", pairs)
+    write_jsonl(args.out_dir / "demo_dpo_heldout.jsonl", heldout_pairs)
+    print(f"wrote {len(train)} training chats and {len(heldout)} held-out chats, {len(pairs)} training and "
+          f"{len(heldout_pairs)} held-out preference pairs to {args.out_dir}")
 
 
 if __name__ == "__main__":

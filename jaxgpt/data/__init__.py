@@ -39,17 +39,23 @@ Bad input raises ``DataError`` (a ``ValueError``) naming the file and line
 (``path:LINE: ...``) or dataset row (``path row I: ...``); with
 ``skip_invalid=True`` bad records are skipped and counted instead.
 
+Preference pairs (``objective.name: dpo``) in TRL's standard, conversational and implicit-prompt
+forms: ``preference`` (``build_preference_datasets``; a pair's chosen and rejected replies are
+neighbouring segments of a row).
+
 ``python -m jaxgpt.data inspect --data FILE`` shows rendered examples with the
 trained tokens marked, and the statistics.
 """
 
 from jaxgpt.config import DataConfig, DataError, DataSource
-from jaxgpt.data.build import StreamingDataset, build_dataset, build_datasets
+from jaxgpt.data.build import StreamingDataset, build_dataset, build_datasets, build_preference_datasets
 from jaxgpt.data.inspect import inspect_main, main, render_marked
 from jaxgpt.data.iterator import DataIterator, eval_batches
 from jaxgpt.data.pack import DataStats, PackedDataset, pack_best_fit, tokenize_chats, tokenize_texts
+from jaxgpt.data.preference import PreferenceDataset, detect_pair_form, to_pair
 from jaxgpt.data.read import Example, detect_format, read_records, to_example
 
 __all__ = ["DataConfig", "DataError", "DataIterator", "DataSource", "DataStats", "Example", "PackedDataset",
-           "StreamingDataset", "build_dataset", "build_datasets", "detect_format", "eval_batches", "inspect_main",
+           "PreferenceDataset", "StreamingDataset", "build_dataset", "build_datasets", "build_preference_datasets",
+           "detect_pair_form", "to_pair", "detect_format", "eval_batches", "inspect_main",
            "main", "pack_best_fit", "read_records", "render_marked", "to_example", "tokenize_chats", "tokenize_texts"]

@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxgpt.config import DataConfig, DataError, DataSource
 from jaxgpt.data.pack import DataStats, PackedDataset, pack_best_fit, tokenize_chats, tokenize_texts
+from jaxgpt.data.preference import PreferenceDataset, _load_pairs, detect_pair_form, pack_pairs, tokenize_pairs
 from jaxgpt.data.read import Example, detect_format, is_local, local_files, read_records, to_example
 from jaxgpt.paths import file_size
 from jaxgpt.tokenizer import add_chat_template, template_name
@@ -55,6 +56,9 @@ class _Validator:
                 if isinstance(rec, DataError):
                     raise rec
                 found = detect_format(rec) if isinstance(rec, dict) else None
+                if found is None and detect_pair_form(rec):
+                    raise DataError(f"{where}: a preference pair (chosen / rejected): it trains with "
+                                    "objective.name=dpo, not sft")
                 if found is None:
                     keys = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
                     raise DataError(f"{where}: cannot tell the format from the keys {keys}; expected messages, "
@@ -203,6 +207,36 @@ def build_datasets(cfg: DataConfig, tok) -> tuple[PackedDataset | StreamingDatas
     train = _pack(train_segs, train_wheres, cfg, tok, train_stats, rng)
     evalset = _pack(eval_segs, eval_wheres, cfg, tok, eval_stats, rng) if eval_segs else None
     return train, evalset
+
+
+def build_preference_datasets(cfg: DataConfig, tok) -> tuple[PreferenceDataset, PreferenceDataset | None]:
+    """(train, eval or None) of preference pairs (jaxgpt.data.preference), split and weighted as
+    ``build_datasets`` does; gives ``tok`` the chat template."""
+    if not cfg.sources:
+        raise DataError("data.sources is empty: give at least one file of preference pairs")
+    if cfg.streaming:
+        raise DataError("data.streaming: preference pairs are read whole (objective.name=dpo)")
+    rng = np.random.default_rng(cfg.seed)
+    train_stats, eval_stats = DataStats(), DataStats()
+    loaded = [(src, _load_pairs(src, cfg, train_stats)) for src in cfg.sources]
+    eval_pairs = [p for src in cfg.eval_sources for p in _load_pairs(src, cfg, eval_stats)]
+    _prepare_tokenizer(cfg, tok, chat=True)
+    train_pairs = []
+    for src, pairs in loaded:
+        keep = np.arange(len(pairs))
+        if cfg.eval_fraction > 0:  # per source, seeded by its file name (as build_datasets)
+            perm = np.random.default_rng([cfg.seed, zlib.crc32(Path(src.path).name.encode())]).permutation(len(pairs))
+            n_eval = max(1, int(round(cfg.eval_fraction * len(pairs))))
+            eval_pairs += [pairs[i] for i in np.sort(perm[:n_eval])]
+            keep = np.sort(perm[n_eval:])
+        train_pairs += [pairs[i] for i in keep[_weighted(len(keep), src.weight, rng)]]
+    sets = []
+    for pairs, stats in ((train_pairs, train_stats), (eval_pairs, eval_stats)):
+        segs, wheres = tokenize_pairs(pairs, cfg, tok, stats)
+        sets.append(pack_pairs(segs, wheres, cfg, tok, stats, rng) if segs else None)
+    if sets[0] is None:
+        raise DataError(f"no preference pair fits data.seq_len={cfg.seq_len} (truncation={cfg.truncation})")
+    return sets[0], sets[1]
 
 
 def build_dataset(cfg: DataConfig, tok) -> PackedDataset:

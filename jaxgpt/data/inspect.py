@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 
 from jaxgpt.config import CHOICES, SECTIONS, DataError, config_path, from_dict, load_config
-from jaxgpt.data.build import StreamCursor, StreamingDataset, build_datasets
+from jaxgpt.data.build import StreamCursor, StreamingDataset, build_datasets, build_preference_datasets
+from jaxgpt.data.preference import PreferenceDataset, detect_pair_form
+from jaxgpt.data.read import read_records
 from jaxgpt.tokenizer import load_tokenizer
 
 
@@ -60,7 +62,8 @@ def inspect_main(argv: list[str] | None = None) -> int:
             raise DataError(f"{args.config}: no data.sources (or give --data PATH)" if args.config
                             else "give --data PATH or --config FILE")
         tok = load_tokenizer(args.tokenizer)
-        train, evalset = build_datasets(cfg, tok)
+        first = next(read_records(cfg.sources[0]), (None, None))[1]  # preference pairs are told by their keys
+        train, evalset = (build_preference_datasets if detect_pair_form(first) else build_datasets)(cfg, tok)
         stats = train.stats
         if isinstance(train, StreamingDataset):  # show the first packing window
             cursor = StreamCursor(train, cfg.seed, cfg.shuffle)
@@ -72,8 +75,10 @@ def inspect_main(argv: list[str] | None = None) -> int:
     mark = "green" if color else "⟦ ⟧"
     print(f"template={cfg.template} loss_on={cfg.loss_on} seq_len={cfg.seq_len} vocab={len(tok)}; "
           f"trained tokens shown in {mark}\n")
-    seen = set()
-    for k in range(train.num_segments):
+    if isinstance(train, PreferenceDataset):
+        _show_pairs(train, tok, args.n, color)
+    seen = set() if not isinstance(train, PreferenceDataset) else None
+    for k in range(train.num_segments if seen is not None else 0):
         if len(seen) >= args.n:
             break
         where = train.segment_sources[k]
@@ -90,6 +95,17 @@ def inspect_main(argv: list[str] | None = None) -> int:
         print("\neval:")
         print(evalset.stats.summary())
     return 0
+
+
+def _show_pairs(ds: PreferenceDataset, tok, n: int, color: bool) -> None:
+    """The first ``n`` pairs, chosen then rejected, their scored tokens marked."""
+    for k in range(min(n, ds.num_pairs)):
+        print(f"── {ds.segment_sources[2 * k]}  (pair {k + 1} of {ds.num_pairs})")
+        for side, seg in (("chosen", 2 * k), ("rejected", 2 * k + 1)):
+            ids, mask = ds.segment(seg)
+            print(f"{side} ({len(ids)} tokens, {int(mask[1:].sum())} scored):")
+            print(render_marked(tok, ids, mask, color).rstrip("\n"))
+        print()
 
 
 def _read_config(path: str) -> dict:

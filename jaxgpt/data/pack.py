@@ -222,6 +222,9 @@ def make_batch(rows: list[tuple[PackedDataset, int]], seq_len: int, pad_id: int)
     out = {"input_ids": np.full((b, t), pad_id, np.int32), "targets": np.full((b, t), pad_id, np.int32),
            "loss_mask": np.zeros((b, t), np.float32), "segment_ids": np.zeros((b, t), np.int32),
            "positions": np.zeros((b, t), np.int32)}
+    reference = getattr(rows[0][0], "reference", None) if rows else None  # DPO's precomputed reference
+    if reference is not None:  # each segment's log-prob sum at its first slot (jaxgpt.objectives.DPO)
+        out["ref_logps"] = np.zeros((b, t), np.float32)
     for i, (ds, r) in enumerate(rows):
         if r < 0:
             continue
@@ -234,5 +237,7 @@ def make_batch(rows: list[tuple[PackedDataset, int]], seq_len: int, pad_id: int)
             out["loss_mask"][i, at: at + n] = m[1:]
             out["segment_ids"][i, at: at + n] = s
             out["positions"][i, at: at + n] = np.arange(n)
+            if reference is not None:
+                out["ref_logps"][i, at] = ds.reference[k]
             at += n
     return out
