@@ -231,3 +231,25 @@ def test_resume_is_bit_identical_with_stored_reference(world, tmp_path):
     assert [straight.losses[s] for s in (3, 4)] == [resumed.losses[s] for s in (3, 4)]
     for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_reference_under_lora_is_the_base_with_adapters_off(world):
+    """Under LoRA the trained parameters are the adapters, so DPO's frozen copy of them (what
+    ``reference.dpo_objective`` holds) scores as the base alone, TRL's reference with PEFT, however
+    far the adapters have moved: within 1e-5 of the base model's log-probs."""
+    from jaxgpt import lora
+    from jaxgpt.objectives import sequence_logps
+
+    ds = world["packed"]
+    batch = {k: jnp.asarray(v) for k, v in ds.batch(range(ds.num_rows)).items()}
+    base, _ = load_pretrained(world["policy"])
+    want = sequence_logps(base, batch)[0]
+    spec = lora.LoRASpec(rank=4, alpha=8.0, targets=lora.resolve_targets(["c_attn", "c_proj", "c_fc"]))
+    model = lora.apply(load_pretrained(world["policy"])[0], spec)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    reference = jax.tree.map(jnp.copy, params)  # the starting adapters: lora_b is zero
+    moved = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape, x.dtype), params)
+    policy = nnx.merge(graphdef, moved, rest)
+    got = DPO(None, reference=reference).reference_logps(policy, batch)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert float(jnp.max(jnp.abs(sequence_logps(policy, batch)[0] - want))) > 1e-2  # the policy did move

@@ -200,7 +200,7 @@ def test_overwrite_replaces_only_an_earlier_export(run, hf_folder, tmp_path):
     other = tmp_path / "other-run"  # another training run: checkpoints and metrics
     (other / "checkpoints" / "7").mkdir(parents=True)
     (other / "metrics.jsonl").write_text('{"step": 7, "loss": 1.0}\n')
-    with pytest.raises(ExportError, match=r"other-run: is not a Hugging Face model folder .* --overwrite replaces "
+    with pytest.raises(ExportError, match=r"other-run: is not a Hugging Face model or PEFT adapter folder; --overwrite replaces "
                                           r"only an earlier export"):
         export(run, other, overwrite=True, verify_logits=False)
     (out / "metrics.jsonl").write_text("{}\n")  # an export someone kept metrics in
