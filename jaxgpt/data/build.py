@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from jaxgpt.config import DataConfig, DataError, DataSource
-from jaxgpt.data.pack import DataStats, PackedDataset, pack_best_fit, tokenize_chats, tokenize_texts
+from jaxgpt.data.pack import DataStats, PackedDataset, pack_best_fit, pad_id, tokenize_chats, tokenize_texts
 from jaxgpt.data.preference import PreferenceDataset, _load_pairs, detect_pair_form, pack_pairs, tokenize_pairs
 from jaxgpt.data.read import Example, detect_format, is_local, local_files, read_records, to_example
 from jaxgpt.paths import file_size
@@ -148,16 +148,8 @@ def _pack(segs, wheres, cfg: DataConfig, tok, stats: DataStats, rng) -> PackedDa
         rows = pack_best_fit(lengths, cfg.seq_len, order=rng.permutation(len(segs)))
     else:
         rows = [[i] for i in range(len(segs))]
-    stats.examples = len(segs)
-    stats.tokens = int(sum(len(t) for t, _ in segs))
-    stats.trained_tokens = int(sum(int(m[1:].sum()) for _, m in segs))
-    stats.non_pad_tokens = int(lengths.sum())
-    stats.rows, stats.seq_len = len(rows), cfg.seq_len
-    return PackedDataset(segs, rows, cfg.seq_len, _pad_id(tok), len(tok), stats, wheres)
-
-
-def _pad_id(tok) -> int:
-    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    stats.count_rows(len(segs), segs, int(lengths.sum()), len(rows), cfg.seq_len)
+    return PackedDataset(segs, rows, cfg.seq_len, pad_id(tok), len(tok), stats, wheres)
 
 
 def build_datasets(cfg: DataConfig, tok) -> tuple[PackedDataset | StreamingDataset, PackedDataset | None]:
@@ -268,7 +260,7 @@ class StreamingDataset:
                 validate.check()
             chat = chat or first.messages is not None
         _prepare_tokenizer(cfg, tok, chat)
-        self.pad_id, self.vocab_size = _pad_id(tok), len(tok)
+        self.pad_id, self.vocab_size = pad_id(tok), len(tok)
         # The data itself is not read ahead: local sources are known by their files' sizes, hub datasets
         # by name only (a hub dataset that changes under the same name is not detected).
         sizes = [[(f.name, file_size(f)) for f in local_files(src)] if is_local(src.path) else None

@@ -29,6 +29,14 @@ class DataStats:
     skip_reasons: list[str] = field(default_factory=list)  # the first few skipped records' errors
     formats: dict[str, str] = field(default_factory=dict)  # source path -> detected format
 
+    def count_rows(self, examples: int, segs, non_pad_tokens: int, rows: int, seq_len: int) -> None:
+        """The counts of ``segs`` (token ids, loss mask) packed into ``rows`` rows of ``seq_len``."""
+        self.examples = examples
+        self.tokens = int(sum(len(t) for t, _ in segs))
+        self.trained_tokens = int(sum(int(m[1:].sum()) for _, m in segs))
+        self.non_pad_tokens = non_pad_tokens
+        self.rows, self.seq_len = rows, seq_len
+
     @property
     def capacity(self) -> int:
         return self.rows * self.seq_len
@@ -146,6 +154,11 @@ def tokenize_texts(examples: list[Example], tok, seq_len: int):
             if len(piece) >= 2:
                 out.append((piece, np.ones(len(piece), np.uint8)))
     return out
+
+
+def pad_id(tok) -> int:
+    """The id padding positions hold: the tokenizer's pad token, else its end of text."""
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
 def pack_best_fit(lengths: np.ndarray, capacity: int, order: np.ndarray | None = None) -> list[list[int]]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxgpt.config import DataConfig, DataError, DataSource
-from jaxgpt.data.pack import DataStats, PackedDataset, pack_best_fit, tokenize_chats
+from jaxgpt.data.pack import DataStats, PackedDataset, pack_best_fit, pad_id, tokenize_chats
 from jaxgpt.data.read import Example, _check_text, _field, _messages, read_records
 from jaxgpt.tokenizer import ROLES
 
@@ -151,11 +151,6 @@ def pack_pairs(segs, wheres, cfg: DataConfig, tok, stats: DataStats, rng) -> Pre
         rows = [sorted(r) for r in rows]  # pairs in file order within a row
     else:
         rows = [[k] for k in range(len(lengths))]
-    stats.examples = len(lengths)
-    stats.tokens = int(sum(len(t) for t, _ in segs))
-    stats.trained_tokens = int(sum(int(m[1:].sum()) for _, m in segs))
-    stats.non_pad_tokens = int(lengths.sum())
-    stats.rows, stats.seq_len = len(rows), cfg.seq_len
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return PreferenceDataset(segs, [[s for k in r for s in (2 * k, 2 * k + 1)] for r in rows], cfg.seq_len, pad,
-                             len(tok), stats, wheres)
+    stats.count_rows(len(lengths), segs, int(lengths.sum()), len(rows), cfg.seq_len)
+    return PreferenceDataset(segs, [[s for k in r for s in (2 * k, 2 * k + 1)] for r in rows], cfg.seq_len,
+                             pad_id(tok), len(tok), stats, wheres)
