@@ -26,25 +26,20 @@ A step that is incomplete or corrupt (missing items, unreadable files) is
 reported with a warning naming its folder, moved aside to ``<step>.corrupt-<time>``
 (never deleted) and the previous step is used.
 
-Preemption: ``PreemptionGuard`` turns SIGTERM into a flag the loop checks once
-per step; on several processes it uses JAX's preemption sync point instead, so
-every host stops at the same step. See docs/checkpoints.md.
+The run folder's lock is ``jaxgpt.runlock``, preemption ``jaxgpt.preemption``, and loading a
+step for inference ``jaxgpt.loader``. See docs/checkpoints.md.
 """
 
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
 import json
 import logging
 import os
 import re
-import signal
-import socket
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -56,8 +51,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxgpt.model import GPT2Config, abstract_model
-from jaxgpt.paths import absolute, append_text, create_exclusive, is_url, upath
+from jaxgpt.paths import absolute, append_text, is_url, upath
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +79,10 @@ class CheckpointError(ValueError):
 
 class NoCheckpointError(CheckpointError):
     """A folder with no checkpoint step in it (jaxgpt.loader says whether it is an HF folder instead)."""
+
+
+class NonFiniteError(CheckpointError):
+    """The parameters hold NaN or infinity: unusable, and never silently replaced by another step."""
 
 
 def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
@@ -178,202 +176,6 @@ def _json_roundtrip(value, what: str):
         return json.loads(json.dumps(value))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{what} must be JSON-serialisable: {e}") from None
-
-
-# ----------------------------------------------------------------------------- the run folder
-
-LOCK_FILE = "train.lock"
-
-
-class RunLock:
-    """One training at a time writes a run folder: ``<folder>/train.lock`` names the holder's host and pid.
-
-    A lock whose holder is gone (a dead pid on this host: SIGKILL, OOM, a reboot) is taken over with a
-    warning; one from another host is not (its pid cannot be checked from here). With several
-    processes only process 0 takes the lock, and every process learns whether it did.
-
-    In a bucket (gs://) the lock is an object created with GCS's one atomic create (an upload on
-    condition that no such object exists). Its pid cannot be checked from another host, and a TPU VM
-    that comes back after a preemption is a new host: so the holder rewrites it every
-    ``HEARTBEAT_S`` seconds, and a lock not rewritten for ``STALE_S`` is taken over with a warning.
-    """
-
-    HEARTBEAT_S, STALE_S = 60.0, 600.0
-
-    def __init__(self, folder: str | os.PathLike):
-        self.folder = upath(folder)
-        self.path = self.folder / LOCK_FILE
-        self.held = False
-        self._beat: threading.Event | None = None
-
-    def __enter__(self):
-        error = self._acquire() if jax.process_index() == 0 else None
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
-            if failed and error is None:
-                error = CheckpointError(f"{self.folder}: process 0 could not lock the run folder (see its output)")
-        if error is not None:
-            raise error
-        return self
-
-    def __exit__(self, *exc):
-        if self._beat is not None:
-            self._beat.set()
-        if self.held and (self._holder() or {}).get("pid") == os.getpid():
-            self.path.unlink(missing_ok=True)
-        self.held = False
-        return False
-
-    def _holder(self) -> dict | None:
-        try:
-            holder = json.loads(self.path.read_text())
-            return holder if isinstance(holder, dict) else None
-        except (OSError, ValueError):
-            return None
-
-    def _acquire(self) -> CheckpointError | None:
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            return CheckpointError(f"{self.folder}: cannot create the run folder ({e.strerror or e})")
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "beat": time.time()}
-        for _ in range(2):
-            try:
-                created = create_exclusive(self.path, json.dumps(me))
-            except OSError as e:  # a read-only folder: one line, before anything is built
-                return CheckpointError(f"{self.folder}: the run folder is not writable ({e.strerror or e})")
-            if not created:
-                holder = self._holder()
-                stale = (is_url(self.path) and holder is not None
-                         and time.time() - float(holder.get("beat") or 0) > self.STALE_S)
-                if not stale and (holder is None or holder.get("host") != me["host"] or _alive(holder.get("pid"))):
-                    who = (f"host {holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since')}"
-                           if holder else "unreadable lock")
-                    gone = "" if holder and holder.get("host") == me["host"] else (
-                        f"; if no training runs there any more, remove {self.path}")
-                    return CheckpointError(f"{self.folder} is in use by another training ({who}): wait for it to "
-                                           f"finish, or set train.output_dir to another folder{gone}")
-                log.warning("taking over %s: its training (pid %s, since %s) is no longer running%s",
-                            self.path, holder.get("pid"), holder.get("since"),
-                            f" (no heartbeat for {self.STALE_S:.0f} s)" if stale else "")
-                self.path.unlink(missing_ok=True)
-                continue
-            self.held = True
-            if is_url(self.path):
-                self._beat = threading.Event()
-                threading.Thread(target=self._heartbeat, args=(me,), daemon=True, name="jaxgpt-lock").start()
-            return None
-        return CheckpointError(f"{self.folder}: another training took {self.path} meanwhile")
-
-
-    def _heartbeat(self, me: dict):
-        while not self._beat.wait(self.HEARTBEAT_S):
-            try:
-                self.path.write_text(json.dumps({**me, "beat": time.time()}))
-            except Exception as e:  # a missed beat is retried; only a long outage lets another run take over
-                log.warning("cannot refresh %s: %s", self.path, e)
-
-
-def _alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def set_aside_steps(root: Path) -> list[str]:
-    """The step folders an earlier restore set aside as incomplete or corrupt (``<step>.corrupt-<time>``)."""
-    return sorted(p.name for p in root.iterdir() if CORRUPT_SUFFIX in p.name) if root.is_dir() else []
-
-
-# ----------------------------------------------------------------------------- preemption
-
-class PreemptionGuard:
-    """Records SIGTERM (preemption) and SIGINT (Ctrl-C) so the loop can finish its step, save and exit.
-
-    A second SIGINT raises ``KeyboardInterrupt`` at once: an async save in flight is then never
-    committed (orbax renames a step into place only when complete), so the last committed step stays.
-
-    Usage::
-
-        with PreemptionGuard() as guard:
-            for step in ...:
-                ...train step...
-                stop = guard.should_stop(step)
-                ckpt.save(step, ..., force=stop or step == last)
-                if stop:
-                    break
-        ckpt.close()   # waits for the async save to commit
-
-    With several processes (``jax.process_count() > 1``) SIGTERM usually reaches
-    hosts at different steps; JAX's preemption service (started by
-    ``jax.distributed.initialize``, which installs its own SIGTERM notifier) picks
-    one step for all of them, read with
-    ``jax.experimental.multihost_utils.reached_preemption_sync_point(step)``.
-    The guard then leaves SIGTERM to JAX and asks that sync point; it must be
-    called at every step on every process. Orbax's ``PreemptionCheckpointingPolicy``
-    (in ``Checkpointer``) asks the same sync point again for the same step; JAX
-    records the step and compares it with the agreed one, so both get the same
-    answer (``tests/test_checkpoint.py``, two processes).
-    """
-
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
-        self.signals = tuple(signals)
-        self.received: int | None = None
-        self._previous = {}
-        self._multihost = False
-        self._last: tuple[int, bool] | None = None
-
-    def _handler(self, signum, frame):
-        if signum == signal.SIGINT and self.received is not None:  # Ctrl-C again: the user means now
-            self.__exit__()
-            raise KeyboardInterrupt
-        # Only set a flag: the step in flight (and any async save) finishes normally.
-        self.received = signum
-        if signum == signal.SIGINT:
-            log.warning("Ctrl-C: saving a checkpoint after the current step, then exiting (Ctrl-C again stops at once)")
-        else:
-            log.warning("received %s: will save a checkpoint after the current step and exit",
-                        signal.Signals(signum).name)
-
-    def __enter__(self):
-        self._multihost = jax.process_count() > 1
-        if not self._multihost and threading.current_thread() is threading.main_thread():
-            for s in self.signals:
-                self._previous[s] = signal.signal(s, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self._previous.items():
-            signal.signal(s, h)
-        self._previous.clear()
-        return False
-
-    @property
-    def requested(self) -> bool:
-        return self.received is not None
-
-    def should_stop(self, step: int) -> bool:
-        """True when the loop should save now and exit (same answer on every process)."""
-        if self._last is not None and self._last[0] == step:
-            return self._last[1]  # the sync point must be asked once per step
-        if self._multihost:
-            from jax.experimental import multihost_utils
-            try:
-                stop = bool(multihost_utils.reached_preemption_sync_point(step))
-            except RuntimeError:  # preemption service disabled (jax_enable_preemption_service=False)
-                stop = False
-        else:
-            stop = self.requested
-        self._last = (step, stop)
-        return stop
 
 
 # ----------------------------------------------------------------------------- Checkpointer
@@ -645,7 +447,7 @@ class Checkpointer:
 
     def restore_tokenizer(self, step: int):
         """The tokenizer saved with ``step`` (None if it was saved without one)."""
-        return _read_tokenizer(self.step_dir(step))
+        return read_tokenizer(self.step_dir(step))
 
 
 class _Corrupt(Exception):
@@ -701,10 +503,6 @@ def nonfinite_tensor(params) -> str | None:
     return names[int(bad[0])] if bad.size else None
 
 
-class NonFiniteError(CheckpointError):
-    """The parameters hold NaN or infinity: unusable, and never silently replaced by another step."""
-
-
 # Parameter names from before the projections were Linear modules (h.0.attn.c_attn_kernel).
 _OLD_PARAM_NAME = re.compile(r"\b(c_attn|c_proj|c_fc)_(kernel|bias)\b")
 
@@ -740,7 +538,7 @@ def _check_fits(item_dir: Path, abstract, metadata, *, warn_dtypes: bool = False
                     "since the checkpoint was saved?)", item_dir, len(cast), k, np.dtype(old), np.dtype(new))
 
 
-# ----------------------------------------------------------------------------- inference
+# ----------------------------------------------------------------------------- reading a step without a manager
 
 def saved_steps(root: Path) -> list[int]:
     """The step folders under a checkpoint root, ascending, read from the folder names alone (orbax
@@ -752,46 +550,13 @@ def saved_steps(root: Path) -> list[int]:
     return sorted(int(p.name) for p in steps if not is_url(root) or (p / "commit_success.txt").exists())
 
 
-def _candidates(path: Path) -> tuple[list[Path], bool]:
-    """(step dirs to try, newest first; whether ``path`` named one step) for an output_dir, root or step dir."""
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: expected a checkpoint directory (training output_dir or a step dir), got a file")
-    if (path / "params").is_dir() or (path / STEP_METADATA_FILE).exists():
-        return [path], True
-    root = path / CHECKPOINT_SUBDIR if (path / CHECKPOINT_SUBDIR).is_dir() else path
-    steps = saved_steps(root)[::-1]
-    if not steps:
-        raise NoCheckpointError(f"{path}: no jaxgpt checkpoint found (looked in {root})")
-    return [root / str(s) for s in steps], False
+def set_aside_steps(root: Path) -> list[str]:
+    """The step folders an earlier restore set aside as incomplete or corrupt (``<step>.corrupt-<time>``)."""
+    return sorted(p.name for p in root.iterdir() if CORRUPT_SUFFIX in p.name) if root.is_dir() else []
 
 
-def model_config_from(config: dict, source: str) -> GPT2Config:
-    """The GPT2Config saved in a run config: ``config["model_config"]`` or the first dict holding its fields."""
-    fields = {f.name for f in dataclasses.fields(GPT2Config)}
-    need = {"vocab_size", "n_embd", "n_layer", "n_head"}
-
-    def find(d):
-        if isinstance(d, dict):
-            if need <= d.keys():
-                return d
-            for v in d.values():
-                found = find(v)
-                if found is not None:
-                    return found
-        return None
-
-    raw = config.get("model_config") if isinstance(config.get("model_config"), dict) else find(config)
-    if raw is None:
-        raise CheckpointError(f"{source}: the saved config holds no GPT-2 model config (a dict with {sorted(need)})")
-    try:
-        return GPT2Config(**{k: v for k, v in raw.items() if k in fields})
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{source}: bad model config: {e}") from None
-
-
-def _read_tokenizer(step_dir: Path):
+def read_tokenizer(step_dir: Path):
+    """The tokenizer saved with a step, or None if it was saved without one."""
     tok_dir = step_dir / "tokenizer"
     if not tok_dir.is_dir():
         return None
@@ -802,70 +567,31 @@ def _read_tokenizer(step_dir: Path):
         raise CheckpointError(f"{tok_dir}: cannot read the saved tokenizer: {_short(e)}") from None
 
 
-def load_for_inference(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None):
-    """(GPT2, tokenizer) from a training output_dir (latest complete step) or a step dir.
-
-    Restores the parameters only (no optimizer state) onto one device, cast to
-    ``param_dtype`` (default: ``dtype``); dropout off, remat, attention and kernels
-    "auto" (whatever this device and dtype run; training may have used cuDNN's). For an
-    output_dir, an incomplete or corrupt latest step is reported and the
-    previous one used.
-    """
-    step_dirs, explicit = _candidates(absolute(path))  # orbax needs absolute paths
-    for step_dir in step_dirs:
-        try:
-            return _load_step(step_dir, dtype, param_dtype or dtype)
-        except NonFiniteError:
-            raise  # readable, but garbage: an older step is the user's choice to make, by naming it
-        except CheckpointError as e:
-            if explicit:
-                raise
-            log.warning("checkpoint is incomplete or corrupt: %s; using the previous one", e)
-    raise CheckpointError(f"{path}: no complete jaxgpt checkpoint found (every step is incomplete or corrupt)")
+def _reader():
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=_registry()))
 
 
-def _load_step(step_dir: Path, dtype: str, param_dtype: str):
+def read_config(step_dir: Path) -> dict:
+    """The run config saved with a step (checking first that the step holds parameters)."""
     _quiet_closed_event_loop()
     missing = [n for n in (STEP_METADATA_FILE, "params", "config") if not (step_dir / n).exists()]
     if missing:
         raise CheckpointError(f"{step_dir}: incomplete checkpoint (missing {', '.join(missing)})")
-    ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=_registry()))
     try:
-        config = ckptr.restore(step_dir, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        return _reader().restore(step_dir, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     except Exception as e:
         raise CheckpointError(f"{step_dir}: cannot read the saved config: {_short(e)}") from None
-    cfg = model_config_from(config, str(step_dir / "config"))
-    cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype, dropout=0.0, remat="auto", attention="auto", kernels="auto")
-    # The rest (dropout RNG streams) as a fresh init makes it; the parameters as shapes, to restore into.
-    if (config.get("lora") or {}).get("rank"):  # a LoRA run saved its adapter: restored onto its base
-        from jaxgpt.lora import restore_target
 
-        graphdef, abs_params, rest = nnx.split(restore_target(config, cfg, str(step_dir)), nnx.Param, ...)
-    else:
-        graphdef, abs_params, rest = abstract_model(cfg)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abs_pure = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            nnx.to_pure_dict(abs_params))
+
+def read_params(step_dir: Path, abstract: dict) -> dict:
+    """A step's parameters as a pure dict, onto ``abstract``'s shapes, dtypes and shardings (no optimizer state)."""
+    reader = _reader()
     try:
-        meta = ckptr.metadata(step_dir).item_metadata["params"]
+        meta = reader.metadata(step_dir).item_metadata["params"]
     except Exception as e:
         raise CheckpointError(f"{step_dir}: cannot read parameter metadata: {_short(e)}") from None
-    _check_fits(step_dir / "params", abs_pure, meta)
+    _check_fits(step_dir / "params", abstract, meta)
     try:
-        pure = ckptr.restore(step_dir, args=ocp.args.Composite(params=ocp.args.StandardRestore(abs_pure)))["params"]
+        return reader.restore(step_dir, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
     except Exception as e:
         raise CheckpointError(f"{step_dir}: cannot read parameters (corrupt?): {_short(e)}") from None
-    bad = nonfinite_tensor(pure)
-    if bad is not None:
-        older = [s for s in saved_steps(step_dir.parent) if s < int(step_dir.name)] if step_dir.name.isdigit() else []
-        raise NonFiniteError(f"{step_dir}: parameter {bad} holds NaN or infinity; this checkpoint is unusable"
-                             + (f" (earlier steps: {', '.join(map(str, older))}; name one, e.g. "
-                                f"{step_dir.parent / str(older[-1])})" if older else ""))
-    nnx.replace_by_pure_dict(abs_params, pure)
-    model = nnx.merge(graphdef, abs_params, rest)
-    tokenizer = _read_tokenizer(step_dir)
-    if tokenizer is None:
-        from jaxgpt.tokenizer import load_tokenizer
-        log.warning("%s has no tokenizer; using the vendored GPT-2 tokenizer", step_dir)
-        tokenizer = load_tokenizer()
-    return model, tokenizer

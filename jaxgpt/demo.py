@@ -146,7 +146,8 @@ def run(args) -> int:
     from flax import nnx
 
     from jaxgpt import compile_cache, sharding
-    from jaxgpt.checkpoint import checkpoint_dir, load_for_inference
+    from jaxgpt.checkpoint import checkpoint_dir
+    from jaxgpt.loader import load_for_inference
     from jaxgpt.config import load_config, validate
     from jaxgpt.export import export
     from jaxgpt.tokenizer import add_chat_template

@@ -4,7 +4,7 @@ What a name means is decided here, and only here:
 
 - a folder with ``config.json`` and weights (``jaxgpt.paths.is_hf_folder``): a Hugging Face folder;
 - any other folder: a jaxgpt training run, its output_dir (the latest complete step) or one step
-  dir, read by ``jaxgpt.checkpoint.load_for_inference``;
+  dir (``load_for_inference``);
 - anything else: a hub id, fetched into the Hugging Face cache (``jaxgpt.paths.resolve``, which
   names a file or a mistyped local folder instead), unless ``hub=False``.
 
@@ -20,11 +20,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
+from flax import nnx
 from transformers import PreTrainedTokenizerBase
 
 from jaxgpt.decoding import DECODING_LAYOUTS, INT8_DECODING, for_decoding
-from jaxgpt.model import GPT2
-from jaxgpt.paths import WEIGHT_FILES, WeightsError, check_remote, is_hf_folder, resolve, upath
+from jaxgpt.model import GPT2, GPT2Config, abstract_model
+from jaxgpt.paths import WEIGHT_FILES, absolute, WeightsError, check_remote, is_hf_folder, resolve, upath
 from jaxgpt.tokenizer import has_tokenizer, load_tokenizer, stop_token_ids
 from jaxgpt import lora, weights
 from jaxgpt.peft_io import load_adapter
@@ -125,13 +127,11 @@ def load_pretrained(name_or_path: str | os.PathLike, *, adapter: str | os.PathLi
 
 
 def _on_cpu() -> bool:
-    import jax
-
     return jax.default_backend() == "cpu"
 
 
 def _from_checkpoint(folder: Path, dtype: str, param_dtype: str):
-    from jaxgpt.checkpoint import NoCheckpointError, load_for_inference  # orbax: imported for checkpoints only
+    from jaxgpt.checkpoint import NoCheckpointError  # orbax: imported for checkpoints only
 
     try:
         return load_for_inference(folder, dtype=dtype, param_dtype=param_dtype)
@@ -140,6 +140,105 @@ def _from_checkpoint(folder: Path, dtype: str, param_dtype: str):
             raise NoCheckpointError(f"{e}; nor a Hugging Face model folder (config.json, but none of "
                                     f"{', '.join(WEIGHT_FILES)})") from None
         raise
+
+
+# ----------------------------------------------------------------------------- training checkpoints
+
+def load_for_inference(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None):
+    """(GPT2, tokenizer) from a training output_dir (latest complete step) or a step dir.
+
+    Restores the parameters only (no optimizer state) onto one device, cast to
+    ``param_dtype`` (default: ``dtype``); dropout off, remat, attention and kernels
+    "auto" (whatever this device and dtype run; training may have used cuDNN's). For an
+    output_dir, an incomplete or corrupt latest step is reported and the
+    previous one used.
+    """
+    from jaxgpt.checkpoint import CheckpointError, NonFiniteError
+
+    step_dirs, explicit = _candidates(absolute(path))  # orbax needs absolute paths
+    for step_dir in step_dirs:
+        try:
+            return _load_step(step_dir, dtype, param_dtype or dtype)
+        except NonFiniteError:
+            raise  # readable, but garbage: an older step is the user's choice to make, by naming it
+        except CheckpointError as e:
+            if explicit:
+                raise
+            log.warning("checkpoint is incomplete or corrupt: %s; using the previous one", e)
+    raise CheckpointError(f"{path}: no complete jaxgpt checkpoint found (every step is incomplete or corrupt)")
+
+
+def _load_step(step_dir: Path, dtype: str, param_dtype: str):
+    from jaxgpt.checkpoint import NonFiniteError, nonfinite_tensor, read_config, read_params, read_tokenizer, saved_steps
+
+    config = read_config(step_dir)
+    cfg = model_config_from(config, str(step_dir / "config"))
+    cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype, dropout=0.0, remat="auto", attention="auto", kernels="auto")
+    # The rest (dropout RNG streams) as a fresh init makes it; the parameters as shapes, to restore into.
+    if (config.get("lora") or {}).get("rank"):  # a LoRA run saved its adapter: restored onto its base
+        graphdef, abs_params, rest = nnx.split(lora.restore_target(config, cfg, str(step_dir)), nnx.Param, ...)
+    else:
+        graphdef, abs_params, rest = abstract_model(cfg)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abs_pure = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            nnx.to_pure_dict(abs_params))
+    pure = read_params(step_dir, abs_pure)
+    bad = nonfinite_tensor(pure)
+    if bad is not None:
+        older = [s for s in saved_steps(step_dir.parent) if s < int(step_dir.name)] if step_dir.name.isdigit() else []
+        raise NonFiniteError(f"{step_dir}: parameter {bad} holds NaN or infinity; this checkpoint is unusable"
+                             + (f" (earlier steps: {', '.join(map(str, older))}; name one, e.g. "
+                                f"{step_dir.parent / str(older[-1])})" if older else ""))
+    nnx.replace_by_pure_dict(abs_params, pure)
+    model = nnx.merge(graphdef, abs_params, rest)
+    tokenizer = read_tokenizer(step_dir)
+    if tokenizer is None:
+        log.warning("%s has no tokenizer; using the vendored GPT-2 tokenizer", step_dir)
+        tokenizer = load_tokenizer()
+    return model, tokenizer
+
+
+def _candidates(path: Path) -> tuple[list[Path], bool]:
+    """(step dirs to try, newest first; whether ``path`` named one step) for an output_dir, root or step dir."""
+    from jaxgpt.checkpoint import CHECKPOINT_SUBDIR, STEP_METADATA_FILE, CheckpointError, NoCheckpointError, saved_steps
+
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: expected a checkpoint directory (training output_dir or a step dir), got a file")
+    if (path / "params").is_dir() or (path / STEP_METADATA_FILE).exists():
+        return [path], True
+    root = path / CHECKPOINT_SUBDIR if (path / CHECKPOINT_SUBDIR).is_dir() else path
+    steps = saved_steps(root)[::-1]
+    if not steps:
+        raise NoCheckpointError(f"{path}: no jaxgpt checkpoint found (looked in {root})")
+    return [root / str(s) for s in steps], False
+
+
+def model_config_from(config: dict, source: str) -> GPT2Config:
+    """The GPT2Config saved in a run config: ``config["model_config"]`` or the first dict holding its fields."""
+    from jaxgpt.checkpoint import CheckpointError
+
+    fields = {f.name for f in dataclasses.fields(GPT2Config)}
+    need = {"vocab_size", "n_embd", "n_layer", "n_head"}
+
+    def find(d):
+        if isinstance(d, dict):
+            if need <= d.keys():
+                return d
+            for v in d.values():
+                found = find(v)
+                if found is not None:
+                    return found
+        return None
+
+    raw = config.get("model_config") if isinstance(config.get("model_config"), dict) else find(config)
+    if raw is None:
+        raise CheckpointError(f"{source}: the saved config holds no GPT-2 model config (a dict with {sorted(need)})")
+    try:
+        return GPT2Config(**{k: v for k, v in raw.items() if k in fields})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: bad model config: {e}") from None
 
 
 def folder_eos_ids(name_or_path: str | os.PathLike) -> list[int]:

@@ -69,7 +69,7 @@ def eval_due(s: Setup) -> Callable[[int], bool]:
 
 def run(s: Setup, out: Path, logger: metrics.MetricsLog, hooks: list[Hook], guard, saved: Callable[[], str]
         ) -> TrainResult:
-    """Train from ``s.start`` to ``train.steps``. ``guard``: a jaxgpt.checkpoint.PreemptionGuard-like
+    """Train from ``s.start`` to ``train.steps``. ``guard``: a jaxgpt.preemption.PreemptionGuard-like
     context (``should_stop(step)``, ``received``); ``saved``: where the last save is, for errors."""
     cfg, t = s.cfg, s.cfg.train
     micro = t.batch_size // t.grad_accum

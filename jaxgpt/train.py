@@ -32,11 +32,13 @@ from flax import nnx
 
 from jaxgpt import compile_cache, host_memory, metrics, sharding
 from jaxgpt.backend import Policy
-from jaxgpt.checkpoint import (CheckpointError, Checkpointer, PreemptionGuard, RunLock, checkpoint_dir,
-                               nonfinite_tensor, saved_steps, set_aside_steps)
+from jaxgpt.checkpoint import (CheckpointError, Checkpointer, checkpoint_dir, nonfinite_tensor, saved_steps,
+                               set_aside_steps)
 from jaxgpt.config import Config, ConfigError, help_text, load_config, shipped_configs, validate
 from jaxgpt.loop import Hook, TrainingError, TrainResult, eval_due, run
 from jaxgpt.paths import check_remote, upath
+from jaxgpt.preemption import PreemptionGuard
+from jaxgpt.runlock import RunLock
 from jaxgpt.setup import Setup, init_distributed, prepare
 
 log = logging.getLogger("jaxgpt.train")

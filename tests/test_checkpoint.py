@@ -22,8 +22,9 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from jaxgpt.checkpoint import (CheckpointError, Checkpointer, PreemptionGuard, abstract_like, checkpoint_dir,
-                               load_for_inference)
+from jaxgpt.checkpoint import CheckpointError, Checkpointer, abstract_like, checkpoint_dir
+from jaxgpt.loader import load_for_inference
+from jaxgpt.preemption import PreemptionGuard
 from jaxgpt.model import GPT2, GPT2Config
 
 from tests.conftest import ROOT, xla_flags
@@ -356,7 +357,7 @@ def test_load_for_inference_from_output_dir_and_step_dir(tmp_path, state, tokeni
     np.testing.assert_allclose(np.asarray(forward(model, ids)), want, atol=0.05)
     # a corrupt latest step: reported, the previous one is loaded; asked for by name, it is an error
     _truncate_array_files(checkpoint_dir(out_dir) / "5" / "params")
-    with caplog.at_level(logging.WARNING, logger="jaxgpt.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="jaxgpt.loader"):
         model, tok = load_for_inference(out_dir)
     assert tok.name_or_path == str(checkpoint_dir(out_dir) / "3")
     assert any(str(checkpoint_dir(out_dir) / "5") in r.getMessage() and "corrupt" in r.getMessage()
@@ -392,7 +393,8 @@ OTHER_MESH = textwrap.dedent("""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
     from flax import nnx
     from test_checkpoint import make_state, save, assert_bit_equal, host
-    from jaxgpt.checkpoint import Checkpointer, abstract_like, load_for_inference, checkpoint_dir
+    from jaxgpt.checkpoint import Checkpointer, abstract_like, checkpoint_dir
+    from jaxgpt.loader import load_for_inference
 
     def spec(x, axis):
         # shard the largest dimension that divides over the fsdp axis (what FSDP does)
@@ -510,7 +512,7 @@ TWO_PROCESSES = textwrap.dedent("""
     # The checkpointer is asked as train() asks it: orbax's PreemptionCheckpointingPolicy
     # asks the same sync point again for the same step, and must agree with the guard.
     import os, signal, time
-    from jaxgpt.checkpoint import PreemptionGuard
+    from jaxgpt.preemption import PreemptionGuard
     before = signal.getsignal(signal.SIGTERM)
     ckpt = Checkpointer({dir!r} + "-preempted", save_every=1000)
     with PreemptionGuard() as guard:

@@ -21,7 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxgpt.checkpoint import load_for_inference  # noqa: E402
+from jaxgpt.loader import load_for_inference  # noqa: E402
 from jaxgpt.config import from_dict  # noqa: E402
 from jaxgpt.data import DataConfig, build_dataset  # noqa: E402
 from jaxgpt.export import ExportError, export, main as export_main  # noqa: E402

@@ -134,7 +134,8 @@ def poison(out: Path, cfg, tensor: str = "wte") -> Path:
     import jax
     from flax import nnx
 
-    from jaxgpt.checkpoint import Checkpointer, load_for_inference
+    from jaxgpt.checkpoint import Checkpointer
+    from jaxgpt.loader import load_for_inference
     from jaxgpt.step import make_optimizer
 
     params = nnx.state(load_for_inference(out)[0], nnx.Param)
@@ -154,7 +155,8 @@ def poison(out: Path, cfg, tensor: str = "wte") -> Path:
 def test_nonfinite_checkpoint_is_named_by_load_export_and_resume(run_dir, tmp_path):
     """A checkpoint holding NaN: sampling / export name the tensor (export used to blame a "logits
     mismatch") and write nothing; training refuses to resume from it rather than save more of it."""
-    from jaxgpt.checkpoint import NonFiniteError, load_for_inference
+    from jaxgpt.checkpoint import NonFiniteError
+    from jaxgpt.loader import load_for_inference
     from jaxgpt.export import ExportError, export
 
     out = copy_run(run_dir, tmp_path)
@@ -272,7 +274,7 @@ def test_unwritable_run_folder_is_one_line(tmp_path, capsys):
 
 def test_second_training_into_the_same_folder_is_refused(tmp_path, caplog):
     """The lock names its holder; a live one refuses (this host or another), a dead one is taken over."""
-    from jaxgpt.checkpoint import LOCK_FILE
+    from jaxgpt.runlock import LOCK_FILE
 
     out = tmp_path / "run"
     out.mkdir()
@@ -304,7 +306,7 @@ def test_second_training_into_the_same_folder_is_refused(tmp_path, caplog):
 
 
 def test_first_ctrl_c_is_a_flag_second_one_stops_at_once():
-    from jaxgpt.checkpoint import PreemptionGuard
+    from jaxgpt.preemption import PreemptionGuard
 
     missed = []  # Ctrl-Cs the guard let through (Python's own handler would end the test session)
     recorder = lambda *_: missed.append(1)  # noqa: E731
@@ -354,7 +356,7 @@ def test_ctrl_c_saves_and_exits_130_while_a_second_training_is_refused(tmp_path)
 def test_second_ctrl_c_stops_at_once_keeping_the_last_commit(tmp_path):
     """Ctrl-C twice while a save is being written: exit 130 without waiting for it; the last committed
     step stays whole (a rerun resumes from it)."""
-    from jaxgpt.checkpoint import load_for_inference
+    from jaxgpt.loader import load_for_inference
 
     run = cli_run(tmp_path, steps=10_000)
     run.wait_for(lambda: len(run.steps_done()) >= 2)

@@ -297,7 +297,8 @@ def test_bad_bucket_path_is_one_line_naming_it(gcs, case, capsys, monkeypatch):
 def test_run_lock_in_a_bucket(gcs, caplog):
     """The lock is an object created only if absent (GCS' ifGenerationMatch=0): a second training is
     refused; a lock whose heartbeat stopped (its VM is gone) is taken over."""
-    from jaxgpt.checkpoint import CheckpointError, RunLock
+    from jaxgpt.checkpoint import CheckpointError
+    from jaxgpt.runlock import RunLock
     from jaxgpt.paths import create_exclusive
 
     folder = epath(f"{gcs}/locked")

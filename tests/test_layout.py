@@ -20,7 +20,7 @@ LAYERS: list[dict[str, set[str]]] = [
      "model": {"model", "kernels", "decoding", "loss", "weights", "lora", "peft_io"}},
     {"objective + step": {"objectives", "step", "setup", "reference"}},
     {"loop": {"loop", "metrics"}},
-    {"checkpoint": {"checkpoint"}},
+    {"checkpoint": {"checkpoint", "runlock", "preemption"}},
     {"loader": {"loader"}},
     {"apps": {"sample", "chat", "export", "demo", "engine", "serve", "train", "__init__"}},
 ]

@@ -195,7 +195,8 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     import jax
     from flax import nnx
 
-    from jaxgpt.checkpoint import Checkpointer, checkpoint_dir, load_for_inference
+    from jaxgpt.checkpoint import Checkpointer, checkpoint_dir
+    from jaxgpt.loader import load_for_inference
     from jaxgpt.config import FLOAT_RANGES
     from jaxgpt.inputs import Range
 
