@@ -31,7 +31,8 @@ from typing import Any, Sequence
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from jaxgpt.engine import MAX_TOP_LOGPROBS, Engine, Request
+from jaxgpt.engine import Engine, Request
+from jaxgpt.kv_slots import MAX_TOP_LOGPROBS
 from jaxgpt.inputs import Range
 
 log = logging.getLogger("jaxgpt.serve")

@@ -85,7 +85,7 @@ def greedy(server, prompt: list[int], max_tokens: int) -> list[int]:
 def test_sample_rows_per_row_settings_match_their_distributions():
     """Rows with their own temperature / top-k / top-p draw from exactly the distribution that
     sorting would give (numpy reference), and greedy rows take the argmax."""
-    from jaxgpt.engine import sample_rows
+    from jaxgpt.kv_slots import sample_rows
 
     v, draws = 50, 4000
     rng = np.random.default_rng(0)
