@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "jaxgpt"
 # shard by its logical-axis rules.
 LAYERS: list[dict[str, set[str]]] = [
     {"base": {"backend", "compile_cache", "host_memory", "inputs", "paths"}},
-    {"config": {"config"}},
+    {"config": {"config_keys", "config"}},
     {"mesh": {"sharding"}},
     {"data": {"data", "tokenizer"},
      "model": {"model", "kernels", "decoding", "loss", "weights", "lora", "peft_io"}},

@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxgpt.config import CHOICES, SECTIONS, DataError, config_path, from_dict, load_config
+from jaxgpt.config import SECTIONS, DataError, config_path, from_dict, load_config
+from jaxgpt.config_keys import CHOICES
 from jaxgpt.data.build import StreamCursor, StreamingDataset, build_datasets, build_preference_datasets
 from jaxgpt.data.preference import PreferenceDataset, detect_pair_form
 from jaxgpt.data.read import read_records
