@@ -1,6 +1,6 @@
 """jaxgpt.kernels' Pallas kernels, run in Pallas' interpreter on the CPU, against float32 math on
 the same inputs (values and gradients), and in the model and the chunked loss against the XLA path.
-How fast they are is measured on a GPU (tools/probe_kernels_gpu.py), not here."""
+How fast they are is measured on a GPU (tools/bench_gpu.sh: the step with and without them), not here."""
 
 from __future__ import annotations
 
