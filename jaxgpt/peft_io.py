@@ -18,7 +18,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-from flax import nnx
 
 from jaxgpt.config import LORA_PROJECTIONS
 from jaxgpt.lora import GrownEmbedding, LoRAError, LoRALinear, LoRASpec, apply

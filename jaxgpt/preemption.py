@@ -17,16 +17,8 @@ class PreemptionGuard:
     A second SIGINT raises ``KeyboardInterrupt`` at once: an async save in flight is then never
     committed (orbax renames a step into place only when complete), so the last committed step stays.
 
-    Usage::
-
-        with PreemptionGuard() as guard:
-            for step in ...:
-                ...train step...
-                stop = guard.should_stop(step)
-                ckpt.save(step, ..., force=stop or step == last)
-                if stop:
-                    break
-        ckpt.close()   # waits for the async save to commit
+    The loop asks ``should_stop(step)`` after every step and saves with ``force=True`` when it says
+    so (docs/checkpoints.md).
 
     With several processes (``jax.process_count() > 1``) SIGTERM usually reaches
     hosts at different steps; JAX's preemption service (started by

@@ -9,38 +9,15 @@ serves all rows; pad slots get segment id 0 (never attended) and each row's
 positions count from its own first real token, so a padded row computes exactly
 what it would alone.
 
-Public API
-----------
-``generate(model, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
-stop_ids=(), seed=0) -> list[list[int]]``
-    New tokens per prompt (``prompts`` is a list of token-id lists of any
-    lengths). A row ends at its first stop token, which is included (as in
-    transformers' ``generate``); nothing after it is returned.
-    ``temperature=0`` is greedy; otherwise temperature, then top-k (``0`` = off),
-    then top-p (``1.0`` = off), as in transformers.
-
-``stream(model, prompts, *, chunk=16, **same_kwargs)`` yields the tokens
-    generated so far per row after every ``chunk`` decode steps (the chat CLI
-    prints replies as they arrive with it). Same results as ``generate``.
-
-``prefill(graphdef, state, prompt_ids, prompt_mask, *, cache_len, max_new)`` and
-``decode(graphdef, state, carry, key, limit, temperature, top_p, stop_ids, *,
-greedy, top_k, use_top_p)``: the two jitted functions underneath, pure over
-``nnx.split(model)`` state (``graphdef`` static). ``decode`` donates its
-``carry`` (KV cache, next-token logits, per-row positions/done flags, the token
-buffer), runs until ``carry["step"] == limit`` or every row is done, and can be
-called again on its output to continue. ``decode_no_hoisting`` is the same loop
-compiled without XLA's loop-invariant code motion; ``stream`` uses it for a model in
-a narrower decoding layout (``jaxgpt.decoding.for_decoding``, ``load_model(param_dtype="bfloat16"``,
-``"int8"`` or ``"w8a8")``).
-
-``sample_logits(logits, key, *, greedy, temperature, top_k, top_p, use_top_p)``
-    One sampling step on [B, V] float32 logits.
-
-``load_model(path_or_hub_id, dtype="float32", param_dtype="float32") -> (model, tokenizer)``
-    ``jaxgpt.loader.load_model``'s model and tokenizer (an HF folder, a hub id or a jaxgpt
-    training checkpoint), in the decoding layout on a CPU (float32 too: the same numbers,
-    kernels stored [out, in]).
+Public API: ``generate`` (new tokens per prompt), ``stream`` (the same, yielded every ``chunk``
+decode steps: the chat CLI prints replies as they arrive), ``load_model`` (``jaxgpt.loader``'s,
+in the decoding layout on a CPU), ``sample_logits`` (one sampling step), and the two jitted
+functions underneath, ``prefill`` and ``decode``, pure over ``nnx.split(model)`` state.
+``decode`` donates its carry (KV cache, next-token logits, per-row positions / done flags, the
+token buffer), runs until ``carry["step"] == limit`` or every row is done, and can be called
+again on its output; ``decode_no_hoisting`` is the same loop compiled without XLA's
+loop-invariant code motion, which ``stream`` uses for a narrower decoding layout
+(``jaxgpt.decoding.for_decoding``).
 
 Shapes are bucketed (prompt length and ``max_new_tokens`` to powers of two, at
 least 16) so that a chat session compiles a handful of programs, not one per
@@ -241,7 +218,12 @@ def stream(model: GPT2, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
 
 def generate(model: GPT2, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (), seed: int = 0) -> list[list[int]]:
-    """New tokens for each prompt; see the module docstring."""
+    """New tokens for each prompt (token-id lists of any lengths).
+
+    A row ends at its first stop token, which is included (as in transformers' ``generate``).
+    ``temperature=0`` is greedy; otherwise temperature, then top-k (``0`` = off), then top-p
+    (``1.0`` = off), as in transformers.
+    """
     out = None
     for out in stream(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p, stop_ids=stop_ids, seed=seed, chunk=None):
