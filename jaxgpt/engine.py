@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt.kv_slots import decode_step, insert_row, prefill, resize_cache, shift_columns, take_row
+from jaxgpt.kv_slots import decode_step, insert_row, prefill_rows, resize_cache, shift_columns, take_row
 from jaxgpt.model import init_cache
 from jaxgpt.sample import MIN_BUCKET, bucket, split_for_inference
 
@@ -292,7 +292,7 @@ class Engine:
             ids[j, p - len(h.request.prompt):] = h.request.prompt
             mask[j, p - len(h.request.prompt):] = 1
         score = any(h.request.echo_logprobs is not None for h in group)
-        new_cache, logits, scores = prefill(self.graphdef, self.state, ids, mask, score=score)
+        new_cache, logits, scores = prefill_rows(self.graphdef, self.state, ids, mask, score=score)
         if score:
             scores = jax.device_get(scores)
         self._make_room(p)

@@ -45,7 +45,7 @@ def _top(logprobs):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "score"))
-def prefill(graphdef, state, ids, mask, *, score: bool):
+def prefill_rows(graphdef, state, ids, mask, *, score: bool):
     """Left-padded prompts [N, P] -> (cache of P columns, next-token logits [N, V], scores).
 
     With ``score``: each prompt token's log-prob given the tokens before it and the best

@@ -81,7 +81,8 @@ def load_model(path_or_hub_id: str | os.PathLike, *, dtype: str = "float32", par
         raise LoadError(f"param_dtype {param_dtype!r}: choose from {', '.join(choices)}")
     layout = None
     if decoding:
-        layout = param_dtype if param_dtype != "float32" else "float32" if dtype == "float32" and _on_cpu() else None
+        on_cpu = jax.default_backend() == "cpu"
+        layout = param_dtype if param_dtype != "float32" else "float32" if dtype == "float32" and on_cpu else None
     if layout in INT8_DECODING:
         param_dtype = "float32"  # quantised from the float32 weights
     kind, folder = locate(path_or_hub_id, hub=hub)
@@ -124,10 +125,6 @@ def load_pretrained(name_or_path: str | os.PathLike, *, adapter: str | os.PathLi
         return model, cfg
     model, _ = with_adapter(model, adapter, str(name_or_path), resolve(name_or_path), None)
     return model, model.config
-
-
-def _on_cpu() -> bool:
-    return jax.default_backend() == "cpu"
 
 
 def _from_checkpoint(folder: Path, dtype: str, param_dtype: str):
