@@ -166,7 +166,8 @@ def load_for_inference(path: str | os.PathLike, *, dtype: str = "float32", param
 
 
 def _load_step(step_dir: Path, dtype: str, param_dtype: str):
-    from jaxgpt.checkpoint import NonFiniteError, nonfinite_tensor, read_config, read_params, read_tokenizer, saved_steps
+    from jaxgpt.checkpoint import (NonFiniteError, nonfinite_tensor, read_config, read_params, read_tokenizer,
+                                   saved_steps)
 
     config = read_config(step_dir)
     cfg = model_config_from(config, str(step_dir / "config"))
