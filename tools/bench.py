@@ -586,7 +586,7 @@ def print_train_row(row: dict) -> None:
     if "error" in j:
         print(f"  train {row['shape']}: jaxgpt {j['error']}")
         return
-    fpt = j["flops_per_token"]  # the same model on every side: 6N + attention (jaxgpt.train.flops_per_token)
+    fpt = j["flops_per_token"]  # the same model on every side: 6N + attention (jaxgpt.metrics.flops_per_token)
     print(f"  train {row['shape']}: jaxgpt {j['tokens_per_s']:,.0f} tok/s ({j['tokens_per_s'] * fpt / 1e9:.0f} GFLOP/s), "
           f"peak RSS {j['peak_rss_mb']:,.0f} MB, first step after {j['time_to_first_step_s']:.1f}s, "
           f"loss@1 {j['first_loss']:.4f}")
@@ -844,7 +844,7 @@ def run_gpu(args, work: Path) -> dict:
     import jax
 
     from jaxgpt.model import GPT2Config
-    from jaxgpt.train import flops_per_token
+    from jaxgpt.metrics import flops_per_token
 
     # This process only writes the initial weights: on the GPU, jax would take 75% of its memory
     # for the whole run and leave the measured processes the rest.
