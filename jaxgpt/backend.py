@@ -35,6 +35,9 @@ UNROLL_ROWS = 2048
 
 def attention_implementation(cfg) -> str:
     """The implementation ``cfg.attention`` means on the default backend."""
+    if cfg.attention == "flash" and jax.default_backend() not in ("gpu", "cpu"):  # cpu: the interpreter, for tests
+        raise ValueError(f"attention='flash' is a GPU kernel (the backend here is {jax.default_backend()}); "
+                         f"use attention='auto'")
     if cfg.attention != "auto":
         return cfg.attention
     fused = jax.default_backend() == "gpu" and cfg.dtype != "float32" and not cfg.dropout

@@ -96,9 +96,14 @@ def test_train_step_with_flash_matches_einsum(tmp_path, model):
         assert rel_err(b.get_value(), a.get_value()) <= 1e-5, path
 
 
-def test_flash_setting():
+def test_flash_setting(monkeypatch):
     """attention="flash" builds (in float32 too); with dropout it is refused, as cudnn (the config
-    file's key: tests/test_config.py)."""
+    file's key: tests/test_config.py); on a TPU, where only the interpreter would run it, too."""
+    from jaxgpt import backend
+
     GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_head=2, n_layer=1, attention="flash")
     with pytest.raises(ValueError, match="attention='flash' has no attention-probability dropout"):
         GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_head=2, n_layer=1, attention="flash", dropout=0.1)
+    monkeypatch.setattr(backend.jax, "default_backend", lambda: "tpu")
+    with pytest.raises(ValueError, match="attention='flash' is a GPU kernel .* here is tpu"):
+        Policy.resolve(GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_head=2, n_layer=1, attention="flash"))
