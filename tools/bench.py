@@ -177,6 +177,8 @@ def worker_train_jax(a: dict) -> dict:
     if a.get("attention") == "cudnn" and jax.default_backend() != "gpu":
         # The GPU section dry-run on a CPU: the same jax.nn.dot_product_attention call, XLA's implementation
         a, dry_run = {**a, "attention": "xla"}, "attention xla for cudnn, which needs a GPU"
+    if a.get("attention") == "flash" and jax.default_backend() != "gpu":  # jaxgpt.flash picks the interpreter
+        dry_run = "flash attention in Pallas' interpreter, Triton needs a GPU"
     step, state, batches, rng, gcfg = train_setup(a)
     rss_loaded = rss_mb()
     b, t = a["batch"], a["seq"]
@@ -585,7 +587,7 @@ def print_train_row(row: dict) -> None:
     if "error" in j:
         print(f"  train {row['shape']}: jaxgpt {j['error']}")
         return
-    fpt = j["flops_per_token"]  # the same model on every side: 6N + attention (jaxgpt.train.flops_per_token)
+    fpt = j["flops_per_token"]  # the same model on every side: 6N + attention (jaxgpt.metrics.flops_per_token)
     print(f"  train {row['shape']}: jaxgpt {j['tokens_per_s']:,.0f} tok/s ({j['tokens_per_s'] * fpt / 1e9:.0f} GFLOP/s), "
           f"peak RSS {j['peak_rss_mb']:,.0f} MB, first step after {j['time_to_first_step_s']:.1f}s, "
           f"loss@1 {j['first_loss']:.4f}")
@@ -805,13 +807,18 @@ GPU_VARIANTS = [
      dict(attention="cudnn", vocab_multiple=128, scan_layers=False, kernels="xla", segments=False)),
     # Like for like with the PyTorch side: 50257 rows, no packing mask (jaxgpt's own chunked loss kept).
     ("the GPU defaults, vocab not padded, no packing mask", dict(attention="cudnn", scan_layers=False, segments=False)),
+    # jaxgpt.flash: the packing mask from the segment ids, tile by tile, instead of cuDNN's [B, 1, T, T] bias.
+    ("the GPU defaults, flash attention", dict(attention="flash", vocab_multiple=128, scan_layers=False)),
+    ("the GPU defaults, flash attention, no packing mask",
+     dict(attention="flash", vocab_multiple=128, scan_layers=False, segments=False)),
 ]
 
 
 # The variants a plain --gpu run measures: jaxgpt's defaults on packed SFT rows (the packing
-# mask) and on causal rows, as the PyTorch sides train. --gpu-variants all: every variant.
+# mask) and on causal rows, as the PyTorch sides train, and packed rows with flash attention
+# (which of the two attentions model.attention: auto picks there). --gpu-variants all: every variant.
 GPU_HEADLINE = ("the GPU defaults: cudnn attention, vocab padded to 128, blocks unrolled, loss in 8 sequence chunks, "
-                "Pallas kernels", "the GPU defaults, no packing mask")
+                "Pallas kernels", "the GPU defaults, no packing mask", "the GPU defaults, flash attention")
 # The PyTorch sides of the GPU section (--gpu-torch): label and worker settings.
 GPU_TORCH = {"compiled": ("torch.compile + fused AdamW + bf16 autocast", {"compile": True}),
              "eager": ("torch eager + bf16 autocast", {})}
@@ -845,11 +852,12 @@ def format_gpu_step(r: dict) -> str:
 def run_gpu(args, work: Path) -> dict:
     """GPT-2 124M at seq 1024 in bfloat16 (float32 master weights) on one accelerator: each chosen
     jaxgpt variant, then each PyTorch side with bf16 autocast, the same weights and batches.
-    --quick: the tiny model at seq 128 (on a CPU, a dry run of this path: cuDNN's attention runs as XLA's)."""
+    --quick: the tiny model at seq 128 (on a CPU, a dry run of this path: cuDNN's attention runs as XLA's,
+    the flash kernel in Pallas' interpreter)."""
     import jax
 
     from jaxgpt.model import GPT2Config
-    from jaxgpt.train import flops_per_token
+    from jaxgpt.metrics import flops_per_token
 
     # This process only writes the initial weights: on the GPU, jax would take 75% of its memory
     # for the whole run and leave the measured processes the rest.
