@@ -68,7 +68,8 @@ def test_flash_attention_keeps_segments_apart():
     assert not np.allclose(after[np.asarray(first[:, :, 0, 0])], before[np.asarray(first[:, :, 0, 0])])
 
 
-@pytest.mark.parametrize("model", [{}, {"scan_layers": True, "remat": "full"}], ids=["unrolled", "scanned-remat"])
+@pytest.mark.parametrize("model", [{}, pytest.param({"scan_layers": True, "remat": "full"}, marks=pytest.mark.slow)],
+                         ids=["unrolled", "scanned-remat"])
 def test_train_step_with_flash_matches_einsum(tmp_path, model):
     """jaxgpt.step.loss_terms on a packed row of the demo data (seq 256: two conversations, a padded
     tail; 2 forward, 8 backward tiles), one device, float32: loss
