@@ -15,8 +15,10 @@ import jax.numpy as jnp
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # "einsum": two einsums around a float32 softmax (the only path that reads a KV cache). "xla" /
 # "cudnn": jax.nn.dot_product_attention; "cudnn" is cuDNN's fused flash attention (NVIDIA GPUs,
-# bf16/fp16). "auto": "cudnn" where it applies (a GPU, bf16/fp16, no dropout), else "einsum".
-ATTENTION = ("auto", "einsum", "xla", "cudnn")
+# bf16/fp16). "flash": jaxgpt.flash, jax's Pallas flash kernel reading packed rows' segment ids (on
+# a GPU; elsewhere in Pallas' interpreter, for tests). "auto": "cudnn" where it applies (a GPU,
+# bf16/fp16, no dropout), else "einsum"; whether "flash" beats it on packed rows awaits a GPU run.
+ATTENTION = ("auto", "einsum", "xla", "cudnn", "flash")
 # LayerNorm, bias + GELU and the loss's log-sum-exp as jaxgpt.kernels' Pallas kernels ("pallas") or
 # jax.numpy fused by XLA ("xla"). "auto": "pallas" on NVIDIA GPUs of compute capability 8.0 or more
 # with bf16 / fp16 compute.
@@ -33,6 +35,9 @@ UNROLL_ROWS = 2048
 
 def attention_implementation(cfg) -> str:
     """The implementation ``cfg.attention`` means on the default backend."""
+    if cfg.attention == "flash" and jax.default_backend() not in ("gpu", "cpu"):  # cpu: the interpreter, for tests
+        raise ValueError(f"attention='flash' is a GPU kernel (the backend here is {jax.default_backend()}); "
+                         f"use attention='auto'")
     if cfg.attention != "auto":
         return cfg.attention
     fused = jax.default_backend() == "gpu" and cfg.dtype != "float32" and not cfg.dropout
@@ -69,8 +74,9 @@ def check_settings(cfg) -> None:
         object.__setattr__(cfg, "remat", "full" if cfg.remat else "none")
     if cfg.remat not in REMAT:
         raise ValueError(f"remat={cfg.remat!r}: choose from {list(REMAT)}")
-    if cfg.attention == "cudnn" and cfg.dropout:
-        raise ValueError("attention='cudnn' has no attention-probability dropout: use dropout=0 or attention='einsum'")
+    if cfg.attention in ("cudnn", "flash") and cfg.dropout:
+        raise ValueError(f"attention={cfg.attention!r} has no attention-probability dropout: use dropout=0 or "
+                         f"attention='einsum'")
     if cfg.attention == "cudnn" and cfg.dtype == "float32":
         raise ValueError("attention='cudnn' needs dtype bfloat16 or float16 (cuDNN's fused attention has no float32)")
 
@@ -97,7 +103,7 @@ class Policy:
     """A config's ``auto`` choices, resolved for one backend (hashable: a static attribute of the model)."""
 
     backend: str  # jax.default_backend() when resolved
-    attention: str  # "einsum", "xla" or "cudnn"
+    attention: str  # "einsum", "xla", "cudnn" or "flash"
     kernels: bool  # jaxgpt.kernels' Pallas kernels for LayerNorm, bias + GELU, the log-sum-exp
     scan_layers: bool | None  # None: by the number of positions (scan_blocks)
     remat: str  # one of REMAT

@@ -53,7 +53,7 @@ class ModelConfig:
     vocab_multiple: int = _f(1, "pad the embedding rows to a multiple (128 on TPU/GPU, and for tensor parallelism)")
     remat: bool | str = _f("auto", "what the backward pass recomputes: none | minimal (keep the weight matmuls' outputs, recompute LayerNorm, GELU, attention softmax) | full (each block from its input) | auto (minimal for scanned blocks on a CPU, where it is faster and smaller; none elsewhere). true / false = full / none")
     scan_layers: bool | None = _f(None, "run the blocks as one lax.scan: compile time independent of depth, less memory; null = on, except on a GPU (unrolled is faster there) and on a CPU for micro-batches of at most 2,048 positions (unrolled is faster there)")
-    attention: str = _f("auto", "auto (cudnn on a GPU in bf16/fp16 without dropout, else einsum) | einsum (jaxgpt's own) | cudnn (fused flash attention) | xla")
+    attention: str = _f("auto", "auto (cudnn on a GPU in bf16/fp16 without dropout, else einsum) | einsum (jaxgpt's own) | cudnn (fused flash attention) | xla | flash (jax's Pallas flash kernel with packed rows' segment ids; a GPU, elsewhere its interpreter, slow)")
     dropout: float = _f(0.0, "dropout rate on embeddings, attention and residuals (0 = off)")
     kernels: str = _f("auto", "LayerNorm, bias + GELU and the chunked loss's log-sum-exp: xla (jax.numpy, fused by XLA) | pallas (jaxgpt.kernels' Pallas kernels: NVIDIA GPUs) | auto (pallas on NVIDIA GPUs, A100 or later, in bf16 / fp16, else xla)")
     loss_chunks: int | None = _f(None, "compute the LM head + cross-entropy in this many sequence chunks, never holding the whole [batch, seq, vocab] logits (less memory; data.seq_len must divide by it); null = 8 on a GPU (faster there), 1 elsewhere")
@@ -413,6 +413,8 @@ def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> tuple[int
     if cfg.model.attention == "cudnn" and (cfg.model.dtype == "float32" or cfg.model.dropout):
         raise ConfigError("model.attention=cudnn needs model.dtype bfloat16 or float16 and model.dropout=0 "
                           "(attention=auto picks it only where it applies)")
+    if cfg.model.attention == "flash" and cfg.model.dropout:
+        raise ConfigError("model.attention=flash has no attention-probability dropout: use model.dropout=0")
     if cfg.model.remat not in (True, False, "auto", "none", "minimal", "full"):
         raise ConfigError(f"model.remat={cfg.model.remat!r}: choose from auto, none, minimal, full (or true / false)")
     if cfg.model.loss_chunks is not None and (cfg.model.loss_chunks < 1 or cfg.data.seq_len % cfg.model.loss_chunks):

@@ -56,7 +56,7 @@ FORMATS = ("auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text"
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
-    "model.attention": ("auto", "einsum", "xla", "cudnn"),
+    "model.attention": ("auto", "einsum", "xla", "cudnn", "flash"),
     "model.kernels": ("auto", "xla", "pallas"),
     "schedule.name": ("cosine", "linear", "constant"),
     "data.format": FORMATS,

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgpt import kernels
+from jaxgpt import flash, kernels
 from jaxgpt import backend
 from jaxgpt.backend import DTYPES, REMAT_POLICIES, Policy
 from jaxgpt.decoding import few_rows_product, takes_few_rows_product
@@ -168,7 +168,9 @@ class Attention(nnx.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, D]
         if layer_cache is not None:
             return self._attend_cached(q, k, v, x, mask, layer_cache, cache_index)
-        if self.implementation != "einsum":
+        if self.implementation == "flash":  # mask: the [B, T] segment ids (or None), read per tile
+            out = flash.attention(q, k, v, mask)
+        elif self.implementation != "einsum":
             # A mask (packed segments) becomes an additive bias; is_causal lets cuDNN skip blocks.
             out = jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None],
                                                is_causal=True, implementation=self.implementation)
@@ -321,11 +323,14 @@ class GPT2(nnx.Module):
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         # jax.nn.dot_product_attention applies causality itself: a mask only for packed segments.
         library_causal_only = segment_ids is None and cache is None and self.policy.attention != "einsum"
-        if segment_ids is None:
-            segment_ids = jnp.ones((b, t), jnp.int32)
-        mask, k_seg = self._mask(segment_ids, cache, t)
-        if library_causal_only:
-            mask = None
+        if cache is None and self.policy.attention == "flash":
+            mask, k_seg = segment_ids, None  # the flash kernel builds its masks per tile from the [B, T] ids
+        else:
+            if segment_ids is None:
+                segment_ids = jnp.ones((b, t), jnp.int32)
+            mask, k_seg = self._mask(segment_ids, cache, t)
+            if library_causal_only:
+                mask = None
 
         constrain = constrain or _no_constraint
         # The lookup reads whole rows: gather the (FSDP/vocab-sharded) tables first, as FSDP does for every weight.

@@ -88,9 +88,10 @@ def test_wrong_type(override, message):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model.attention=flash"], r"model.attention='flash': choose from auto, einsum, xla, cudnn"),
+    (["model.attention=splash"], r"model.attention='splash': choose from auto, einsum, xla, cudnn, flash"),
     (["model.attention=cudnn"], r"model.attention=cudnn needs model.dtype bfloat16"),
     (["model.attention=cudnn", "model.dtype=bfloat16", "model.dropout=0.1"], r"and model.dropout=0"),
+    (["model.attention=flash", "model.dropout=0.1"], r"model.attention=flash has no attention-probability dropout"),
 ])
 def test_attention_setting(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -17,7 +17,7 @@ LAYERS: list[dict[str, set[str]]] = [
     {"config": {"config_keys", "config"}},
     {"mesh": {"sharding"}},
     {"data": {"data", "tokenizer"},
-     "model": {"model", "kernels", "decoding", "loss", "weights", "lora", "peft_io"}},
+     "model": {"model", "kernels", "flash", "decoding", "loss", "weights", "lora", "peft_io"}},
     {"objective + step": {"objectives", "step", "setup", "reference"}},
     {"loop": {"loop", "metrics"}},
     {"checkpoint": {"checkpoint", "runlock", "preemption"}},

@@ -218,7 +218,7 @@ def test_library_attention_keeps_segments_apart():
     assert not np.allclose(a[0, :10], b[0, :10], atol=1e-3)
 
 
-@pytest.mark.parametrize("kw,needle", [(dict(attention="flash"), "attention='flash'"),
+@pytest.mark.parametrize("kw,needle", [(dict(attention="splash"), "attention='splash': choose from .*'flash'"),
                                        (dict(attention="cudnn", dtype="float32"), "needs dtype bfloat16"),
                                        (dict(attention="cudnn", dtype="bfloat16", dropout=0.1), "no attention-probability dropout")])
 def test_attention_setting_is_checked(kw, needle):

@@ -143,6 +143,7 @@ def train_setup(a: dict):
         from jaxgpt.setup import with_adapters
 
         cfg.lora.rank, cfg.lora.alpha = a["lora_rank"], 2.0 * a["lora_rank"]
+        cfg.lora.base_dtype = a.get("lora_base_dtype", "float32")
         graphdef, params, rest, _ = with_adapters(cfg, graphdef, params, rest, gcfg.vocab_size, mesh)
     tx, _ = make_optimizer(cfg, params)
     # Placed exactly as jaxgpt.train.train places it: the step's outputs then match its inputs,
@@ -176,6 +177,8 @@ def worker_train_jax(a: dict) -> dict:
     if a.get("attention") == "cudnn" and jax.default_backend() != "gpu":
         # The GPU section dry-run on a CPU: the same jax.nn.dot_product_attention call, XLA's implementation
         a, dry_run = {**a, "attention": "xla"}, "attention xla for cudnn, which needs a GPU"
+    if a.get("attention") == "flash" and jax.default_backend() != "gpu":  # jaxgpt.flash picks the interpreter
+        dry_run = "flash attention in Pallas' interpreter, Triton needs a GPU"
     step, state, batches, rng, gcfg = train_setup(a)
     rss_loaded = rss_mb()
     b, t = a["batch"], a["seq"]
@@ -584,7 +587,7 @@ def print_train_row(row: dict) -> None:
     if "error" in j:
         print(f"  train {row['shape']}: jaxgpt {j['error']}")
         return
-    fpt = j["flops_per_token"]  # the same model on every side: 6N + attention (jaxgpt.train.flops_per_token)
+    fpt = j["flops_per_token"]  # the same model on every side: 6N + attention (jaxgpt.metrics.flops_per_token)
     print(f"  train {row['shape']}: jaxgpt {j['tokens_per_s']:,.0f} tok/s ({j['tokens_per_s'] * fpt / 1e9:.0f} GFLOP/s), "
           f"peak RSS {j['peak_rss_mb']:,.0f} MB, first step after {j['time_to_first_step_s']:.1f}s, "
           f"loss@1 {j['first_loss']:.4f}")
@@ -645,28 +648,40 @@ def median_ratios(rounds: list[dict], side: str, refs: dict[str, str], key: str)
     return out
 
 
+# The lora section's jaxgpt settings: the defaults, and the least memory on a CPU (blocks scanned and
+# recomputed whole: XLA:CPU drops remat's barriers in unrolled blocks, so only the scan saves memory).
+LEAN = {"scan_layers": True, "remat": "full"}
+
+
 def section_lora(work: Path, quick: bool, steps: int, warmup: int, rank: int = 16) -> dict:
     """LoRA (rank 16, alpha 32, every projection) in jaxgpt vs jaxgpt's full fine-tuning vs PEFT + PyTorch
-    (eager), GPT-2 124M, float32, 4x256: tokens/s, peak RSS and optimizer-state bytes, each in its own process."""
+    (eager), GPT-2 124M, float32, 4x256: tokens/s, peak RSS and optimizer-state bytes, each in its own
+    process; jaxgpt's sides also at the LEAN settings."""
     arch = TINY if quick else GPT2_124M
     folder = write_init_model(work / ("init-tiny" if quick else "init-124m"), arch, chat=False)
     args = {"model": str(folder), "batch": 4, "seq": 64 if quick else 256, "steps": steps, "warmup": warmup,
             "segments": False}
-    res = {"jax_lora": run_cpu_worker("train_jax", {**args, "lora_rank": rank}),
-           "jax_full": run_cpu_worker("train_jax", args),
-           "peft": run_cpu_worker("train_torch", {**args, "lora_rank": rank}), "rank": rank}
-    if not any("error" in res[k] for k in ("jax_lora", "jax_full", "peft")):
-        lora, full, peft = res["jax_lora"], res["jax_full"], res["peft"]
-        res["tokens_per_s_vs_peft"] = lora["tokens_per_s"] / peft["tokens_per_s"]
-        res["rss_vs_full"] = lora["peak_rss_mb"] / full["peak_rss_mb"]
-        for name in ("jax_lora", "jax_full", "peft"):
-            r = res[name]
-            print(f"  lora {name:9s} {r['tokens_per_s']:8,.0f} tok/s  peak RSS {r['peak_rss_mb']:7,.0f} MB  "
-                  f"optimizer state {r['opt_state_bytes'] / 2**20:8.1f} MiB  trainable {r['trainable_params']:,}")
-        print(f"  lora: jaxgpt LoRA = {res['tokens_per_s_vs_peft']:.2f}x PEFT's tokens/s, "
-              f"{res['rss_vs_full']:.2f}x jaxgpt full fine-tuning's peak RSS")
-    else:
-        print(f"  lora: failed: {res}")
+    lora = {**args, "lora_rank": rank}
+    sides = {"jax_lora": ("train_jax", lora), "jax_full": ("train_jax", args), "peft": ("train_torch", lora),
+             "jax_lora_lean": ("train_jax", {**lora, **LEAN}), "jax_full_lean": ("train_jax", {**args, **LEAN})}
+    res = {name: run_cpu_worker(worker, a) for name, (worker, a) in sides.items()}
+    res["rank"] = rank
+    failed = [name for name in sides if "error" in res[name]]
+    if failed:
+        print("  lora: failed: " + "; ".join(f"{n}: {res[n]['error']}" for n in failed))
+        return res
+    for name in sides:
+        r = res[name]
+        print(f"  lora {name:13s} {r['tokens_per_s']:8,.0f} tok/s  peak RSS {r['peak_rss_mb']:7,.0f} MB  "
+              f"optimizer state {r['opt_state_bytes'] / 2**20:8.1f} MiB  trainable {r['trainable_params']:,}")
+    res["tokens_per_s_vs_peft"] = res["jax_lora"]["tokens_per_s"] / res["peft"]["tokens_per_s"]
+    res["lean_tokens_per_s_vs_peft"] = res["jax_lora_lean"]["tokens_per_s"] / res["peft"]["tokens_per_s"]
+    res["rss_vs_full"] = res["jax_lora"]["peak_rss_mb"] / res["jax_full"]["peak_rss_mb"]
+    res["lean_rss_vs_full"] = res["jax_lora_lean"]["peak_rss_mb"] / res["jax_full"]["peak_rss_mb"]
+    res["lean_rss_vs_full_lean"] = res["jax_lora_lean"]["peak_rss_mb"] / res["jax_full_lean"]["peak_rss_mb"]
+    print(f"  lora: jaxgpt LoRA = {res['tokens_per_s_vs_peft']:.2f}x PEFT's tokens/s ({res['lean_tokens_per_s_vs_peft']:.2f}x "
+          f"lean), peak RSS {res['rss_vs_full']:.2f}x jaxgpt full fine-tuning's ({res['lean_rss_vs_full']:.2f}x lean; "
+          f"{res['lean_rss_vs_full_lean']:.2f}x with both lean)")
     return res
 
 
@@ -792,13 +807,18 @@ GPU_VARIANTS = [
      dict(attention="cudnn", vocab_multiple=128, scan_layers=False, kernels="xla", segments=False)),
     # Like for like with the PyTorch side: 50257 rows, no packing mask (jaxgpt's own chunked loss kept).
     ("the GPU defaults, vocab not padded, no packing mask", dict(attention="cudnn", scan_layers=False, segments=False)),
+    # jaxgpt.flash: the packing mask from the segment ids, tile by tile, instead of cuDNN's [B, 1, T, T] bias.
+    ("the GPU defaults, flash attention", dict(attention="flash", vocab_multiple=128, scan_layers=False)),
+    ("the GPU defaults, flash attention, no packing mask",
+     dict(attention="flash", vocab_multiple=128, scan_layers=False, segments=False)),
 ]
 
 
 # The variants a plain --gpu run measures: jaxgpt's defaults on packed SFT rows (the packing
-# mask) and on causal rows, as the PyTorch sides train. --gpu-variants all: every variant.
+# mask) and on causal rows, as the PyTorch sides train, and packed rows with flash attention
+# (which of the two attentions model.attention: auto picks there). --gpu-variants all: every variant.
 GPU_HEADLINE = ("the GPU defaults: cudnn attention, vocab padded to 128, blocks unrolled, loss in 8 sequence chunks, "
-                "Pallas kernels", "the GPU defaults, no packing mask")
+                "Pallas kernels", "the GPU defaults, no packing mask", "the GPU defaults, flash attention")
 # The PyTorch sides of the GPU section (--gpu-torch): label and worker settings.
 GPU_TORCH = {"compiled": ("torch.compile + fused AdamW + bf16 autocast", {"compile": True}),
              "eager": ("torch eager + bf16 autocast", {})}
@@ -832,11 +852,12 @@ def format_gpu_step(r: dict) -> str:
 def run_gpu(args, work: Path) -> dict:
     """GPT-2 124M at seq 1024 in bfloat16 (float32 master weights) on one accelerator: each chosen
     jaxgpt variant, then each PyTorch side with bf16 autocast, the same weights and batches.
-    --quick: the tiny model at seq 128 (on a CPU, a dry run of this path: cuDNN's attention runs as XLA's)."""
+    --quick: the tiny model at seq 128 (on a CPU, a dry run of this path: cuDNN's attention runs as XLA's,
+    the flash kernel in Pallas' interpreter)."""
     import jax
 
     from jaxgpt.model import GPT2Config
-    from jaxgpt.train import flops_per_token
+    from jaxgpt.metrics import flops_per_token
 
     # This process only writes the initial weights: on the GPU, jax would take 75% of its memory
     # for the whole run and leave the measured processes the rest.

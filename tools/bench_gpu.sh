@@ -10,10 +10,12 @@
 #   BATCH=2 STEPS=8 bash tools/bench_gpu.sh --quick   # a dry run on a CPU: tiny model, seq 128
 #
 # Needs a CUDA build of jax (pip install "jaxgpt[cuda]") and, for the PyTorch sides, a CUDA torch.
-# First tools/check_gpu.py (versions; jaxgpt's Pallas kernels against float32 math, cuDNN attention
-# against jaxgpt's own, the kernels against XLA's fusions in a small model, all on the device), then
+# First tools/check_gpu.py (versions; jaxgpt's Pallas kernels against float32 math, cuDNN and flash
+# attention against jaxgpt's own, the kernels against XLA's fusions in a small model, all on the device), then
 # tools/bench.py --gpu, each side in its own process: jaxgpt's defaults on packed SFT rows (the
-# packing mask) and on causal rows (GPU_HEADLINE), then torch.compile, then torch eager.
+# packing mask) and on causal rows, packed rows with model.attention=flash (jaxgpt.flash: the mask
+# from the segment ids; GPU_HEADLINE), then torch.compile, then torch eager. On a CPU (the dry
+# run) cuDNN's attention runs as XLA's and the flash kernel in Pallas' interpreter.
 # Every side prints tokens/s, MFU, peak device memory, time to first step (process start to the
 # first step done, compilation included) and its losses at step 1 and step 10 (same weights and
 # batches on every side: they agree within bf16 rounding).

@@ -15,6 +15,9 @@ checked on it.
    gradient within 5% of the largest gradient. CPU CI cannot run cuDNN; tests/test_model.py checks
    the same call with ``attention="xla"`` there. Without a GPU (a dry run) part 2 compares
    ``attention="xla"`` with ``"einsum"`` only.
+   ``attention="flash"`` (jaxgpt.flash: jax's Pallas flash kernel with the segment ids, Triton)
+   against ``"einsum"`` with the same tolerances; without a GPU in Pallas' interpreter (slow: a
+   minute), as tests/test_attention.py runs it in float32.
 """
 
 from __future__ import annotations
@@ -100,9 +103,12 @@ def main() -> int:
     # (label, settings, reference settings): each pair differs in one knob.
     pairs = [("cudnn vs einsum attention", dict(attention="cudnn", kernels="xla"), dict(attention="einsum", kernels="xla")),
              ("pallas vs xla kernels", dict(attention="cudnn", kernels="pallas"), dict(attention="cudnn", kernels="xla"))]
+    flash = ("flash vs einsum attention", dict(attention="flash", kernels="xla"), dict(attention="einsum", kernels="xla"))
+    pairs.append(flash)
     if jax.default_backend() != "gpu":  # a dry run: the same attention call with XLA's implementation
         pairs = [("xla vs einsum attention (dry run: cudnn needs a GPU)", dict(attention="xla", kernels="xla"),
-                  dict(attention="einsum", kernels="xla"))]
+                  dict(attention="einsum", kernels="xla")),
+                 (flash[0] + " (dry run: the kernel in Pallas' interpreter)", *flash[1:])]
         print("pallas vs xla kernels: skipped (dry run: Triton needs a GPU; tests/test_kernels.py runs them "
               "in the interpreter in a train step)", flush=True)
     for seg_name, seg in (("packed segments", packed), ("causal only", None)):
