@@ -92,13 +92,9 @@ def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
 
 # ----------------------------------------------------------------------------- pytree helpers
 
-def _is_nnx_state(tree) -> bool:
-    return isinstance(tree, nnx.State)
-
-
 def _to_pure(params):
     """nnx.State of Params -> plain nested dict of arrays (what goes on disk)."""
-    return nnx.to_pure_dict(params) if _is_nnx_state(params) else params
+    return nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
 
 
 def abstract_like(tree):
@@ -319,16 +315,18 @@ class Checkpointer:
             if not self._mngr.is_saving_in_progress():
                 self._mngr.wait_until_finished()  # re-raises a failed finalize
         except Exception as e:
-            step, self._pending_step = self._pending_step, None
-            raise self._save_error(step, e) from e
+            raise self._failed(e) from e
+
+    def _failed(self, e) -> CheckpointError:
+        step, self._pending_step = self._pending_step, None
+        return self._save_error(step, e)
 
     def wait(self):
         """Block until the last save has committed (or raise its error)."""
         try:
             self._mngr.wait_until_finished()
         except Exception as e:
-            step, self._pending_step = self._pending_step, None
-            raise self._save_error(step, e) from e
+            raise self._failed(e) from e
         self._pending_step = None
 
     def close(self):
@@ -438,7 +436,7 @@ class Checkpointer:
         if state is None or out["config"] is None or state.get("step") != step:
             raise _Corrupt("the state/config items are missing or name another step")
         params = out["params"]
-        if _is_nnx_state(abstract_params):
+        if isinstance(abstract_params, nnx.State):
             target = jax.tree.map(lambda x: x, abstract_params)  # a copy; the caller's stays abstract
             nnx.replace_by_pure_dict(target, params)
             params = target
