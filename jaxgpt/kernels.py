@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 from jaxgpt import sharding
 
 # Tiling for GPT-2's widths (rows per block, blocks per backward program, Triton warps, pipeline
-# stages), the fastest that tools/probe_kernels_gpu.py found (docs/benchmarks-history.md).
+# stages), the fastest found on an H200 (docs/benchmarks-history.md).
 LN_ROWS, LN_BLOCKS, LN_WARPS, LN_STAGES = 4, 8, 4, 2
 GELU_ROWS, GELU_COLS, GELU_BLOCKS, GELU_WARPS = 16, 256, 8, 4
 LSE_ROWS, LSE_COLS, LSE_WARPS, LSE_STAGES = 1, 2048, 8, 2

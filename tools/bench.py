@@ -483,7 +483,7 @@ WORKERS = {"train_jax": worker_train_jax, "train_torch": worker_train_torch,
 
 
 def run_worker(name: str, args: dict, timeout: float | None = None, cpu: bool = False,
-               malloc: str = "as_cli", script: Path | None = None) -> dict:
+               malloc: str = "as_cli") -> dict:
     """Run one worker in a fresh Python process; returns its result dict (or {"error": ...}).
     ``cpu``: both libraries see the CPU only (the CPU sections; on a GPU host jax would take the GPU
     and run float32 matmuls in TF32, torch in true float32).
@@ -493,8 +493,7 @@ def run_worker(name: str, args: dict, timeout: float | None = None, cpu: bool = 
     from jaxgpt import host_memory
 
     args = {**args, "t_spawn": time.time()}
-    # ``script``: another tool whose --worker runs (a variant of) these workers (tools/probe_kernels_gpu.py).
-    cmd = [sys.executable, str(script or Path(__file__).resolve()), "--worker", name, "--worker-args", json.dumps(args)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker-args", json.dumps(args)]
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # it would win over "off"
     env.update({"TF_CPP_MIN_LOG_LEVEL": "2", "TOKENIZERS_PARALLELISM": "false",
                 "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_DISABLED": "true",
