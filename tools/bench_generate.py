@@ -190,6 +190,19 @@ def run_side(side: str, args: dict, timeout: float = 3600) -> dict:
     raise RuntimeError(f"{side} side exited {proc.returncode}: " + " | ".join(tail))
 
 
+PEER_TIMEOUT = 300  # seconds for one same-trick PyTorch peer
+
+
+def peer_side(args: dict) -> dict:
+    """A PyTorch same-trick peer (bf16 weights, dynamic int8): its result, or {"error": why}."""
+    try:
+        return run_side("torch", args, timeout=PEER_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return {"error": f"ran past {PEER_TIMEOUT} s"}
+    except RuntimeError as e:
+        return {"error": str(e)}
+
+
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
     return sum(x == y for x, y in pairs) / max(1, len(pairs))
@@ -224,16 +237,24 @@ def run(work_dir: Path, *, quick: bool = False, batches=(1, 8), new_tokens: int 
                                     "vs_f32_teacher_forced_top1": res["teacher_forced_top1"]}
         # "ratio" above is against transformers in float32 (what `generate` runs by default); these are
         # against PyTorch doing the same trick: bf16 weights, and dynamic int8 (the same kind of product as w8a8)
+        # Where a same-trick peer fails or runs past PEER_TIMEOUT (PyTorch's bf16 products on a CPU
+        # without bf16 instructions), the row keeps its other numbers and says why.
         if "bfloat16" in decoding_dtypes:
-            torch_bf = run_side("torch", {**args, "torch_dtype": "bfloat16"})
-            row.update({"torch_bf16_tok_s": torch_bf["tokens_per_s"],
-                        "torch_bf16_vs_f32_free_running_agreement": agreement(torch_bf["tokens"], torch_res["tokens"])})
-            row["bfloat16_weights"]["ratio_vs_torch_bf16"] = row["bfloat16_weights"]["jaxgpt_tok_s"] / torch_bf["tokens_per_s"]
+            torch_bf = peer_side({**args, "torch_dtype": "bfloat16"})
+            if "error" in torch_bf:
+                row["torch_bf16_error"] = torch_bf["error"]
+            else:
+                row.update({"torch_bf16_tok_s": torch_bf["tokens_per_s"],
+                            "torch_bf16_vs_f32_free_running_agreement": agreement(torch_bf["tokens"], torch_res["tokens"])})
+                row["bfloat16_weights"]["ratio_vs_torch_bf16"] = row["bfloat16_weights"]["jaxgpt_tok_s"] / torch_bf["tokens_per_s"]
         if "w8a8" in decoding_dtypes:
-            torch_q = run_side("torch", {**args, "dynamic_int8": True})
-            row.update({"torch_dynamic_int8_tok_s": torch_q["tokens_per_s"],
-                        "torch_dynamic_int8_vs_f32_free_running_agreement": agreement(torch_q["tokens"], torch_res["tokens"])})
-            row["w8a8_weights"]["ratio_vs_torch_dynamic_int8"] = row["w8a8_weights"]["jaxgpt_tok_s"] / torch_q["tokens_per_s"]
+            torch_q = peer_side({**args, "dynamic_int8": True})
+            if "error" in torch_q:
+                row["torch_dynamic_int8_error"] = torch_q["error"]
+            else:
+                row.update({"torch_dynamic_int8_tok_s": torch_q["tokens_per_s"],
+                            "torch_dynamic_int8_vs_f32_free_running_agreement": agreement(torch_q["tokens"], torch_res["tokens"])})
+                row["w8a8_weights"]["ratio_vs_torch_dynamic_int8"] = row["w8a8_weights"]["jaxgpt_tok_s"] / torch_q["tokens_per_s"]
         rows.append(row)
         log(format_row(row))
     return {"config": {"arch": arch, "new_tokens": new_tokens, "prompt_len": prompt_len, "repeats": repeats,
@@ -260,6 +281,9 @@ def format_row(r: dict) -> str:
     if "torch_bf16_tok_s" in r:
         s += (f"\n    transformers in bf16 {r['torch_bf16_tok_s']:.1f} tok/s; "
               f"jaxgpt bf16 weights / it: {r['bfloat16_weights']['ratio_vs_torch_bf16']:.2f}x (same dtype)")
+    for key, label in (("torch_bf16_error", "transformers in bf16"), ("torch_dynamic_int8_error", "transformers, dynamic int8")):
+        if key in r:
+            s += f"\n    {label}: {r[key]}"
     if "torch_dynamic_int8_tok_s" in r:
         s += (f"\n    transformers, dynamic int8 (torch quantize_dynamic) {r['torch_dynamic_int8_tok_s']:.1f} tok/s; "
               f"jaxgpt w8a8 / it: {r['w8a8_weights']['ratio_vs_torch_dynamic_int8']:.2f}x (same kind of product)")
