@@ -40,15 +40,6 @@ log = logging.getLogger("jaxgpt.engine")
 MIN_CACHE = 64  # smallest cache length (columns); lengths are powers of two
 
 
-def row_buckets(max_batch: int) -> list[int]:
-    """The decode step's row counts: powers of 4 below ``max_batch``, then ``max_batch`` (each compiled
-    for every cache length: few of them, yet a lone request does not pay for 32 rows)."""
-    out = [1]
-    while out[-1] * 4 < max_batch:
-        out.append(out[-1] * 4)
-    return out + [max_batch] if out[-1] < max_batch else out
-
-
 # ----------------------------------------------------------------------------- requests
 
 @dataclasses.dataclass
@@ -148,7 +139,6 @@ class Engine:
         cfg = model.config
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.max_batch = max_batch
-        self.row_buckets = row_buckets(max_batch)
         if max_context is not None and not 2 <= max_context <= cfg.n_positions:
             raise ValueError(f"max_context={max_context}: must be in [2, {cfg.n_positions}] (the model's n_positions)")
         if max_batch < 1:
@@ -187,13 +177,12 @@ class Engine:
     def compile_steps(self):
         """Compile the decode step, the row shift, the resizes and the prompt copies for every cache
         length now (before ``start``): compiled under load, each would stall every live request."""
+        b = self.max_batch
+        idle = (np.zeros(b, bool), np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.float32),
+                np.zeros(b, np.int32), np.ones(b, np.float32), np.zeros(b, bool))
         length = MIN_CACHE
         while length <= self.max_cache:
-            slots = self._empty_slots(length)
-            for b in self.row_buckets:
-                idle = (np.zeros(b, bool), np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.float32),
-                        np.zeros(b, np.int32), np.ones(b, np.float32), np.zeros(b, bool))
-                slots = decode_step(self.graphdef, self.state, slots, *idle, rows=b)[0]
+            slots = decode_step(self.graphdef, self.state, self._empty_slots(length), *idle)[0]
             slots = shift_columns(slots, np.int32(0), np.int32(0), np.int32(0))
             p = MIN_BUCKET
             while p <= length:  # every prompt bucket that fits this cache
@@ -370,8 +359,7 @@ class Engine:
 
     def _decode(self):
         self._ensure_column()
-        last = max(i for i, c in enumerate(self.slots) if c is not None) + 1
-        b = next(r for r in self.row_buckets if r >= last)  # the rows past it are idle
+        b = self.max_batch
         live = np.zeros(b, bool)
         seeds = np.zeros(b, np.int32)
         counts = np.zeros(b, np.int32)
@@ -379,7 +367,7 @@ class Engine:
         top_k = np.zeros(b, np.int32)
         top_p = np.ones(b, np.float32)
         want_top = np.zeros(b, bool)
-        for i, c in enumerate(self.slots[:b]):
+        for i, c in enumerate(self.slots):
             if c is None:
                 continue
             r = c.handle.request
@@ -387,7 +375,7 @@ class Engine:
             temperature[i], top_k[i], top_p[i] = r.temperature, r.top_k, r.top_p
             want_top[i] = bool(r.logprobs)
         self.device, tokens, token_lp, top = decode_step(self.graphdef, self.state, self.device, live, seeds,
-                                                         counts, temperature, top_k, top_p, want_top, rows=b)
+                                                         counts, temperature, top_k, top_p, want_top)
         self.index += 1
         tokens, token_lp = jax.device_get((tokens, token_lp))
         top = jax.device_get(top) if want_top.any() else None

@@ -192,41 +192,23 @@ def _invert_cdf(probs, u, blocks: int = 256):
     return j * width + jnp.minimum(i, last)
 
 
-def _first_rows(slots, rows: int, n_head: int):
-    """The slots' first ``rows`` rows (the cache's batch-and-heads axis holds ``n_head`` per row)."""
-    cache = slots["cache"]
-    layers = [{"k": layer["k"][: rows * n_head], "v": layer["v"][: rows * n_head]} for layer in cache["layers"]]
-    return {"cache": {"layers": layers, "segment_ids": cache["segment_ids"][:rows], "index": cache["index"]},
-            "logits": slots["logits"][:rows], "pos": slots["pos"][:rows]}
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("slots",))
+def decode_step(graphdef, state, slots, live, seeds, counts, temperature, top_k, top_p, want_top):
+    """Sample a token for every slot from its logits, then run it through the model.
 
-
-def _put_first_rows(slots, part):
-    """``slots`` with its first rows replaced by ``part`` (in place: ``slots`` is donated)."""
-    return jax.tree.map(lambda a, b: b if a.ndim == 0 else jax.lax.dynamic_update_slice_in_dim(a, b, 0, axis=0),
-                        slots, part)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "rows"), donate_argnames=("slots",))
-def decode_step(graphdef, state, slots, live, seeds, counts, temperature, top_k, top_p, want_top, *, rows: int):
-    """Sample a token for each of the first ``rows`` slots from its logits, then run it through the model.
-
-    ``rows``: a bucket covering every live slot (the rest are idle), so a step costs what the
-    live requests need, not ``max_batch`` rows. Per-row inputs are [rows]. Returns (slots,
-    tokens [rows], their log-probs [rows], top alternatives ([rows, K], [rows, K])). Log-probs
+    Returns (slots, tokens [B], their log-probs [B], top alternatives ([B, K], [B, K])). Log-probs
     are the model's (log-softmax of the raw logits), whatever the sampling settings.
     """
     model = nnx.merge(graphdef, state)
-    part = _first_rows(slots, rows, model.config.n_head)
-    logits = part["logits"]
+    logits = slots["logits"]
     tokens = sample_rows(logits, seeds, counts, temperature, top_k, top_p)
     lp = jax.nn.log_softmax(logits, axis=-1)
     token_lp = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
-    empty = (jnp.zeros((rows, MAX_TOP_LOGPROBS), jnp.float32), jnp.zeros((rows, MAX_TOP_LOGPROBS), jnp.int32))
+    b = logits.shape[0]
+    empty = (jnp.zeros((b, MAX_TOP_LOGPROBS), jnp.float32), jnp.zeros((b, MAX_TOP_LOGPROBS), jnp.int32))
     top = jax.lax.cond(jnp.any(want_top), _top, lambda _: empty, lp)
-    positions = jnp.minimum(part["pos"], model.config.n_positions - 1)[:, None]
+    positions = jnp.minimum(slots["pos"], model.config.n_positions - 1)[:, None]
     new_logits, cache = _forward_step(model, tokens[:, None], positions, live.astype(jnp.int32)[:, None],
-                                      part["cache"])
-    part = {"cache": cache, "logits": new_logits[:, 0].astype(jnp.float32), "pos": part["pos"] + 1}
-    if rows < slots["pos"].shape[0]:
-        part = _put_first_rows(slots, part)
-    return part, tokens, token_lp, top
+                                      slots["cache"])
+    slots = {"cache": cache, "logits": new_logits[:, 0].astype(jnp.float32), "pos": slots["pos"] + 1}
+    return slots, tokens, token_lp, top
