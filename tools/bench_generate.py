@@ -191,6 +191,9 @@ def run_side(side: str, args: dict, timeout: float = 3600) -> dict:
 
 
 PEER_TIMEOUT = 300  # seconds for one same-trick PyTorch peer
+# jaxgpt's decoding layout, its PyTorch same-trick peer (the row's key prefix) and that side's settings
+SAME_TRICK_PEERS = (("bfloat16", "torch_bf16", {"torch_dtype": "bfloat16"}),
+                    ("w8a8", "torch_dynamic_int8", {"dynamic_int8": True}))
 
 
 def peer_side(args: dict) -> dict:
@@ -239,22 +242,16 @@ def run(work_dir: Path, *, quick: bool = False, batches=(1, 8), new_tokens: int 
         # against PyTorch doing the same trick: bf16 weights, and dynamic int8 (the same kind of product as w8a8)
         # Where a same-trick peer fails or runs past PEER_TIMEOUT (PyTorch's bf16 products on a CPU
         # without bf16 instructions), the row keeps its other numbers and says why.
-        if "bfloat16" in decoding_dtypes:
-            torch_bf = peer_side({**args, "torch_dtype": "bfloat16"})
-            if "error" in torch_bf:
-                row["torch_bf16_error"] = torch_bf["error"]
-            else:
-                row.update({"torch_bf16_tok_s": torch_bf["tokens_per_s"],
-                            "torch_bf16_vs_f32_free_running_agreement": agreement(torch_bf["tokens"], torch_res["tokens"])})
-                row["bfloat16_weights"]["ratio_vs_torch_bf16"] = row["bfloat16_weights"]["jaxgpt_tok_s"] / torch_bf["tokens_per_s"]
-        if "w8a8" in decoding_dtypes:
-            torch_q = peer_side({**args, "dynamic_int8": True})
-            if "error" in torch_q:
-                row["torch_dynamic_int8_error"] = torch_q["error"]
-            else:
-                row.update({"torch_dynamic_int8_tok_s": torch_q["tokens_per_s"],
-                            "torch_dynamic_int8_vs_f32_free_running_agreement": agreement(torch_q["tokens"], torch_res["tokens"])})
-                row["w8a8_weights"]["ratio_vs_torch_dynamic_int8"] = row["w8a8_weights"]["jaxgpt_tok_s"] / torch_q["tokens_per_s"]
+        for dt, name, extra in SAME_TRICK_PEERS:
+            if dt not in decoding_dtypes:
+                continue
+            peer = peer_side({**args, **extra})
+            if "error" in peer:
+                row[f"{name}_error"] = peer["error"]
+                continue
+            row.update({f"{name}_tok_s": peer["tokens_per_s"],
+                        f"{name}_vs_f32_free_running_agreement": agreement(peer["tokens"], torch_res["tokens"])})
+            row[f"{dt}_weights"][f"ratio_vs_{name}"] = row[f"{dt}_weights"]["jaxgpt_tok_s"] / peer["tokens_per_s"]
         rows.append(row)
         log(format_row(row))
     return {"config": {"arch": arch, "new_tokens": new_tokens, "prompt_len": prompt_len, "repeats": repeats,
