@@ -33,7 +33,8 @@ weights from one safetensors folder and the same batches from one seed):
   generate  tools/bench_generate.py (jaxgpt generate vs transformers generate, eager
             and with a static cache + torch.compile).
   lora      LoRA r=16 on every projection, GPT-2 124M, 4x256: jaxgpt vs jaxgpt's full
-            fine-tuning vs PEFT + PyTorch eager; tokens/s, peak RSS, optimizer-state bytes.
+            fine-tuning vs PEFT + PyTorch eager, jaxgpt's sides also with the least memory
+            (LEAN: blocks scanned, remat full); tokens/s, peak RSS, optimizer-state bytes.
   serve     tools/bench_serve.py (python -m jaxgpt.serve vs transformers serve
             --continuous-batching: output tokens/s and time to first token at
             concurrency 1, 8 and 32); only when named: --sections serve.
